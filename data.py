@@ -306,28 +306,27 @@ def _render_video(rng, shape, num_frames, size):
     c0, c1 = rng.uniform(0.1, 0.9, 3), rng.uniform(0.1, 0.9, 3)
     direction = rng.uniform(0, 2 * np.pi)
     ramp = (np.cos(direction) * xs + np.sin(direction) * ys + 1.4) / 2.8                     # (S, S) in (0, 1)
-    k = rng.uniform(3, 7, 2) * rng.choice([-1, 1], 2)
-    wave = 0.12 * np.sin(2 * np.pi * (k[0] * xs + k[1] * ys * 0.5) / 2 + rng.uniform(0, 6) + 4 * t)  # (T, S, S)
+    k = rng.uniform(1.5, 3.5, 2) * rng.choice([-1, 1], 2)
+    wave = 0.08 * np.sin(2 * np.pi * (k[0] * xs + k[1] * ys) / 2 + rng.uniform(0, 6) + 3 * t)  # (T, S, S)
     video = c0 + (c1 - c0) * ramp[None, :, :, None] + wave[..., None]                      # (T, S, S, 3)
     for _ in range(rng.integers(1, 3)):
         radius = rng.uniform(0.14, 0.24)
-        pos0, vel = rng.uniform(0.25, 0.75, 2), rng.uniform(-0.5, 0.5, 2)
+        pos0, vel = rng.uniform(0.25, 0.75, 2), rng.uniform(-0.45, 0.45, 2)
         # straight-line motion reflected at the borders (a triangle wave keeps it inside)
         path = pos0 + vel * t[:, 0, 0, None]                                                 # (T, 2)
         lo, hi = radius, 1 - radius
         path = lo + np.abs(np.mod(path - lo, 2 * (hi - lo)) - (hi - lo))
-        angle = rng.uniform(0, 2 * np.pi) + rng.uniform(-3, 3) * t                           # (T, 1, 1) turning
-        scale = radius * (1 + 0.15 * np.sin(2 * np.pi * t * rng.uniform(0.5, 1.5)))          # pulsing size
+        angle = rng.uniform(0, 2 * np.pi) + rng.uniform(-2.5, 2.5) * t                          # (T, 1, 1) turning
+        scale = radius * (1 + 0.1 * np.sin(2 * np.pi * t * rng.uniform(0.5, 1.5)))          # pulsing size
         du, dv = (xs - path[:, None, None, 0]) / scale, (ys - path[:, None, None, 1]) / scale  # (T, S, S)
         u = np.cos(angle) * du + np.sin(angle) * dv
         v = -np.sin(angle) * du + np.cos(angle) * dv
-        alpha = np.clip(0.5 - _shape_distance(shape, u, v) * scale * size / 1.5, 0, 1)[..., None]  # soft edge
+        alpha = np.clip(0.5 - _shape_distance(shape, u, v) * scale * size / 2.5, 0, 1)[..., None]  # soft edge
         # texture: stripes in the object's own frame (they turn with it), colours drifting over time
-        stripes = 0.5 + 0.5 * np.sin(np.pi * rng.uniform(1.5, 3) * u + rng.uniform(0, 6))[..., None]
-        base = rng.uniform(0, 1, 3)
-        colour_a = np.clip(base + 0.35 * np.sin(2 * np.pi * (t[..., None] + rng.uniform(0, 1, 3))), 0, 1)
-        colour_b = 1 - colour_a * 0.8
-        texture = colour_a * stripes + colour_b * (1 - stripes)                              # (T, S, S, 3)
+        stripes = np.sin(np.pi * rng.uniform(1.2, 2.4) * u + rng.uniform(0, 6))[..., None]
+        base = rng.uniform(0.2, 0.8, 3)
+        colour = np.clip(base + 0.25 * np.sin(2 * np.pi * (t[..., None] + rng.uniform(0, 1, 3))), 0, 1)
+        texture = colour * (0.65 + 0.35 * stripes)                                          # (T, S, S, 3)
         video = video * (1 - alpha) + texture * alpha
     return (np.clip(video, 0, 1) * 255 + 0.5).astype(np.uint8)
 
@@ -388,7 +387,8 @@ def _grid_size(video, patch_size):
 
 
 def sample_patches(video, n_frames, num_samples, patch_size, generator=None):
-    """num_samples distinct random patches per clip, only from temporal patches made of real frames.
+    """num_samples distinct random patches per clip, only from temporal patches made of real frames
+    (a temporal patch with at least one real frame counts as real when it is the clip's only one).
 
     video (B, T, H, W, 3), n_frames (B,) -> coords (B, N, 3) long, targets (B, N, pt*ph*pw*3).
     Random keys, +inf on padded patches, and the N smallest: uniform sampling without replacement,
@@ -399,7 +399,11 @@ def sample_patches(video, n_frames, num_samples, patch_size, generator=None):
     keys = torch.rand(video.shape[0], grid.shape[0], device=video.device, generator=generator)  # (B, P)
     real_t = (n_frames // patch_size[0]).clamp_min(1)                      # (B,) real temporal patches
     keys = keys.masked_fill(grid[None, :, 0] >= real_t[:, None], float("inf"))
-    chosen = keys.topk(num_samples, dim=1, largest=False).indices           # (B, N)
+    chosen = keys.topk(num_samples, dim=1, largest=False).indices           # (B, N) real patches first
+    # a clip with fewer real patches than num_samples repeats its real ones instead of taking padding
+    n_real = real_t[:, None] * (gh * gw)                                    # (B, 1)
+    slot = torch.arange(num_samples, device=video.device)[None]             # (1, N)
+    chosen = chosen.gather(1, torch.where(slot < n_real, slot, slot % n_real))
     coords = grid[chosen]                                                   # (B, N, 3)
     return coords, gather_patches(video, coords, patch_size)
 

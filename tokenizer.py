@@ -323,7 +323,7 @@ class CoordTok(nn.Module):
         x = self.patch_embed(x) + self.enc_pos                          # (B, Nv, We)
         for block in self.enc_blocks:
             x = block(x, mask=mask)
-        q = self.queries.expand(x.shape[0], -1, -1)                     # (B, Nq, We)
+        q = self.queries + self.pooled_queries(x, mask)                 # (B, Nq, We)
         for block in self.query_blocks:
             q = block(q, x, mask=mask)
         q = self.ln_query(q)
@@ -333,6 +333,25 @@ class CoordTok(nn.Module):
         z_xt, z_yt = (rearrange(self.to_time(q_t), "b (t s) (pt ps c) -> b c (t pt) (s ps)", s=rs_q, pt=qt, ps=qs)
                       for q_t in (q_xt, q_yt))
         return z_xy, z_xt, z_yt                                         # (B, C, Rs, Rs), (B, C, Rt, Rs) x2
+
+    def pooled_queries(self, x, mask=None):
+        """The video tokens averaged along each plane's missing axis, one vector per query token.
+
+        Added to the learned queries, this starts every query from the content of its own region of
+        the clip; with learned queries alone, all queries begin alike and take many steps to tell
+        the regions of the clip apart.
+        """
+        cfg, (et, eh, ew) = self.config, self.enc_grid
+        rs_q, rt_q = cfg.triplane_rs // cfg.query_patch_s, cfg.triplane_rt // cfg.query_patch_t
+        x = rearrange(x, "b (t h w) c -> b c t h w", t=et, h=eh, w=ew)
+        real = torch.ones(1, 1, et, 1, 1, device=x.device, dtype=x.dtype)
+        if mask is not None:  # average over real time steps only
+            real = rearrange(mask[:, 0, 0].to(x.dtype), "b (t h w) -> b 1 t h w", t=et, h=eh, w=ew)[..., :1, :1]
+        xy = (x * real).sum(2) / real.sum(2)                            # (B, C, eh, ew)
+        xt, yt = x.mean(3), x.mean(4)                                   # (B, C, et, ew), (B, C, et, eh)
+        pooled = [F.adaptive_avg_pool2d(xy, rs_q), F.adaptive_avg_pool2d(xt, (rt_q, rs_q)),
+                  F.adaptive_avg_pool2d(yt, (rt_q, rs_q))]
+        return torch.cat([rearrange(p, "b c h w -> b (h w) c") for p in pooled], dim=1)  # (B, Nq, We)
 
     def decode(self, triplane, coords):
         """coords (B, N, 3) integer (t, y, x) patch indices -> patch pixels (B, N, pt*ph*pw*3)."""

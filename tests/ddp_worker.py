@@ -20,7 +20,7 @@ class RecordedCoordTok(tokenizer.CoordTok):
 
 class RecordedDataset(data.VideoDataset):
     def __getitem__(self, index):
-        seen.add(index if isinstance(index, int) else tuple(index) if hasattr(index, "__iter__") else index)
+        seen.add(tuple(index))  # (video index, seed of its random start) from data.ClipSampler
         return super().__getitem__(index)
 
 

@@ -1,0 +1,279 @@
+"""data.py: reading and writing real video files, bad input, the split, the sampler, the patch helpers
+and the tokens file."""
+
+import os
+import subprocess
+import sys
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import data as D
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smooth_clip(num_frames=12, height=48, width=48, seed=0):
+    """A clip with smooth colour gradients moving over time: survives lossy codecs and resizing."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
+    t = np.arange(num_frames)[:, None, None, None] / num_frames
+    phase = rng.uniform(0, 6, 3)
+    clip = 0.5 + 0.4 * np.sin(2 * np.pi * (xs[..., None] * 0.8 + ys[..., None] * 0.5 + t) + phase)
+    return (clip * 255).astype(np.uint8)                                  # (T, H, W, 3)
+
+
+def psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255 ** 2 / max(mse, 1e-10))
+
+
+def encode(path, frames, codec, pix_fmt, fps=8, pts=None, options=None):
+    """Write frames with any codec/pixel format; pts (in 1/fps-free units of 1/1000 s) makes a
+    variable-frame-rate file."""
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        if options:
+            stream.options = options
+        if pts is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            if pts is not None:
+                frame.pts, frame.time_base = pts[i], Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def test_mp4_round_trip_matches(tmp_path):
+    # 64x64: at smaller sizes the 2x2 colour subsampling of yuv420p alone costs ~5 dB on this clip
+    clip = smooth_clip(num_frames=10, height=64, width=64)
+    path = str(tmp_path / "clip.mp4")
+    D.write_video(path, clip)
+    back, n_frames = D.read_clip(path, 64, 10, start=0)
+    assert back.dtype == np.uint8 and back.shape == (10, 64, 64, 3) and n_frames == 10
+    assert psnr(back, clip) > 35
+    # a fixed start picks the frames from there on
+    later, n_later = D.read_clip(path, 64, 4, start=3)
+    assert n_later == 4 and psnr(later, clip[3:7]) > 35
+
+
+def test_short_videos_are_padded_and_counted(tmp_path):
+    clip = smooth_clip(num_frames=5, height=64, width=64)
+    path = str(tmp_path / "short.mp4")
+    D.write_video(path, clip)
+    back, n_frames = D.read_clip(path, 64, 8, start=0)
+    assert n_frames == 5 and back.shape == (8, 64, 64, 3)
+    assert psnr(back[:5], clip) > 35 and not back[5:].any()
+    # a random start on a video shorter than the clip starts at its first frame
+    back_random, n_random = D.read_clip(path, 64, 8, rng=np.random.default_rng(0))
+    assert n_random == 5 and np.array_equal(back_random, back)
+
+
+def test_random_start_is_reproducible_with_a_seeded_rng(tmp_path):
+    clip = smooth_clip(num_frames=24, height=32, width=32)
+    path = str(tmp_path / "long.mp4")
+    D.write_video(path, clip)
+    starts = set()
+    for seed in range(6):
+        a, _ = D.read_clip(path, 32, 4, rng=np.random.default_rng(seed))
+        b, _ = D.read_clip(path, 32, 4, rng=np.random.default_rng(seed))
+        assert np.array_equal(a, b)
+        # which start was drawn: the source window it matches best
+        starts.add(max(range(21), key=lambda s: psnr(a, clip[s:s + 4])))
+    assert len(starts) > 1
+
+
+@pytest.mark.parametrize("name,codec,pix_fmt,size", [
+    ("gray.mp4", "libx264", "gray", (48, 48)),
+    ("ten_bit.mp4", "libx264", "yuv420p10le", (48, 48)),
+    ("wide.avi", "mpeg4", "yuv420p", (30, 80)),          # odd aspect ratio
+    ("odd.mkv", "ffv1", "yuv444p", (37, 53)),            # odd sizes, lossless
+    ("vp9.webm", "libvpx-vp9", "yuv420p", (48, 64)),
+    ("mjpeg.mov", "mjpeg", "yuvj420p", (64, 48)),
+])
+def test_every_format_comes_out_as_the_same_rgb_clip(tmp_path, name, codec, pix_fmt, size):
+    height, width = size
+    source = smooth_clip(num_frames=8, height=height, width=width)
+    path = str(tmp_path / name)
+    encode(path, source, codec, pix_fmt)
+    clip, n_frames = D.read_clip(path, 16, 8, start=0)
+    assert clip.dtype == np.uint8 and clip.shape == (8, 16, 16, 3) and n_frames == 8
+    # the reference: the same frames through the lossless path, resized and cropped the same way
+    reference_path = str(tmp_path / ("ref_" + name + ".mkv"))
+    encode(reference_path, source, "ffv1", "bgr0")
+    reference, _ = D.read_clip(reference_path, 16, 8, start=0)
+    if pix_fmt == "gray":  # luma only: grey RGB with the reference's brightness (BT.601 weights)
+        luma = reference.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        assert (clip[..., 0] == clip[..., 1]).all() and (clip[..., 1] == clip[..., 2]).all()
+        assert np.abs(clip[..., 0] - luma).mean() < 8  # lossy luma: within 3% of the range on average
+    else:
+        assert psnr(clip, reference) > 26
+
+
+def test_variable_frame_rate_file_reads_every_frame(tmp_path):
+    source = smooth_clip(num_frames=10, height=32, width=32)
+    path = str(tmp_path / "vfr.mkv")
+    pts = [0, 40, 70, 200, 210, 300, 420, 430, 520, 700]  # ms, irregular
+    encode(path, source, "ffv1", "yuv444p", pts=pts)
+    clip, n_frames = D.read_clip(path, 32, 10, start=0)
+    assert n_frames == 10 and psnr(clip, source) > 30
+
+
+def write_set(root, names):
+    for i, name in enumerate(names):
+        D.write_video(os.path.join(root, name), smooth_clip(num_frames=6, height=32, width=32, seed=i))
+
+
+def test_bad_files_are_skipped_with_a_warning_naming_each(tmp_path):
+    root = tmp_path / "set"
+    write_set(str(root), ["a/good0.mp4", "a/good1.mp4", "b/good2.mp4"])
+    (root / "a" / "corrupt.mp4").write_bytes(os.urandom(5000))
+    (root / "b" / "empty.avi").write_bytes(b"")
+    good = (root / "a" / "good0.mp4").read_bytes()
+    (root / "b" / "truncated.mp4").write_bytes(good[:len(good) // 3])
+    (root / "b" / "notes.mkv").write_text("this is a text file with a video extension")
+    (root / "b" / "readme.txt").write_text("not a video extension: ignored silently")
+    with pytest.warns(UserWarning) as record:
+        dataset = D.VideoDataset(str(root), 16, 4, split="all")
+    messages = " ".join(str(w.message) for w in record)
+    for bad in ("corrupt.mp4", "empty.avi", "truncated.mp4", "notes.mkv"):
+        assert bad in messages
+    assert "readme.txt" not in messages
+    assert sorted(os.path.basename(p) for p, _ in dataset.files) == ["good0.mp4", "good1.mp4", "good2.mp4"]
+    assert dataset.class_names == ["a", "b"]
+    item = dataset[2]
+    assert item["video"].shape == (4, 16, 16, 3) and item["label"].item() == 1 and item["n_frames"].item() == 4
+
+
+def test_a_folder_without_readable_video_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty.*\.mp4, \.avi, \.mkv, \.webm, \.mov"):
+        D.VideoDataset(str(tmp_path / "empty"), 16, 4)
+    (tmp_path / "junk" / "c").mkdir(parents=True)
+    (tmp_path / "junk" / "c" / "x.mp4").write_bytes(b"\x00" * 100)
+    with pytest.warns(UserWarning, match="x.mp4"), pytest.raises(FileNotFoundError, match="no readable video"):
+        D.VideoDataset(str(tmp_path / "junk"), 16, 4, split="all")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        D.VideoDataset(str(tmp_path / "missing"), 16, 4)
+
+
+def test_held_out_files_never_appear_in_training(tmp_path):
+    root = str(tmp_path / "set")
+    write_set(root, [f"{c}/{c}{i}.mp4" for c in "ab" for i in range(10)])
+    train = D.VideoDataset(root, 16, 4, split="train", val_fraction=0.2)
+    val = D.VideoDataset(root, 16, 4, split="val", val_fraction=0.2)
+    train_files, val_files = {p for p, _ in train.files}, {p for p, _ in val.files}
+    assert not train_files & val_files and len(train_files | val_files) == 20
+    assert len(val_files) == 4 and {label for _, label in val.files} == {0, 1}  # two per class
+    # the split is by file: the same on every call
+    assert {p for p, _ in D.VideoDataset(root, 16, 4, split="val", val_fraction=0.2).files} == val_files
+
+
+def test_sampler_resumes_exactly_and_splits_ranks():
+    first = D.ClipSampler(10, shuffle=True, seed=3, rank=0, world_size=1)
+    stream = [next(s) for s in [iter(first)] for _ in range(35)]
+    resumed = D.ClipSampler(10, shuffle=True, seed=3, rank=0, world_size=1, start=17)
+    assert [next(s) for s in [iter(resumed)] for _ in range(18)] == stream[17:]
+    assert sorted(i for i, _ in stream[:10]) == list(range(10))       # an epoch is a permutation
+    assert [i for i, _ in stream[:10]] != [i for i, _ in stream[10:20]]  # reshuffled per epoch
+    # two ranks: disjoint shares of each epoch that together cover it (7 items: one wraps around)
+    ranks = [iter(D.ClipSampler(7, shuffle=True, seed=0, rank=r, world_size=2)) for r in range(2)]
+    shares = [[next(it) for _ in range(4)] for it in ranks]
+    assert {i for i, _ in shares[0] + shares[1]} == set(range(7))
+
+
+def test_loader_yields_batches_and_resumes(tmp_path):
+    root = str(tmp_path / "set")
+    write_set(root, [f"a/v{i}.mp4" for i in range(3)])
+    dataset = D.VideoDataset(root, 16, 4, split="all", random_start=True)
+    batches = D.make_loader(dataset, 2, shuffle=True, num_workers=0, distributed=False, seed=1)
+    unbroken = [next(batches)["video"] for _ in range(4)]
+    resumed = D.make_loader(dataset, 2, shuffle=True, num_workers=0, distributed=False, seed=1, start_step=2)
+    for expected in unbroken[2:]:
+        assert torch.equal(next(resumed)["video"], expected)
+    one_pass = list(D.make_loader(dataset, 2, shuffle=False, num_workers=1, distributed=False,
+                                  infinite=False, drop_last=False))
+    assert [len(b["label"]) for b in one_pass] == [2, 1]
+
+
+def test_patchify_gather_and_full_grid_agree():
+    video = torch.randn(2, 6, 8, 12, 3)
+    patch = (2, 4, 3)
+    patches = D.patchify(video, patch)                                    # (2, 3, 2, 4, 72)
+    assert patches.shape == (2, 3, 2, 4, 72)
+    assert torch.equal(D.unpatchify(patches, patch), video)
+    # patch (t=1, y=1, x=2) is frames 2-3, rows 4-7, columns 6-8, laid out (pt ph pw c)
+    assert torch.equal(patches[0, 1, 1, 2], video[0, 2:4, 4:8, 6:9].reshape(-1))
+    grid = D.full_grid((3, 2, 4))
+    assert grid.shape == (24, 3) and grid[:5].tolist() == [[0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 3], [0, 1, 0]]
+    assert grid[-1].tolist() == [2, 1, 3]
+    gathered = D.gather_patches(video, grid.expand(2, -1, -1), patch)
+    assert torch.equal(gathered, patches.reshape(2, 24, 72))
+
+
+def test_sample_patches_are_distinct_real_and_match_their_pixels():
+    video = torch.randn(3, 8, 8, 8, 3)
+    n_frames = torch.tensor([8, 5, 1])
+    patch = (2, 4, 4)
+    coords, targets = D.sample_patches(video, n_frames, 8, patch, torch.Generator().manual_seed(0))
+    assert coords.shape == (3, 8, 3) and targets.shape == (3, 8, 96)
+    for b in range(2):
+        assert len({tuple(c) for c in coords[b].tolist()}) == 8             # without replacement
+    assert coords[1, :, 0].max() < 2                                       # only fully real temporal patches
+    # one real frame: its temporal patch is the only one; its 4 patches are taken twice, never padding
+    assert coords[2, :, 0].max() == 0 and len({tuple(c) for c in coords[2].tolist()}) == 4
+    t, y, x = coords[1, 3].tolist()
+    assert torch.equal(targets[1, 3], video[1, 2 * t:2 * t + 2, 4 * y:4 * y + 4, 4 * x:4 * x + 4].reshape(-1))
+    again, _ = D.sample_patches(video, n_frames, 8, patch, torch.Generator().manual_seed(0))
+    assert torch.equal(again, coords)
+
+
+def test_sample_frames_gives_whole_distinct_real_frames():
+    video = torch.randn(2, 8, 8, 8, 3)
+    coords, targets = D.sample_frames(video, torch.tensor([8, 4]), 2, (1, 4, 4), torch.Generator().manual_seed(1))
+    assert coords.shape == (2, 8, 3) and targets.shape == (2, 8, 48)
+    for b in range(2):
+        frames = coords[b].view(2, 4, 3)
+        assert frames[0, 0, 0] != frames[1, 0, 0]
+        for k in range(2):   # every patch of the frame, frame-major
+            assert frames[k, :, 1:].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+            assert (frames[k, :, 0] == frames[k, 0, 0]).all()
+    assert coords[1, :, 0].max() < 4
+    assert torch.equal(targets, D.gather_patches(video, coords, (1, 4, 4)))
+
+
+def test_synthetic_set_moves_and_is_not_flat(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--synthetic", str(tmp_path / "syn"),
+                          "--num_classes", "4", "--videos_per_class", "2", "--num_frames", "12", "--size", "32"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    videos = D.find_videos(str(tmp_path / "syn"))
+    assert len(videos) == 8 and {c for _, c in videos} == set(D.SHAPES)
+    for path, _ in videos:
+        clip, n_frames = D.read_clip(path, 32, 12, start=0)
+        clip = clip.astype(np.float64)
+        assert n_frames == 12
+        assert clip.std(axis=(1, 2)).mean() > 15                          # not a single colour
+        assert np.abs(np.diff(clip, axis=0)).mean() > 2                   # not static
+
+
+def test_tokens_file_round_trip_and_errors(tmp_path):
+    planes = (torch.randn(5, 4, 8, 8) * 2 + 1, torch.randn(5, 4, 6, 8), torch.randn(5, 4, 6, 8))
+    path = str(tmp_path / "tokens.pt")
+    D.save_tokens(path, planes, torch.arange(5) % 2, ["a", "b"], torch.full((5,), 16), "ckpt.pt", {"num_frames": 16})
+    tokens = D.load_tokens(path)
+    assert tokens["kind"] == "coordtok_tokens" and tokens["class_names"] == ["a", "b"]
+    assert torch.equal(tokens["z_xy"], planes[0]) and tokens["tokenizer_config"] == {"num_frames": 16}
+    torch.testing.assert_close(tokens["mean"]["z_xy"], planes[0].mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(tokens["std"]["z_yt"], planes[2].std(dim=(0, 2, 3)))
+    assert not os.path.exists(path + ".tmp")
+    with pytest.raises(FileNotFoundError, match="--encode"):
+        D.load_tokens(str(tmp_path / "missing.pt"))
+    torch.save({"kind": "coordtok_tokenizer"}, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="not a tokens file"):
+        D.load_tokens(str(tmp_path / "ckpt.pt"))

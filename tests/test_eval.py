@@ -1,0 +1,401 @@
+"""eval.py: metrics against scikit-image / scipy / closed forms, the I3D and LPIPS plumbing with stand-in
+weights of the published layouts, `python eval.py` end to end, short clips, errors and the token table."""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import av
+import numpy as np
+import pytest
+import scipy.linalg
+import skimage.io
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+import data as D
+import eval as E
+import tokenizer as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+
+# a tokenizer small enough to train in seconds: 8 frames of 16x16, 8x8 triplanes -> 64 + 2*64 = 192 tokens
+MICRO = dict(num_frames=8, img_size=16, enc_patch_t=4, enc_patch_s=8, enc_width=32, enc_heads=2,
+             enc_layers=1, query_layers=1, triplane_rs=8, triplane_rt=8, triplane_c=4,
+             query_patch_s=4, query_patch_t=4, dec_width=32, dec_heads=2, dec_layers=1,
+             dec_patch_t=1, dec_patch_s=4, decode_chunk=8)
+MICRO_TOKENS = 8 * 8 + 2 * 8 * 8
+
+
+class StandInI3D(torch.nn.Module):
+    """Same call signature as StyleGAN-V's TorchScript I3D; refuses any other calling convention, and
+    returns a few cheap statistics of the clip as its 'features'."""
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                return_features: bool = False) -> torch.Tensor:
+        if x.dtype != torch.uint8 or x.dim() != 5 or x.shape[1] != 3:
+            raise ValueError("expected uint8 clips of shape (B, 3, T, H, W)")
+        if not (rescale and resize and return_features):
+            raise ValueError("expected rescale=True, resize=True, return_features=True")
+        v = x.float() / 127.5 - 1                                              # (B, 3, T, H, W)
+        motion = (v[:, :, 1:] - v[:, :, :-1]).abs().mean(dim=(2, 3, 4))      # (B, 3)
+        texture = (v[:, :, :, 1:] - v[:, :, :, :-1]).abs().mean(dim=(2, 3, 4))
+        return torch.cat([v.mean(dim=(2, 3, 4)), v.std(dim=(2, 3, 4)), motion, texture], dim=1)  # (B, 12)
+
+
+def published_vgg16_features(seed=0):
+    """Random tensors with the key names and shapes of torchvision's vgg16 state dict (features part)."""
+    shapes, c_in, index = {}, 3, 0
+    for c in T.VGG16_CHANNELS:
+        if c == "M":
+            index += 1
+            continue
+        shapes[f"features.{index}.weight"], shapes[f"features.{index}.bias"] = (c, c_in, 3, 3), (c,)
+        c_in, index = c, index + 2
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(s, generator=gen) * 0.05 for k, s in shapes.items()}
+    state["classifier.6.weight"] = torch.zeros(1000, 4096)  # the published file has these too
+    return state
+
+
+def published_lpips_lin():
+    gen = torch.Generator().manual_seed(1)
+    return {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=gen)
+            for k, c in enumerate((64, 128, 256, 512, 512))}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Stand-in weight files, laid out in a torch hub cache as eval.py and tokenizer.py look for them."""
+    hub = tmp_path_factory.mktemp("torch_home")
+    checkpoints = hub / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.jit.save(torch.jit.script(StandInI3D()), str(checkpoints / E.I3D_FILE))
+    torch.save(published_vgg16_features(), checkpoints / os.path.basename(T.VGG16_URL))
+    torch.save(published_lpips_lin(), checkpoints / os.path.basename(T.LPIPS_LIN_URL))
+    return {"torch_home": str(hub), "i3d": str(checkpoints / E.I3D_FILE),
+            "vgg": str(checkpoints / os.path.basename(T.VGG16_URL)),
+            "lin": str(checkpoints / os.path.basename(T.LPIPS_LIN_URL))}
+
+
+@pytest.fixture(scope="module")
+def micro_videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    D.make_synthetic(str(root), num_classes=2, videos_per_class=3, num_frames=10, size=24, seed=1)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, micro_videos):
+    """A micro tokenizer trained for a few steps by `python tokenizer.py`."""
+    out_dir = tmp_path_factory.mktemp("ckpt")
+    flags = [f"--{k}={v}" for k, v in MICRO.items()] + [
+        "--batch_size=2", "--num_samples=32", "--num_workers=0", "--eval_clips=1", "--warmup_iters=1",
+        "--max_iters=3", f"--data={micro_videos}", f"--out_dir={out_dir}"]
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), *flags],
+                         capture_output=True, text=True, timeout=300, env=ENV)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return str(out_dir / "tokenizer.pt")
+
+
+def as_model_range(clip_uint8):
+    return torch.from_numpy(clip_uint8).float() / 127.5 - 1
+
+
+def unit_frames(video):
+    """(T, H, W, 3) tensor in [-1, 1] -> float64 numpy in [0, 1], clamped (the paper's convention)."""
+    return ((video.double().clamp(-1, 1) + 1) / 2).numpy()
+
+
+def reference_metrics(model, paths, num_frames, lpips=None):
+    """Independent per-frame PSNR / SSIM (scikit-image) / LPIPS over the real frames of each clip, and the
+    uint8 clips and reconstructions (StyleGAN-V's conversion) of the whole clips."""
+    scores, whole_real, whole_recon = {"psnr": [], "ssim": [], "lpips": []}, [], []
+    for path in paths:
+        clip, n = D.read_clip(path, model.config.img_size, num_frames, start=0)
+        video = torch.zeros(1, model.config.num_frames, *clip.shape[1:])
+        video[0, :num_frames] = as_model_range(clip)
+        with torch.no_grad():
+            recon = model.decode_video(model.encode(video, torch.tensor([n])))[0, :num_frames]
+        target = as_model_range(clip)
+        for i in range(n):
+            a, b = unit_frames(target[i]), unit_frames(recon[i])
+            scores["psnr"].append(peak_signal_noise_ratio(a, b, data_range=1.0))
+            scores["ssim"].append(structural_similarity(a, b, gaussian_weights=True, sigma=1.5, data_range=1.0,
+                                                        use_sample_covariance=False, channel_axis=-1))
+            if lpips is not None:
+                to_image = lambda v: torch.from_numpy(v * 2 - 1).float().permute(2, 0, 1)[None]
+                with torch.no_grad():
+                    scores["lpips"].append(lpips(to_image(b), to_image(a)).item())
+        if n == num_frames:
+            whole_real.append(clip)
+            whole_recon.append(np.floor(recon.numpy() * 127.5 + 128).clip(0, 255).astype(np.uint8))
+    return {k: float(np.mean(v)) if v else None for k, v in scores.items()}, whole_real, whole_recon
+
+
+def scipy_fvd(real_feats, fake_feats):
+    """The Frechet distance as StyleGAN-V writes it, with scipy's general matrix square root."""
+    mu1, mu2 = real_feats.mean(0), fake_feats.mean(0)
+    s1, s2 = np.cov(real_feats, rowvar=False, bias=True), np.cov(fake_feats, rowvar=False, bias=True)
+    root = scipy.linalg.sqrtm(s2 @ s1)
+    return float(np.real(((mu2 - mu1) ** 2).sum() + np.trace(s1 + s2 - 2 * root)))
+
+
+def standin_features(clips):
+    """uint8 clips (N, T, H, W, 3) through the stand-in detector, called by hand the StyleGAN-V way."""
+    x = torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).contiguous()
+    return StandInI3D()(x, rescale=True, resize=True, return_features=True).double().numpy()
+
+
+# -----------------------------------------------------------------------------
+# the metrics
+
+
+def test_frechet_distance_closed_form_for_diagonal_covariances():
+    # diagonal Gaussians: FD = |mu1 - mu2|^2 + sum (sqrt(a_i) - sqrt(b_i))^2
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(0.1, 4, 20), rng.uniform(0.1, 4, 20)
+    mu1, mu2 = rng.normal(size=20), rng.normal(size=20)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert E.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    # one dimension, hand-computed: (1 - 4)^2 + (sqrt(9) - sqrt(1))^2 = 9 + 4
+    assert E.frechet_distance([1.0], [[9.0]], [4.0], [[1.0]]) == pytest.approx(13.0, abs=1e-10)
+    # a rotation of both covariances changes nothing
+    q, _ = np.linalg.qr(rng.normal(size=(20, 20)))
+    rotated = E.frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T)
+    assert rotated == pytest.approx(expected, rel=1e-8)
+
+
+@pytest.mark.parametrize("n_real, n_fake, dim", [(300, 200, 24), (10, 14, 40)])  # full rank; fewer clips than features
+def test_fvd_of_features_matches_scipy_sqrtm(n_real, n_fake, dim):
+    rng = np.random.default_rng(n_real)
+    real = rng.normal(size=(n_real, dim)) @ rng.normal(size=(dim, dim))
+    fake = rng.normal(size=(n_fake, dim)) @ rng.normal(size=(dim, dim)) * 0.7 + 0.5
+    mean, cov = E.feature_stats(real)
+    np.testing.assert_allclose(cov, np.cov(real, rowvar=False, bias=True), rtol=1e-10, atol=1e-10)  # population
+    fvd, reason = E.fvd_from_features(real, fake)
+    assert reason == "" and fvd == pytest.approx(scipy_fvd(real, fake), rel=1e-6)
+    assert E.fvd_from_features(real, real)[0] == pytest.approx(0.0, abs=1e-6 * np.trace(cov))
+    assert E.fvd_from_features(real[:1], fake)[0] is None                      # undefined for one clip
+
+
+def decoded_pair(tmp_path, size=40, frames=6):
+    """Frames of a synthetic video decoded from mp4, and a noisy copy written to mp4 and decoded back."""
+    D.make_synthetic(str(tmp_path / "set"), num_classes=1, videos_per_class=1, num_frames=frames, size=48, seed=2)
+    clip, _ = D.read_clip(D.find_videos(str(tmp_path / "set"))[0][0], size, frames, start=0)
+    noise = np.random.default_rng(0).normal(0, 18, clip.shape)
+    D.write_video(str(tmp_path / "noisy.mp4"), np.clip(clip + noise, 0, 255).astype(np.uint8))
+    noisy, _ = D.read_clip(str(tmp_path / "noisy.mp4"), size, frames, start=0)
+    return clip, noisy
+
+
+def test_psnr_and_ssim_match_scikit_image_on_decoded_frames(tmp_path):
+    clip, noisy = decoded_pair(tmp_path)
+    target, pred = as_model_range(clip)[None], as_model_range(noisy)[None]      # (1, T, H, W, 3)
+    pred[0, 0, :4] = 1.7                                                       # out of range: clamped first
+    ssim = E.ssim_per_frame(pred, target)[0].numpy()
+    psnr = T.psnr_per_frame(pred, target)[0].numpy()
+    for i in range(clip.shape[0]):
+        a, b = unit_frames(target[0, i]), unit_frames(pred[0, i])
+        ref_ssim = structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                         data_range=1.0, channel_axis=-1)
+        assert ssim[i] == pytest.approx(ref_ssim, abs=1e-4)
+        assert psnr[i] == pytest.approx(peak_signal_noise_ratio(a, b, data_range=1.0), abs=1e-4)
+    assert 0.3 < ssim.mean() < 0.95                                           # a real, imperfect pair
+    assert E.ssim_per_frame(target, target).numpy() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_ssim_refuses_frames_smaller_than_its_window():
+    with pytest.raises(ValueError, match="at least 11x11"):
+        E.ssim_per_frame(torch.zeros(1, 2, 8, 8, 3), torch.zeros(1, 2, 8, 8, 3))
+
+
+def test_lpips_per_frame_loads_the_published_layout(weights, tmp_path):
+    lpips, reason = E.load_lpips(weights["vgg"], weights["lin"], torch.device("cpu"))
+    assert lpips is not None, reason
+    torch.testing.assert_close(lpips.lin3.model[1].weight, published_lpips_lin()["lin3.model.1.weight"])
+    clip, noisy = decoded_pair(tmp_path, size=32, frames=3)
+    target = as_model_range(clip)[None].repeat(2, 1, 1, 1, 1)                 # (2, 3, 32, 32, 3)
+    pred = as_model_range(noisy)[None].repeat(2, 1, 1, 1, 1)
+    pred[1] = target[1]                                                        # clip 2 is perfect
+    scores = E.lpips_per_frame(lpips, pred, target)                            # (2, 3)
+    assert scores.shape == (2, 3)
+    for t in range(3):                                                         # one frame at a time, by hand
+        one = lpips(pred[0, t].permute(2, 0, 1)[None], target[0, t].permute(2, 0, 1)[None])
+        assert scores[0, t].item() == pytest.approx(one.item(), rel=1e-5)
+    assert (scores[0] > 0).all() and scores[1].abs().max() < 1e-6
+    missing, reason = E.load_lpips(str(tmp_path / "no_vgg.pth"), weights["lin"], torch.device("cpu"))
+    assert missing is None and "--lpips_vgg PATH" in reason and T.VGG16_URL in reason
+
+
+def test_png_strip_is_a_valid_png(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    E.write_png(str(tmp_path / "x.png"), image)
+    np.testing.assert_array_equal(skimage.io.imread(str(tmp_path / "x.png")), image)
+
+
+# -----------------------------------------------------------------------------
+# FVD between folders, and the detector's plumbing
+
+
+def test_fvd_between_folders_with_a_stand_in_detector(tmp_path, micro_videos, weights):
+    # fakes: the real videos with noise, plus one video shorter than the clip (left out, as in StyleGAN-V)
+    real_paths = [p for p, _ in D.find_videos(micro_videos)]
+    rng = np.random.default_rng(3)
+    fakes = []
+    for i, path in enumerate(real_paths):
+        clip, _ = D.read_clip(path, 24, 10, start=0)
+        fake = np.clip(clip + rng.normal(0, 25, clip.shape), 0, 255).astype(np.uint8)
+        D.write_video(str(tmp_path / "fake" / "gen" / f"{i}.mp4"), fake)
+    D.write_video(str(tmp_path / "fake" / "gen" / "short.mp4"), fake[:4])
+    for path, _ in D.find_videos(str(tmp_path / "fake")):
+        clip, n = D.read_clip(path, 24, 10, start=0)
+        if n == 10:
+            fakes.append(clip)
+    # the videos are exactly 10 frames long, so every clip starts at frame 0 on both sides
+    reals = [D.read_clip(p, 24, 10, start=0)[0] for p in real_paths]
+    result = E.main(["--fvd", "--real", micro_videos, "--fake", str(tmp_path / "fake"), "--i3d", weights["i3d"],
+                     "--num_workers=0", "--batch_size=4", f"--out_dir={tmp_path / 'out'}"])
+    assert (result["num_frames"], result["img_size"]) == (10, 24)              # taken from the first fake video
+    assert result["real_clips"] == 6 and result["fake_clips"] == 6
+    expected = scipy_fvd(standin_features(reals), standin_features(fakes))
+    assert result["fvd"] == pytest.approx(expected, rel=1e-5)
+    assert json.loads((tmp_path / "out" / "fvd.json").read_text())["fvd"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_detector_is_called_the_stylegan_v_way(weights):
+    detector, reason = E.load_i3d(weights["i3d"], torch.device("cpu"))
+    assert detector is not None, reason
+    clips = torch.randint(0, 256, (3, 5, 16, 16, 3), dtype=torch.uint8)
+    feats = E.i3d_features(detector, clips, torch.device("cpu"))              # raises if not uint8 (B, 3, T, H, W)
+    assert feats.dtype == torch.float64 and feats.shape == (3, 12)
+    np.testing.assert_allclose(feats.numpy(), standin_features(list(clips.numpy())), rtol=1e-6)
+    # StyleGAN-V's conversion of generated frames: x * 127.5 + 128, clamped, truncated
+    x = torch.tensor([-1.5, -1.0, -0.999, 0.0, 0.5, 1.0, 2.0])
+    assert E.to_uint8(x).tolist() == [0, 0, 0, 128, 191, 255, 255]
+
+
+def test_missing_detector_says_where_to_put_it(tmp_path):
+    detector, reason = E.load_i3d(str(tmp_path / "nope.pt"), torch.device("cpu"))
+    assert detector is None
+    assert E.I3D_URL in reason and "--i3d PATH" in reason and str(tmp_path / "nope.pt") in reason
+
+
+# -----------------------------------------------------------------------------
+# evaluating a tokenizer
+
+
+def test_python_eval_py_end_to_end(tmp_path, checkpoint, micro_videos, weights):
+    # `python eval.py` with no flags: out/tokenizer.pt of the working directory, its training data's
+    # held-out clips, and the weights found in the torch hub cache (seeded with stand-ins: nothing downloads)
+    (tmp_path / "out").mkdir()
+    shutil.copy(checkpoint, tmp_path / "out" / "tokenizer.pt")
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env={**ENV, "TORCH_HOME": weights["torch_home"]})
+    assert run.returncode == 0, run.stderr[-3000:]
+    for row in ("clips", "frames per clip", "resolution", "PSNR", "SSIM", "LPIPS", "rFVD", "tokens per clip",
+                "floats per clip", "vs raw pixels", "vs a 4x8x8 3D latent grid"):
+        assert row in run.stdout
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    val_paths = [p for p, _ in D.VideoDataset(micro_videos, 16, 8, split="val", random_start=False).files]
+    assert result["clips"] == len(val_paths) == 2 and result["frames_per_clip"] == 8
+    assert result["data"] == os.path.abspath(micro_videos) and result["checkpoint"].endswith("tokenizer.pt")
+    assert result["tokens"]["tokens"] == MICRO_TOKENS and result["tokens"]["floats"] == MICRO_TOKENS * 4
+    assert result["tokens"]["raw_floats"] == 8 * 16 * 16 * 3 and result["tokens"]["grid_tokens"] == 2 * 2 * 2
+    assert all(math.isfinite(result[k]) for k in ("psnr", "ssim", "lpips", "rfvd")), result["unavailable"]
+    assert f"({result['rfvd_clips']} clips)" in run.stdout and result["rfvd_clips"] == 2
+    model, _ = T.load_tokenizer(checkpoint)
+    assert result["model_config"] == dataclasses.asdict(model.config) and result["date"] and result["device"]
+    # the figures are the ones computed independently, frame by frame
+    lpips = T.LPIPS.from_pretrained(weights["vgg"], weights["lin"])
+    ref, reals, recons = reference_metrics(model, val_paths, 8, lpips)
+    for k in ("psnr", "ssim", "lpips"):
+        assert result[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-5), k
+    assert result["rfvd"] == pytest.approx(scipy_fvd(standin_features(reals), standin_features(recons)), rel=1e-3)
+    # side-by-side video: both clips stacked, input | reconstruction, every frame
+    with av.open(str(tmp_path / "out" / "recon.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+    assert len(frames) == 8 and frames[0].shape == (2 * 16, 2 * 16, 3)
+    left = frames[0][:16, :16].astype(float)
+    assert np.abs(left - reals[0][0]).mean() < 12                             # the left half is the input
+    strip = skimage.io.imread(str(tmp_path / "out" / "recon.png"))
+    assert strip.shape == (2 * 16, 8 * 16, 3)
+    np.testing.assert_array_equal(strip[:16, :16], reals[0][0])
+    # (the reconstruction may differ by one level where batching changes the float rounding)
+    assert np.abs(strip[16:, :16].astype(int) - recons[0][0].astype(int)).max() <= 1
+
+
+def test_unavailable_metrics_are_null_with_a_reason_and_the_rest_still_runs(tmp_path, checkpoint):
+    missing = str(tmp_path / "missing.pt")
+    result = E.main(["--ckpt", checkpoint, "--i3d", missing, "--lpips_vgg", missing, "--lpips_lin", missing,
+                     "--num_workers=0", f"--out_dir={tmp_path}"])
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["lpips"] is None and saved["rfvd"] is None
+    assert "--lpips_vgg PATH" in saved["unavailable"]["lpips"]
+    assert E.I3D_URL in saved["unavailable"]["rfvd"] and "--i3d PATH" in saved["unavailable"]["rfvd"]
+    assert math.isfinite(saved["psnr"]) and math.isfinite(saved["ssim"]) and result["clips"] == 2
+
+
+def test_short_clips_count_their_real_frames_only(tmp_path, checkpoint, weights):
+    # one video of 5 frames and one of 10: the model's clip is 8 frames
+    data_dir = tmp_path / "data"
+    D.make_synthetic(str(data_dir / "a"), num_classes=1, videos_per_class=1, num_frames=5, size=24, seed=4)
+    D.make_synthetic(str(data_dir / "b"), num_classes=1, videos_per_class=1, num_frames=10, size=24, seed=5)
+    paths = [p for p, _ in D.find_videos(str(data_dir))]
+    model, _ = T.load_tokenizer(checkpoint)
+    common = ["--ckpt", checkpoint, "--data", str(data_dir), "--split", "all", "--i3d", weights["i3d"],
+              "--lpips_vgg", weights["vgg"], "--lpips_lin", weights["lin"], "--num_workers=0"]
+    result = E.main(common + [f"--out_dir={tmp_path / 'out8'}"])
+    assert result["real_frames"] == 5 + 8 and result["clips"] == 2
+    ref, _, _ = reference_metrics(model, paths, 8)
+    assert result["psnr"] == pytest.approx(ref["psnr"], rel=1e-4)
+    assert result["ssim"] == pytest.approx(ref["ssim"], rel=1e-4, abs=1e-5)
+    # rFVD takes whole clips only: one here, too few for a covariance, so it says so
+    assert result["rfvd"] is None and result["rfvd_clips"] == 1 and "at least 2 clips" in result["unavailable"]["rfvd"]
+    # a clip length shorter than the model's: padded, masked, and only its frames scored
+    result = E.main(common + ["--num_frames", "4", f"--out_dir={tmp_path / 'out4'}"])
+    assert result["frames_per_clip"] == 4 and result["real_frames"] == 4 + 4
+    ref, _, _ = reference_metrics(model, paths, 4)
+    assert result["psnr"] == pytest.approx(ref["psnr"], rel=1e-4)
+    assert result["tokens"]["raw_floats"] == 4 * 16 * 16 * 3
+    with pytest.raises(SystemExit, match="--num_frames 16 is longer than the 8 frames"):
+        E.main(common + ["--num_frames", "16"])
+
+
+def test_bad_checkpoints_and_data_are_clear_errors(tmp_path, checkpoint):
+    with pytest.raises(SystemExit, match="does not exist.*python tokenizer.py"):
+        E.main(["--ckpt", str(tmp_path / "nope.pt")])
+    torch.save({"kind": "coordtok_dit"}, tmp_path / "dit.pt")
+    with pytest.raises(SystemExit, match="not a 'coordtok_tokenizer' checkpoint"):
+        E.main(["--ckpt", str(tmp_path / "dit.pt")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no readable video in .*empty"):
+        E.main(["--ckpt", checkpoint, "--data", str(tmp_path / "empty"), "--num_workers=0"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        E.main(["--ckpt", checkpoint, "--data", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="--real folder .*nowhere.* does not exist"):
+        E.main(["--fvd", "--real", str(tmp_path / "nowhere"), "--fake", str(tmp_path / "empty")])
+    with pytest.raises(SystemExit, match="FVD unavailable: .*--i3d PATH"):
+        E.main(["--fvd", "--real", str(tmp_path), "--fake", str(tmp_path), "--i3d", str(tmp_path / "no.pt")])
+
+
+# -----------------------------------------------------------------------------
+# the token table
+
+
+def test_token_table_of_the_paper_configuration(capsys):
+    start = time.perf_counter()
+    counts = E.main(["--tokens", "--preset", "large"])
+    assert time.perf_counter() - start < 5                                     # meta device: no weights made
+    out = capsys.readouterr().out
+    assert counts["tokens"] == 1280 and counts["floats"] == 1280 * 8
+    assert counts["raw_floats"] == 128 ** 3 * 3 and counts["grid_tokens"] == 8192
+    assert "1280" in out and "8192 tokens" in out and "614.4x compression" in out
+    # the paper's larger triplane (Rs = 32): 32*32 + 2*32*32 = 3072 tokens
+    assert E.main(["--tokens", "--preset", "large", "--triplane_rs", "32"])["tokens"] == 3072
