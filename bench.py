@@ -24,15 +24,16 @@ The model is the same at every length: widths, depths and the triplane (Rs, Rt, 
 count) come from --preset; only num_frames, and with it the length of the encoder's and decoder's
 position tables, follows the clip.
 
-Memory is what a measurement adds on top of the model, its optimizer and the input clip:
-gradients, AdamW state, activations and temporaries. On CUDA that is
-torch.cuda.max_memory_allocated minus what was allocated before the first step. On the CPU it is
-the peak resident memory of the process minus its resident memory before the first step, so every
-measurement runs in a fresh process of its own (`python bench.py --_worker SPEC`), where nothing
-measured before can hide in or add to its peak; --max_memory_gib caps each such process, and a
-measurement that needs more is reported as out of memory.
+Memory is the peak a measurement reaches above the model and the input clip, less AdamW's
+moments: gradients, activations and temporaries, which is what depends on the clip and on how much
+of it is decoded (parameters and optimizer state are the same for every row; the JSON lists them).
+On CUDA the peak is torch.cuda.max_memory_allocated. On the CPU it is the peak resident memory of
+the process, which cannot be reset, so every measurement runs in a fresh process of its own
+(`python bench.py --_worker SPEC`) where nothing measured before can hide in or add to its peak;
+--max_memory_gib caps each such process, and a step that needs more is reported as out of memory.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -43,11 +44,12 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, asdict
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data as D
 import dit
@@ -71,8 +73,10 @@ class BenchConfig:
     threads: int = 0              # torch threads on the CPU; 0: torch's default (one per core)
     max_memory_gib: float = 6.0   # CPU: address-space cap of each measurement's process
     timeout: int = 900            # seconds before a measurement's process is given up on
+    compile_backend: str = "inductor"  # torch.compile backend of table 2 (aot_eager: tracing only, no codegen)
     dit_preset: str = "cpu"       # dit.PRESETS entry of table 4
     dit_batch_size: int = 4
+    paper_clip: bool = True       # table 4 also at the paper's clip (128x128x128), when --preset is not large
     peak_flops: float = 989e12    # for MFU on CUDA: the accelerator's dense bf16 FLOP/s (H100 SXM)
     profile: bool = False         # print the top ops of one sampled training step and exit
     json: str = ""                # also write every number to this path
@@ -206,16 +210,22 @@ def flop_rates(flops, seconds, device, peak_flops):
 # the measurements: each builds what it needs, times it, and returns a flat dict
 
 
-def build_train_step(model_config, mode, num_samples, batch_size, device, compile=False):
+def build_train_step(model_config, mode, num_samples, batch_size, device, compile=False, attention="default",
+                     compile_backend="inductor"):
     """One tokenizer training step as tokenizer.train takes it: pick patches and their pixels on the
     device, forward, L2 loss, backward, gradient clipping, AdamW. Returns (step function, model).
 
     mode "sampled": num_samples random patches per clip (data.sample_patches), CoordTok's way.
     mode "full": every patch of the clip (data.full_grid), the way of a decoder that reconstructs
     every frame, through the same model.forward.
+    attention "default": SDPA picks its kernel (flash attention where it can); "math": SDPA's
+    reference implementation (matmul, softmax, matmul), to see what the fused kernel is worth.
     """
     if mode not in ("sampled", "full"):
         raise ValueError(f"mode must be 'sampled' or 'full', got {mode!r}")
+    if attention not in ("default", "math"):
+        raise ValueError(f"attention must be 'default' or 'math', got {attention!r}")
+    backend = nullcontext() if attention == "default" else sdpa_kernel(SDPBackend.MATH)
     cfg = model_config
     if mode == "sampled" and not 1 <= num_samples <= num_patches(cfg):
         raise ValueError(f"--num_samples {num_samples} must be between 1 and the {num_patches(cfg)} patches "
@@ -225,7 +235,7 @@ def build_train_step(model_config, mode, num_samples, batch_size, device, compil
     n_frames = torch.full((batch_size,), cfg.num_frames, device=device)
     model = CoordTok(cfg).to(device)
     optimizer = make_optimizer(model, 1e-4, 1e-3, (0.9, 0.999), device)
-    forward = torch.compile(model) if compile else model
+    forward = torch.compile(model, backend=compile_backend) if compile else model
     generator = torch.Generator(device).manual_seed(0)
 
     def step():
@@ -234,7 +244,7 @@ def build_train_step(model_config, mode, num_samples, batch_size, device, compil
         else:  # full_grid is frame-major, and so is the patchified clip flattened in (t, h, w) order
             coords = D.full_grid(model.grid_size, device).expand(batch_size, -1, -1)      # (B, P, 3)
             targets = rearrange(D.patchify(video, model.patch_size), "b t h w d -> b (t h w) d")
-        with autocast(device):
+        with backend, autocast(device):
             loss, _ = forward(video, coords, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -245,17 +255,20 @@ def build_train_step(model_config, mode, num_samples, batch_size, device, compil
 
 
 def measure_train_step(model_config, mode="sampled", num_samples=256, batch_size=4, device="cpu", compile=False,
-                       warmup=1, repeats=5, time_budget=20.0, peak_flops=0.0):
+                       attention="default", warmup=1, repeats=5, time_budget=20.0, peak_flops=0.0,
+                       compile_backend="inductor"):
     """Time and memory of one training step (see build_train_step), and its model FLOP/s."""
     device = torch.device(device)
-    step, model, optimizer = build_train_step(model_config, mode, num_samples, batch_size, device, compile)
+    step, model, optimizer = build_train_step(model_config, mode, num_samples, batch_size, device, compile, attention,
+                                              compile_backend)
     meter = MemoryMeter(device)  # model and clip exist: what follows is the step's
     timing = time_calls(step, device, warmup, repeats, time_budget)
     # AdamW's moments are the same for any clip and any decoding: counted apart, not in memory_bytes
     optimizer_state = tensor_bytes(t for state in optimizer.state.values() for t in state.values())
     decoded = num_samples if mode == "sampled" else num_patches(model_config)
     flops = 3 * model.flops_per_clip(decoded) * batch_size  # forward + backward (twice the forward)
-    return {"measurement": "train_step", "mode": mode, "compiled": compile, "frames": model_config.num_frames,
+    return {"measurement": "train_step", "mode": mode, "compiled": compile, "attention": attention,
+            "frames": model_config.num_frames,
             "batch_size": batch_size, "decoded_patches": decoded, "clip_patches": num_patches(model_config),
             **timing, **meter.result(optimizer_state), "parameter_bytes": tensor_bytes(model.parameters()),
             "optimizer_state_bytes": optimizer_state, **flop_rates(flops, timing["time_s"], device, peak_flops),
@@ -264,14 +277,14 @@ def measure_train_step(model_config, mode="sampled", num_samples=256, batch_size
 
 @torch.no_grad()
 def measure_encode(model_config, batch_size=4, device="cpu", compile=False, warmup=1, repeats=5,
-                   time_budget=20.0):
+                   time_budget=20.0, compile_backend="inductor"):
     """Clip -> triplane, in eval mode."""
     device = torch.device(device)
     cfg = model_config
     torch.manual_seed(0)
     video = random_clip(cfg, batch_size, device)
     model = CoordTok(cfg).to(device).eval()
-    encode = torch.compile(model.encode) if compile else model.encode
+    encode = torch.compile(model.encode, backend=compile_backend) if compile else model.encode
 
     def call():
         with autocast(device):
@@ -286,7 +299,7 @@ def measure_encode(model_config, batch_size=4, device="cpu", compile=False, warm
 
 @torch.no_grad()
 def measure_decode_video(model_config, batch_size=4, device="cpu", compile=False, warmup=1, repeats=5,
-                         time_budget=20.0):
+                         time_budget=20.0, compile_backend="inductor"):
     """Triplane -> every patch of the clip (decode_video, decode_chunk temporal patches at a time)."""
     device = torch.device(device)
     cfg = model_config
@@ -294,11 +307,14 @@ def measure_decode_video(model_config, batch_size=4, device="cpu", compile=False
     model = CoordTok(cfg).to(device).eval()
     with autocast(device):
         triplane = model.encode(random_clip(cfg, batch_size, device))
-    decode_video = torch.compile(model.decode_video) if compile else model.decode_video
+    if compile:
+        # compile the decoder of one chunk, not decode_video: its loop over chunks stays in Python and
+        # calls the one compiled graph each time (tracing the loop unrolls it: several times the compile)
+        model.decode = torch.compile(model.decode, backend=compile_backend)
 
     def call():
         with autocast(device):
-            decode_video(triplane)
+            model.decode_video(triplane)
 
     meter = MemoryMeter(device)
     timing = time_calls(call, device, warmup, repeats, time_budget)
@@ -313,8 +329,9 @@ def throughput(cfg, batch_size, seconds):
 
 
 def measure_dit_step(sit_config, plane_shapes, batch_size=4, device="cpu", compile=False, warmup=1, repeats=5,
-                     time_budget=20.0):
-    """One DiT training step (flow-matching loss, backward, AdamW) on planes of the given shapes.
+                     time_budget=20.0, peak_flops=0.0, compile_backend="inductor"):
+    """One DiT training step as dit.train takes it: flow-matching loss, backward, gradient clipping,
+    AdamW, EMA update; unconditional, on planes of the given shapes.
 
     The triplane is three planes; a 3D latent grid (C, T', H', W') is passed as the one plane
     (C, T'*H', W'), which has the same number of tokens for the same patch size.
@@ -322,27 +339,48 @@ def measure_dit_step(sit_config, plane_shapes, batch_size=4, device="cpu", compi
     device = torch.device(device)
     plane_shapes = [tuple(s) for s in plane_shapes]
     torch.manual_seed(0)
-    planes = tuple(torch.randn(batch_size, *shape, device=device) for shape in plane_shapes)
+    planes = tuple(torch.randn(batch_size, *shape, device=device) for shape in plane_shapes)  # (B, C, H, W) each
     labels = torch.zeros(batch_size, dtype=torch.long, device=device)
     model = dit.SiT(sit_config, plane_shapes, num_classes=1).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
-    forward = torch.compile(model) if compile else model
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = make_optimizer(model, 1e-4, 0.0, (0.9, 0.999), device)
+    forward = torch.compile(model, backend=compile_backend) if compile else model
+    generator = torch.Generator(device).manual_seed(0)
 
     def step():
         with autocast(device):
-            loss = dit.flow_matching_loss(forward, planes, labels)
+            loss = dit.flow_matching_loss(forward, planes, labels, generator=generator)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        dit.ema_update(ema, model, 0.9999)
 
     meter = MemoryMeter(device)
     timing = time_calls(step, device, warmup, repeats, time_budget)
+    optimizer_state = tensor_bytes(t for state in optimizer.state.values() for t in state.values())
     patch = sit_config.patch_size
+    flops = 3 * model.flops_per_sample() * batch_size
     return {"measurement": "dit_step", "compiled": compile, "plane_shapes": [list(s) for s in plane_shapes],
-            "latent_floats": sum(math.prod(s) for s in plane_shapes),
             "tokens": sum(h * w for _, h, w in plane_shapes),
             "dit_tokens": sum((h // patch) * (w // patch) for _, h, w in plane_shapes),
-            "batch_size": batch_size, **timing, **meter.result(), "threads": torch.get_num_threads()}
+            "batch_size": batch_size, **timing, **meter.result(optimizer_state),
+            "parameter_bytes": tensor_bytes(model.parameters()), "optimizer_state_bytes": optimizer_state,
+            **flop_rates(flops, timing["time_s"], device, peak_flops), "threads": torch.get_num_threads()}
+
+
+def op_group(name):
+    """Which kind of work an op (CPU) or kernel (CUDA) of the profile is."""
+    n = name.lower()
+    if n in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear") or any(
+            k in n for k in ("gemm", "attention", "flash", "fmha", "cutlass")):
+        return "matrix work (matmuls, attention)"
+    if any(k in n for k in ("topk", "gather", "grid_sampler", "index", "scatter", "embedding", "masked_fill",
+                            "aten::rand", "aten::sort")):
+        return "patch sampling, triplane lookup, position indexing"
+    if any(k in n for k in ("copy", "aten::cat", "cat_", "clone", "contiguous", "aten::stack", "memcpy", "memset")):
+        return "data movement (copies, cat)"
+    return "everything else (elementwise, norms, optimizer)"
 
 
 def profile_train_step(model_config, num_samples=256, batch_size=4, device="cpu", steps=3, row_limit=10):
@@ -362,12 +400,16 @@ def profile_train_step(model_config, num_samples=256, batch_size=4, device="cpu"
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events)  # microseconds, every op counted once
-    rows = [{"op": e.key, "self_ms_per_step": getattr(e, key) / 1e3 / steps,
+    rows = [{"op": e.key, "group": op_group(e.key), "self_ms_per_step": getattr(e, key) / 1e3 / steps,
              "percent": 100 * getattr(e, key) / total, "calls_per_step": e.count / steps}
             for e in events[:row_limit]]
+    groups = {}
+    for e in events:
+        groups[op_group(e.key)] = groups.get(op_group(e.key), 0.0) + 100 * getattr(e, key) / total
     return {"measurement": "profile", "frames": model_config.num_frames, "batch_size": batch_size,
             "decoded_patches": num_samples, "step_s_profiled": seconds, "self_ms_per_step": total / 1e3 / steps,
-            "clock": "device" if device.type == "cuda" else "cpu", "rows": rows}
+            "clock": "device" if device.type == "cuda" else "cpu", "rows": rows,
+            "group_percent": dict(sorted(groups.items(), key=lambda kv: -kv[1]))}
 
 
 # -----------------------------------------------------------------------------
@@ -523,6 +565,10 @@ def scaling_table(rows, device):
         lines.append(f"At {last['frames']} frames the full decode needs "
                      f"{ratio_cell(last['sampled'], last['full'], 'memory_bytes')} the memory and "
                      f"{ratio_cell(last['sampled'], last['full'], 'time_s')} the time of the sampled step.")
+    state = next((r for r in (last["sampled"], last["full"]) if ok(r)), None)
+    if state is not None:
+        lines.append(f"Not counted, the same in every row: the parameters ({bytes_text(state['parameter_bytes'])}) "
+                     f"and their AdamW moments ({bytes_text(state['optimizer_state_bytes'])}).")
     for row in rows:
         if not ok(row["full"]) and row["full"]["error"].startswith("out of memory"):
             estimate = extrapolated_memory(rows, "full", row["frames"])
@@ -580,10 +626,12 @@ def profile_table(result):
     lines = [f"Top ops of the sampled training step ({result['frames']} frames, batch {result['batch_size']}, "
              f"{result['decoded_patches']} patches per clip), by self {result['clock']} time; "
              f"{seconds_text(result['step_s_profiled'])} per step under the profiler.", "",
-             "| op | self ms per step | share | calls per step |", "|---|---|---|---|"]
+             "| op | kind | self ms per step | share | calls per step |", "|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['op']} | {r['self_ms_per_step']:.2f} | {r['percent']:.1f}% | {r['calls_per_step']:g} |")
-    return lines
+        lines.append(f"| {r['op']} | {r['group'].split(' (')[0]} | {r['self_ms_per_step']:.2f} | "
+                     f"{r['percent']:.1f}% | {r['calls_per_step']:g} |")
+    shares = ", ".join(f"{name} {share:.1f}%" for name, share in result["group_percent"].items())
+    return lines + ["", f"Self time by kind, all ops: {shares}."]
 
 
 # -----------------------------------------------------------------------------
@@ -651,17 +699,19 @@ def run_bench(base, bc, preset_name, command):
             print(f"{status} ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
         return cache[key]
 
-    def train_step(cfg, mode, compile=False):
+    def train_step(cfg, mode, compile=False, attention="default"):
         # the first compiled call compiles; a second can still recompile, so it is not timed either
         warmup = max(bc.warmup, 2) if compile else bc.warmup
-        return measure(f"training step, {mode}, {cfg.num_frames} frames{', compiled' if compile else ''}",
-                       "measure_train_step", model_config=cfg, mode=mode, num_samples=num_samples,
-                       batch_size=bc.batch_size, compile=compile, peak_flops=bc.peak_flops, warmup=warmup)
+        label = f"training step, {mode}, {cfg.num_frames} frames" + (", compiled" if compile else "") + (
+            f", {attention} attention" if attention != "default" else "")
+        return measure(label, "measure_train_step", model_config=cfg, mode=mode, num_samples=num_samples,
+                       batch_size=bc.batch_size, compile=compile, attention=attention, peak_flops=bc.peak_flops,
+                       warmup=warmup, compile_backend=bc.compile_backend)
 
     def decode_video(compile):
         return measure(f"decode_video, {longest.num_frames} frames{', compiled' if compile else ''}",
                        "measure_decode_video", model_config=longest, batch_size=bc.batch_size, compile=compile,
-                       warmup=max(bc.warmup, 2) if compile else bc.warmup)
+                       warmup=max(bc.warmup, 2) if compile else bc.warmup, compile_backend=bc.compile_backend)
 
     results = {**info, "scaling": [], "compile": [], "throughput": [], "dit": []}
     if "scaling" in parts:
@@ -672,6 +722,8 @@ def run_bench(base, bc, preset_name, command):
             {"workload": "training step, sampled", "eager": train_step(longest, "sampled"),
              "compiled": train_step(longest, "sampled", compile=True)},
             {"workload": "decode_video", "eager": decode_video(False), "compiled": decode_video(True)}]
+        results["attention"] = {"default": train_step(longest, "sampled"),
+                                "math": train_step(longest, "sampled", attention="math")}
     if "throughput" in parts:
         encode = measure(f"encode, {longest.num_frames} frames", "measure_encode", model_config=longest,
                          batch_size=bc.batch_size)
@@ -680,8 +732,8 @@ def run_bench(base, bc, preset_name, command):
             results["throughput"].append(("decode_video, compiled", decode_video(True)))
     sit = dit.PRESETS[bc.dit_preset]
     if "dit" in parts:
-        clips = [("bench clip", longest)] + ([("paper clip", PAPER)] if triplane_planes(longest) != triplane_planes(PAPER)
-                                             or grid_planes(longest) != grid_planes(PAPER) else [])
+        same = triplane_planes(longest) == triplane_planes(PAPER) and grid_planes(longest) == grid_planes(PAPER)
+        clips = [("bench clip", longest)] + ([("paper clip", PAPER)] if bc.paper_clip and not same else [])
         for name, cfg in clips:
             row = {"clip": f"{name}: {cfg.num_frames}x{cfg.img_size}x{cfg.img_size}"}
             for latent, shapes in (("triplane", triplane_planes(cfg)), ("grid", grid_planes(cfg))):
@@ -689,7 +741,7 @@ def run_bench(base, bc, preset_name, command):
                 row[f"{latent}_tokens"] = sum(h * w for _, h, w in shapes)
                 row[f"{latent}_dit_tokens"] = sum((h // sit.patch_size) * (w // sit.patch_size) for _, h, w in shapes)
                 row[latent] = measure(f"DiT step, {latent}, {row['clip']}", "measure_dit_step", sit_config=sit,
-                                      plane_shapes=shapes, batch_size=bc.dit_batch_size)
+                                      plane_shapes=shapes, batch_size=bc.dit_batch_size, peak_flops=bc.peak_flops)
             results["dit"].append(row)
 
     threads = next((r["threads"] for r in cache.values() if ok(r)), info["threads"])
@@ -700,16 +752,26 @@ def run_bench(base, bc, preset_name, command):
     lines = [f"## CoordTok bench: `{preset_name}` preset, batch {bc.batch_size}, {num_samples} sampled patches per clip",
              "", f"Device {device} ({info['device_name']}), torch {torch.__version__}{threads_text}{load}. "
              f"Command: `{command}`", "",
-             "Memory: peak above the model, its optimizer and the input clip (gradients, AdamW state, activations), "
-             "each measurement in a fresh process: "
-             + ("torch.cuda.max_memory_allocated." if device.type == "cuda" else "peak resident memory. ")
-             + f"Times: median of up to {bc.repeats} calls after {bc.warmup} untimed."]
+             "Memory: the peak above the model and the input clip, less the AdamW moments (so: gradients, "
+             "activations, temporaries), each measurement in a fresh process; "
+             + ("torch.cuda.max_memory_allocated. " if device.type == "cuda" else "peak resident memory. ")
+             + f"Times: median of up to {bc.repeats} calls after {bc.warmup} untimed ({bc.time_budget:g} s "
+             "of timed calls at most, at least one)."]
     if results["scaling"]:
         lines += ["", "### 1. One training step as the clip grows: sampled patches vs every patch", ""]
         lines += scaling_table(results["scaling"], device)
     if results["compile"]:
-        lines += ["", "### 2. Eager vs torch.compile", ""] + compile_table(results["compile"], longest.num_frames,
+        backend = "" if bc.compile_backend == "inductor" else f" (backend {bc.compile_backend})"
+        lines += ["", f"### 2. Eager vs torch.compile{backend}", ""] + compile_table(results["compile"], longest.num_frames,
                                                                             bc.batch_size)
+        fused, math_ = results["attention"]["default"], results["attention"]["math"]
+        if ok(fused) and ok(math_):
+            lines.append(f"Attention backend, eager training step: SDPA's own choice of kernel "
+                         f"{seconds_text(fused['time_s'])}, {bytes_text(fused['memory_bytes'])}; its math backend "
+                         f"{seconds_text(math_['time_s'])}, {bytes_text(math_['memory_bytes'])} "
+                         f"({ratio_cell(fused, math_, 'time_s')} the time).")
+        if device.type == "cpu":
+            lines.append("On the CPU a compiled process's peak also holds the compiler's own memory.")
     if results["throughput"]:
         lines += ["", "### 3. Encode and full-clip decode throughput (eval mode, no gradients)", ""]
         lines += throughput_table(results["throughput"], longest)
@@ -726,6 +788,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--_worker"]:
         return worker_main(argv[1])
+    if any(a.split("=")[0] == "--num_frames" for a in argv):
+        raise SystemExit("error: bench.py sets the clip length with --frames (a list, e.g. --frames 16,32), "
+                         "not --num_frames")
     base, bc = parse_config((CoordTokConfig, BenchConfig), PRESETS, argv, description=__doc__.split("\n\n")[1])
     preset_name = next((a.split("=", 1)[1] if "=" in a else argv[i + 1]
                         for i, a in enumerate(argv) if a.split("=")[0] == "--preset"), "tiny")

@@ -316,7 +316,7 @@ def _render_video(rng, shape, num_frames, size):
         path = pos0 + vel * t[:, 0, 0, None]                                                 # (T, 2)
         lo, hi = radius, 1 - radius
         path = lo + np.abs(np.mod(path - lo, 2 * (hi - lo)) - (hi - lo))
-        angle = rng.uniform(0, 2 * np.pi) + rng.uniform(-2.5, 2.5) * t                          # (T, 1, 1) turning
+        angle = rng.uniform(0, 2 * np.pi) + rng.uniform(-1.5, 1.5) * t                          # (T, 1, 1) turning
         scale = radius * (1 + 0.1 * np.sin(2 * np.pi * t * rng.uniform(0.5, 1.5)))          # pulsing size
         du, dv = (xs - path[:, None, None, 0]) / scale, (ys - path[:, None, None, 1]) / scale  # (T, S, S)
         u = np.cos(angle) * du + np.sin(angle) * dv
@@ -326,7 +326,7 @@ def _render_video(rng, shape, num_frames, size):
         stripes = np.sin(np.pi * rng.uniform(1.2, 2.4) * u + rng.uniform(0, 6))[..., None]
         base = rng.uniform(0.2, 0.8, 3)
         colour = np.clip(base + 0.25 * np.sin(2 * np.pi * (t[..., None] + rng.uniform(0, 1, 3))), 0, 1)
-        texture = colour * (0.65 + 0.35 * stripes)                                          # (T, S, S, 3)
+        texture = colour * (0.7 + 0.3 * stripes)                                          # (T, S, S, 3)
         video = video * (1 - alpha) + texture * alpha
     return (np.clip(video, 0, 1) * 255 + 0.5).astype(np.uint8)
 

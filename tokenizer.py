@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import math
 import os
+import socket
 import sys
 import time
 import warnings
@@ -102,7 +103,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0
-    num_samples: int = 256       # stage 1: patches reconstructed per clip
+    num_samples: int = 128       # stage 1: patches reconstructed per clip (the paper: 1024 of 32768)
     num_frames_stage2: int = 4   # stage 2: whole frames (temporal patches) reconstructed per clip
     lpips_weight: float = 1.0    # stage 2
     lpips_vgg: str = ""          # path of torchvision's vgg16 state dict (default: fetched to the hub cache)
@@ -449,13 +450,17 @@ class LPIPS(nn.Module):
             try:
                 if path:
                     return torch.load(path, map_location="cpu", weights_only=True)
-                return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False)
+                previous = socket.getdefaulttimeout()
+                socket.setdefaulttimeout(60)  # a silent network fails in a minute instead of hanging
+                try:
+                    return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False)
+                finally:
+                    socket.setdefaulttimeout(previous)
             except Exception as e:
                 cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
                 raise WeightsUnavailable(
                     f"LPIPS needs {name} and could not read it ({type(e).__name__}: {e}). Download {url} "
-                    f"to {cache}, or pass its path with --lpips_{'vgg' if 'vgg16' in url else 'lin'} PATH; "
-                    f"or train without LPIPS with --lpips_weight 0.") from None
+                    f"to {cache}, or pass its path with --lpips_{'vgg' if 'vgg16' in url else 'lin'} PATH") from None
         model = cls().load_published(load(vgg_path, VGG16_URL, "torchvision's VGG16 weights"),
                                      load(lin_path, LPIPS_LIN_URL, "the LPIPS v0.1 linear weights"))
         return model.eval().requires_grad_(False)
@@ -691,7 +696,10 @@ def train(cfg: CoordTokConfig, tc: TrainConfig):
         model.load_state_dict(init_ckpt["model"])
     lpips = None
     if tc.stage == 2 and tc.lpips_weight > 0:
-        lpips = LPIPS.from_pretrained(tc.lpips_vgg, tc.lpips_lin).to(device)
+        try:
+            lpips = LPIPS.from_pretrained(tc.lpips_vgg, tc.lpips_lin).to(device)
+        except WeightsUnavailable as e:
+            raise WeightsUnavailable(f"{e}; or train stage 2 without LPIPS with --lpips_weight 0") from None
     raw_model = model
     if use_compile(tc.compile, device):
         model = torch.compile(model)

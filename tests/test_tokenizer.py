@@ -159,9 +159,29 @@ def test_lpips_loads_published_layout_and_is_zero_for_identical(tmp_path):
     assert not any(p.requires_grad for p in lpips.parameters())
 
 
-def test_lpips_missing_weights_say_how_to_supply_them(tmp_path):
-    with pytest.raises(T.WeightsUnavailable, match="--lpips_weight 0"):
+def test_lpips_missing_weights_say_how_to_supply_them(tmp_path, micro_videos):
+    with pytest.raises(T.WeightsUnavailable, match=r"vgg16-397923af.pth.*--lpips_vgg PATH"):
         T.LPIPS.from_pretrained(str(tmp_path / "missing.pth"), str(tmp_path / "missing2.pth"))
+    # stage 2 stops before training and also offers to train without LPIPS
+    out = run_cli(*MICRO_FLAGS, f"--data={micro_videos}", "--stage=2", "--max_iters=1", f"--out_dir={tmp_path}",
+                  f"--lpips_vgg={tmp_path / 'missing.pth'}", "--num_frames_stage2=2")
+    assert out.returncode != 0 and "--lpips_weight 0" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_stage_two_fine_tunes_whole_frames_with_lpips(tmp_path, micro_videos):
+    stage1 = run_cli(*MICRO_FLAGS, f"--data={micro_videos}", "--max_iters=2", f"--out_dir={tmp_path / 's1'}")
+    assert stage1.returncode == 0, stage1.stderr
+    torch.save(published_vgg16_features(), tmp_path / "vgg16.pth")
+    torch.save(published_lpips_lin(), tmp_path / "vgg.pth")
+    stage2 = run_cli(*MICRO_FLAGS, f"--data={micro_videos}", "--stage=2", "--max_iters=2", "--num_frames_stage2=2",
+                     f"--init_from={tmp_path / 's1' / 'tokenizer.pt'}", f"--out_dir={tmp_path / 's2'}",
+                     f"--lpips_vgg={tmp_path / 'vgg16.pth'}", f"--lpips_lin={tmp_path / 'vgg.pth'}")
+    assert stage2.returncode == 0, stage2.stderr
+    s1 = torch.load(tmp_path / "s1" / "tokenizer.pt", weights_only=False)
+    s2 = torch.load(tmp_path / "s2" / "tokenizer.pt", weights_only=False)
+    assert s2["step"] == 2 and s2["train_config"]["stage"] == 2 and s2["model_config"] == s1["model_config"]
+    assert any(not torch.equal(s1["model"][k], s2["model"][k]) for k in s1["model"])  # it trained on from stage 1
+    assert all(torch.isfinite(v).all() for v in s2["model"].values())
 
 
 def test_large_preset_is_the_paper_configuration():

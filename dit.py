@@ -1,0 +1,568 @@
+"""
+SiT on CoordTok's triplanes: a diffusion transformer trained with flow matching on the three
+normalised planes (z_xy, z_xt, z_yt) of the tokens file that `tokenizer.py --encode` writes.
+
+  python dit.py --tokens out/tokens.pt                         # CPU-sized model, a few minutes
+  python dit.py --tokens out/tokens.pt --resume                # continue out/dit.pt exactly
+  torchrun --nproc_per_node=8 dit.py --tokens out/tokens.pt --preset L/2 \
+      --learning_rate 1e-4 --lr_schedule constant --warmup_iters 0 --batch_size 8 --max_iters 600000
+                                                               # the paper: SiT-L/2, batch 64, 600K steps
+
+Then `python sample.py` draws clips from out/dit.pt and decodes them with the tokenizer it names.
+
+Conventions (SiT's linear path with velocity prediction):
+  t = 0 is noise, t = 1 is data;  x_t = (1 - t) * noise + t * x1;  the model predicts v = x1 - noise.
+  Sampling integrates dx/dt = v(x, t) from t = 0 to t = 1 (Euler or Heun), or the SDE with the same
+  marginals (Euler-Maruyama, see `integrate`).
+
+The three planes are cut into 2x2 patches, each plane with its own patch embedding, fixed 2D sin-cos
+position embedding and a learned plane-type embedding; their tokens form one sequence (the paper:
+64 + 128 + 128 = 320 tokens) through adaLN-Zero blocks; one output head per plane maps tokens back.
+
+The tokens file of the built-in synthetic set holds only 64 clips: the default run partly memorises
+them, which is what a short CPU run can do. Its samples should look like training clips.
+
+The file reads top to bottom: configuration and presets, the model, flow matching, guidance and
+the samplers, EMA, the training loop, main().
+"""
+
+import copy
+import math
+import os
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from tqdm import tqdm
+
+import data as D
+from tokenizer import (autocast, atomic_save, cleanup_distributed, configure_torch, load_checkpoint, lr_at,
+                       make_optimizer, parse_config, setup_distributed, use_compile)
+
+# -----------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class SiTConfig:
+    width: int = 192
+    depth: int = 6
+    heads: int = 4
+    patch_size: int = 2
+    mlp_ratio: float = 4.0
+    class_dropout: float = 0.1   # fraction of labels replaced by the null class in training (for guidance)
+
+
+PRESETS = {
+    "cpu": SiTConfig(),  # sized for a 2-core CPU on the tiny tokenizer's triplanes
+    "S/2": SiTConfig(width=384, depth=12, heads=6),
+    "B/2": SiTConfig(width=768, depth=12, heads=12),
+    "L/2": SiTConfig(width=1024, depth=24, heads=16),  # the paper's generator
+    "XL/2": SiTConfig(width=1152, depth=28, heads=16),
+}
+
+
+@dataclass
+class DiTTrainConfig:
+    tokens: str = "out/tokens.pt"  # the tokens file of `tokenizer.py --encode`
+    out_dir: str = "out"         # writes out_dir/dit.pt
+    resume: bool = False         # continue out_dir/dit.pt exactly where it stopped
+    max_iters: int = 3000
+    batch_size: int = 32         # clips per step on each process
+    grad_accum: int = 1
+    learning_rate: float = 5e-4  # the paper: 1e-4 (constant) at batch 64
+    min_lr: float = 5e-5
+    lr_schedule: str = "cosine"  # constant | cosine
+    warmup_iters: int = 100
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0       # 0: no clipping
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True      # decay min(ema_decay, (1 + step) / (10 + step)): a short run still gets a useful EMA
+    log_interval: int = 10
+    ckpt_interval: int = 500
+    max_time: float = 0.0        # minutes; stop (and save) once exceeded, 0: no limit
+    max_bad_steps: int = 20      # consecutive non-finite steps before the run stops
+    peak_flops: float = 989e12   # for MFU: the accelerator's dense bf16 FLOP/s (H100 SXM)
+    seed: int = 0
+    device: str = "auto"         # auto | cpu | cuda | cuda:N
+    compile: str = "auto"        # auto (on for CUDA) | true | false
+
+
+def validate_plane_shapes(plane_shapes, patch_size):
+    """Fail at start, naming what to change, when a plane cannot be cut into patches."""
+    problems = [f"plane {name} is {h}x{w}, not divisible by --patch_size {patch_size}"
+                for name, (_, h, w) in zip(D.PLANES, plane_shapes) if h % patch_size or w % patch_size]
+    if problems:
+        raise ValueError("; ".join(problems) + ". Use --patch_size 1, or encode with a tokenizer whose "
+                         "--triplane_rs and --triplane_rt are multiples of the patch size.")
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+def sincos_2d(height, width, dim):
+    """Fixed 2D sin-cos position embedding (height*width, dim): half the channels encode the row, half the column."""
+    if dim % 4:
+        raise ValueError(f"--width {dim} must be divisible by 4 for the 2D sin-cos position embedding")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))   # (dim/4,)
+
+    def embed(pos):  # (n,) -> (n, dim/2)
+        angles = pos[:, None].double() * freqs[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    return torch.cat([embed(rows.flatten()), embed(cols.flatten())], dim=1).float()     # (h*w, dim)
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal features of t in [0, 1], scaled by 1000 so the frequencies span the whole range of t."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = 1000 * t.float()[:, None] * freqs[None]                                     # (B, dim/2)
+    return torch.cat([angles.cos(), angles.sin()], dim=1)                               # (B, dim)
+
+
+def modulate(x, shift, scale):  # x (B, N, D), shift / scale (B, D)
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, N, D)
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v)                                   # (B, h, N, d)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class SiTBlock(nn.Module):
+    """Transformer block whose norms are shifted, scaled and gated by the conditioning (adaLN-Zero):
+    the modulation starts at zero, so every block starts as the identity."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm_mlp = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.modulation = nn.Linear(dim, 6 * dim)
+
+    def forward(self, x, c):  # x (B, N, D), c (B, D)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(F.silu(c)).chunk(6, dim=1)
+        x = x + gate_a[:, None] * self.attn(modulate(self.norm_attn(x), shift_a, scale_a))
+        return x + gate_m[:, None] * self.mlp(modulate(self.norm_mlp(x), shift_m, scale_m))
+
+
+class OutputHead(nn.Module):
+    """Final adaLN norm and the projection of each token to its patch of one plane (velocity only: no sigma half)."""
+
+    def __init__(self, dim, patch_size, channels):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, patch_size * patch_size * channels)
+
+    def forward(self, x, c):
+        shift, scale = self.modulation(F.silu(c)).chunk(2, dim=1)
+        return self.proj(modulate(self.norm(x), shift, scale))
+
+
+class SiT(nn.Module):
+    """Velocity of the flow at (planes, t, y): a tuple of planes (B, C, H, W) in, a tuple of the same shapes out.
+
+    plane_shapes: one (C, H, W) per plane (a 3D latent grid (C, T', H', W') can be passed as the single plane
+    (C, T'*H', W'), which has as many tokens). num_classes <= 1: unconditional, y is ignored. Otherwise
+    label num_classes is the null class, the "no label" of classifier-free guidance.
+    """
+
+    def __init__(self, config: SiTConfig, plane_shapes, num_classes):
+        super().__init__()
+        self.config = cfg = config
+        self.plane_shapes = [tuple(int(s) for s in shape) for shape in plane_shapes]
+        self.num_classes = num_classes
+        validate_plane_shapes(self.plane_shapes, cfg.patch_size)
+        if cfg.width % cfg.heads:
+            raise ValueError(f"--width {cfg.width} is not divisible by --heads {cfg.heads}")
+        p = cfg.patch_size
+        self.grids = [(h // p, w // p) for _, h, w in self.plane_shapes]               # token grid per plane
+        self.patch_embeds = nn.ModuleList(nn.Linear(p * p * c, cfg.width) for c, _, _ in self.plane_shapes)
+        for i, (gh, gw) in enumerate(self.grids):  # fixed, so not saved: rebuilt from the shapes
+            self.register_buffer(f"pos_{i}", sincos_2d(gh, gw, cfg.width), persistent=False)
+        self.plane_type = nn.Parameter(torch.zeros(len(self.plane_shapes), cfg.width))
+        self.time_mlp = nn.Sequential(nn.Linear(cfg.width, cfg.width), nn.SiLU(), nn.Linear(cfg.width, cfg.width))
+        # one row per class plus the null class; none at all when there is nothing to condition on
+        self.class_embed = nn.Embedding(num_classes + 1, cfg.width) if self.conditional else None
+        self.blocks = nn.ModuleList(SiTBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.heads = nn.ModuleList(OutputHead(cfg.width, p, c) for c, _, _ in self.plane_shapes)
+        self._init_weights()
+
+    @property
+    def conditional(self):
+        return self.num_classes > 1
+
+    @property
+    def null_class(self):
+        return self.num_classes if self.conditional else None
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.plane_type, std=0.02)
+        for layer in (self.time_mlp[0], self.time_mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        if self.class_embed is not None:
+            nn.init.normal_(self.class_embed.weight, std=0.02)
+        # adaLN-Zero: every block's modulation and every output head start at zero, so the
+        # untrained network is the identity on its tokens and predicts zero velocity
+        for m in [b.modulation for b in self.blocks] + [h.modulation for h in self.heads] + [h.proj for h in self.heads]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, planes, t, y):
+        if len(planes) != len(self.plane_shapes):
+            raise ValueError(f"SiT was built for {len(self.plane_shapes)} planes, got {len(planes)}")
+        p = self.config.patch_size
+        tokens = []
+        for i, plane in enumerate(planes):                                              # (B, C, H, W)
+            patches = rearrange(plane, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)
+            tokens.append(self.patch_embeds[i](patches) + getattr(self, f"pos_{i}") + self.plane_type[i])
+        x = torch.cat(tokens, dim=1)                                                    # (B, N, D) joint sequence
+        c = self.time_mlp(timestep_embedding(t, self.config.width).to(x.dtype))         # (B, D)
+        if self.class_embed is not None:
+            c = c + self.class_embed(y)
+        for block in self.blocks:
+            x = block(x, c)
+        out = []
+        for i, x_plane in enumerate(x.split([gh * gw for gh, gw in self.grids], dim=1)):
+            gh, gw = self.grids[i]
+            patches = self.heads[i](x_plane, c)                                         # (B, gh*gw, p*p*C)
+            out.append(rearrange(patches, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=gh, w=gw, p1=p, p2=p))
+        return tuple(out)
+
+    def flops_per_sample(self):
+        """Forward FLOPs of the matmuls for one sample (for MFU)."""
+        n, d, r = sum(gh * gw for gh, gw in self.grids), self.config.width, self.config.mlp_ratio
+        per_block = 2 * n * (4 + 2 * r) * d * d + 4 * n * n * d                          # qkv, proj, MLP; q@k, a@v
+        embed = sum(2 * gh * gw * m.in_features * d for (gh, gw), m in zip(self.grids, self.patch_embeds))
+        return self.config.depth * per_block + 2 * embed                                 # heads ~ embeddings
+
+
+# -----------------------------------------------------------------------------
+# flow matching: the linear path from noise (t = 0) to data (t = 1), velocity prediction
+
+
+def flow_matching_loss(model, x1, y, null_class=None, class_dropout=0.0, generator=None):
+    """Mean squared error between the predicted and the true velocity x1 - noise at a random time.
+
+    x1: tuple of data planes (B, C, H, W); y (B,) labels. With class_dropout > 0, that fraction of the
+    labels becomes null_class, so the same network also learns the unconditional velocity (for guidance).
+    """
+    B, device = x1[0].shape[0], x1[0].device
+    draw = lambda *shape: torch.rand(*shape, generator=generator, device=device)
+    t = draw(B)                                                                         # (B,) uniform in [0, 1)
+    noise = tuple(torch.randn(x.shape, generator=generator, device=device) for x in x1)
+    t_ = t[:, None, None, None]
+    x_t = tuple((1 - t_) * n + t_ * x for n, x in zip(noise, x1))
+    if class_dropout > 0 and null_class is not None:
+        y = torch.where(draw(B) < class_dropout, torch.full_like(y, null_class), y)
+    v = model(x_t, t, y)
+    # every float of every plane weighs the same
+    squared = sum((vi.float() - (x - n)).pow(2).sum() for vi, x, n in zip(v, x1, noise))
+    return squared / sum(x.numel() for x in x1)
+
+
+# -----------------------------------------------------------------------------
+# guidance and samplers
+
+
+def guided_velocity(model, x, t, y, cfg_scale, null_class):
+    """Classifier-free guidance: v_null + cfg_scale * (v_y - v_null), on every channel of every plane.
+    The conditional and null halves go through the model as one batch."""
+    both = tuple(torch.cat([xi, xi]) for xi in x)
+    v = model(both, torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
+    return tuple(v_null + cfg_scale * (v_cond - v_null) for v_cond, v_null in (vi.float().chunk(2) for vi in v))
+
+
+SAMPLERS = ("euler", "heun", "sde")
+
+
+@torch.no_grad()
+def integrate(velocity, noise, sampler="euler", steps=50, generator=None, diffusion=1.0, progress=False, desc=None):
+    """Carry planes from noise at t = 0 to data at t = 1; velocity(x, t) takes a tuple of planes and t (B,).
+
+    euler, heun: the ODE dx = v dt (first and second order). sde: Euler-Maruyama on
+        dx = [v + w(t)/2 * score] dt + sqrt(w(t)) dW,
+    which has the same marginals as the ODE for any w >= 0. On the linear path the noise estimate is
+    x - t v, so score(x, t) = -(x - t v) / (1 - t); with w(t) = diffusion * (1 - t), as SiT does, the
+    drift is v + diffusion/2 * (t v - x), the noise vanishes as t -> 1, and the last step is a plain
+    Euler step (no noise added to the result).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    x = tuple(n.float() for n in noise)
+    B, device = x[0].shape[0], x[0].device
+    times = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
+    for i in tqdm(range(steps), disable=not progress, desc=desc, leave=False, dynamic_ncols=True):
+        t, dt = times[i], times[i + 1] - times[i]
+        v = velocity(x, torch.full((B,), t, device=device))
+        if sampler == "heun":
+            x_euler = tuple(xi + dt * vi for xi, vi in zip(x, v))
+            v_next = velocity(x_euler, torch.full((B,), times[i + 1], device=device))
+            x = tuple(xi + dt / 2 * (vi + vn) for xi, vi, vn in zip(x, v, v_next))
+        elif sampler == "sde" and i < steps - 1:
+            std = math.sqrt(diffusion * (1 - t) * dt)
+            gen_device = generator.device if generator is not None else device
+            x = tuple(xi + dt * (vi + diffusion / 2 * (t * vi - xi))
+                      + std * torch.randn(xi.shape, generator=generator, device=gen_device).to(device)
+                      for xi, vi in zip(x, v))
+        else:
+            x = tuple(xi + dt * vi for xi, vi in zip(x, v))
+    return x
+
+
+@torch.no_grad()
+def sample_planes(model, labels, cfg_scale=1.0, sampler="sde", steps=250, generator=None, progress=False, desc=None):
+    """Normalised planes (tuple of (B, C, H, W)) drawn from a SiT (or its torch.compile wrapper).
+
+    labels (B,) long: class indices, or model.null_class for unconditional samples of a conditional model;
+    ignored by an unconditional model. Guidance is used when cfg_scale != 1 and the model is conditional.
+    Noise is drawn from generator (a CPU generator gives the same samples on any device).
+    Undo the normalisation with `denormalize(planes, ckpt["mean"], ckpt["std"])`.
+    """
+    device = next(model.parameters()).device
+    labels = labels.to(device)
+    B = labels.shape[0]
+    gen_device = generator.device if generator is not None else device
+    noise = tuple(torch.randn((B, *shape), generator=generator, device=gen_device).to(device)
+                  for shape in model.plane_shapes)
+    guided = model.conditional and cfg_scale != 1.0
+
+    def velocity(x, t):
+        with autocast(device):
+            if guided:
+                return guided_velocity(model, x, t, labels, cfg_scale, model.null_class)
+            return tuple(v.float() for v in model(x, t, labels))
+
+    return integrate(velocity, noise, sampler, steps, generator, progress=progress, desc=desc)
+
+
+def normalize(planes, mean, std):
+    """Per plane and channel to zero mean, unit std; mean / std: dicts plane name -> (C,)."""
+    return tuple((z - mean[k].to(z)[:, None, None]) / std[k].to(z)[:, None, None] for k, z in zip(D.PLANES, planes))
+
+
+def denormalize(planes, mean, std):
+    return tuple(z * std[k].to(z)[:, None, None] + mean[k].to(z)[:, None, None] for k, z in zip(D.PLANES, planes))
+
+
+# -----------------------------------------------------------------------------
+# EMA and loading
+
+
+def ema_decay_at(step, decay, warmup=True):
+    """The EMA's decay after `step` optimizer steps: with warmup, min(decay, (1 + step) / (10 + step)),
+    so the average forgets the random initial weights within a short run."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def load_dit(path, device="cpu"):
+    """The EMA weights of a trained SiT (eval mode) and the checkpoint dict (mean, std, class_names,
+    num_classes, tokenizer_ckpt, tokenizer_config, ...)."""
+    ckpt = load_checkpoint(path, "coordtok_dit")
+    model = SiT(SiTConfig(**ckpt["model_config"]), ckpt["plane_shapes"], ckpt["num_classes"])
+    model.load_state_dict(ckpt["ema"])
+    return model.to(device).eval().requires_grad_(False), ckpt
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def load_token_planes(path):
+    """The tokens file's planes normalised per plane and channel, with its labels and metadata."""
+    tokens = D.load_tokens(path)
+    missing = [k for k in (*D.PLANES, "labels", "class_names", "mean", "std") if k not in tokens]
+    if missing:
+        raise ValueError(f"tokens file {path!r} lacks {', '.join(missing)}; re-create it with "
+                         f"`python tokenizer.py --encode {path}`")
+    planes = normalize(tuple(tokens[k].float() for k in D.PLANES), tokens["mean"], tokens["std"])
+    if planes[0].shape[0] == 0:
+        raise ValueError(f"tokens file {path!r} holds no clips")
+    return planes, tokens["labels"].long(), tokens
+
+
+def batch_indices(step, batch_size, num_items, seed):
+    """The clips of global batch number `step`: consecutive slices of an endless sequence of permutations
+    (one per epoch, seeded by seed and the epoch), so any step's batch is known without replaying the run."""
+    position = step * batch_size + torch.arange(batch_size)                             # (B,)
+    epoch = position // num_items
+    first = int(epoch[0])
+    perms = torch.stack([torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+                         for e in range(first, int(epoch[-1]) + 1)])                    # (epochs, N)
+    return perms[epoch - first, position % num_items]
+
+
+def train(cfg: SiTConfig, tc: DiTTrainConfig):
+    dist = setup_distributed(tc.device)
+    device = dist.device
+    configure_torch(device)
+    if tc.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"--lr_schedule must be constant or cosine, got {tc.lr_schedule}")
+    if tc.batch_size < 1 or tc.grad_accum < 1:
+        raise ValueError("--batch_size and --grad_accum must be >= 1")
+    ckpt_path = os.path.join(tc.out_dir, "dit.pt")
+    resume_ckpt = load_checkpoint(ckpt_path, "coordtok_dit") if tc.resume else None
+    if resume_ckpt is not None:
+        cfg = SiTConfig(**resume_ckpt["model_config"])  # the model is the checkpoint's
+
+    planes, labels, tokens = load_token_planes(tc.tokens)
+    plane_shapes = [tuple(z.shape[1:]) for z in planes]
+    class_names = list(tokens["class_names"])
+    num_classes = len(class_names)
+    if resume_ckpt is not None and ([tuple(s) for s in resume_ckpt["plane_shapes"]] != plane_shapes
+                                    or resume_ckpt["num_classes"] != num_classes):
+        raise ValueError(f"{ckpt_path} was trained on planes {resume_ckpt['plane_shapes']} with "
+                         f"{resume_ckpt['num_classes']} classes, but {tc.tokens} has {plane_shapes} with "
+                         f"{num_classes}; resume with the same --tokens or drop --resume")
+    planes = tuple(z.to(device) for z in planes)                                        # whole set on the device
+    labels = labels.to(device)
+    num_clips = labels.shape[0]
+
+    torch.manual_seed(tc.seed)  # identical initial weights on every rank
+    model = SiT(cfg, plane_shapes, num_classes).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = make_optimizer(model, tc.learning_rate, tc.weight_decay, (tc.beta1, tc.beta2), device)
+    if resume_ckpt is not None:
+        model.load_state_dict(resume_ckpt["model"])
+        ema.load_state_dict(resume_ckpt["ema"])
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+    raw_model = model
+    if use_compile(tc.compile, device):
+        model = torch.compile(model)
+    if dist.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+
+    flops_per_step = 3 * raw_model.flops_per_sample() * tc.batch_size * tc.grad_accum * dist.world_size
+    if dist.is_main:
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        n_tokens = sum(gh * gw for gh, gw in raw_model.grids)
+        mode = f"{num_classes} classes, guidance dropout {cfg.class_dropout}" if raw_model.conditional \
+            else "unconditional (one class)"
+        print(f"SiT {n_params / 1e6:.2f}M params, {n_tokens} tokens per clip from planes {plane_shapes}; "
+              f"{num_clips} clips from {tc.tokens}, {mode}; on {device} x{dist.world_size}")
+
+    def save(step):
+        atomic_save({"kind": "coordtok_dit", "model": raw_model.state_dict(), "ema": ema.state_dict(),
+                     "optimizer": optimizer.state_dict(), "step": step, "model_config": asdict(cfg),
+                     "train_config": asdict(tc), "plane_shapes": [list(s) for s in plane_shapes],
+                     "num_classes": num_classes, "class_names": class_names,
+                     "mean": tokens["mean"], "std": tokens["std"], "tokens": os.path.abspath(tc.tokens),
+                     "tokenizer_ckpt": tokens["tokenizer_ckpt"], "tokenizer_config": tokens["tokenizer_config"]},
+                    ckpt_path)
+
+    step = resume_ckpt["step"] if resume_ckpt else 0
+    start_step, bad_steps, t_start = step, 0, time.time()
+    global_batch = tc.batch_size * dist.world_size
+    bar = tqdm(total=tc.max_iters, initial=step, disable=not dist.is_main, dynamic_ncols=True)
+    while step < tc.max_iters:
+        lr = lr_at(step, tc.learning_rate, tc.warmup_iters, tc.max_iters, tc.lr_schedule, tc.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # noise, times and label dropout are seeded by (seed, step, rank): a resumed run draws the same
+        gen = torch.Generator(device).manual_seed(tc.seed * 1_000_003 + step * dist.world_size + dist.rank)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(tc.grad_accum):
+            index = batch_indices(step * tc.grad_accum + micro, global_batch, num_clips, tc.seed)
+            index = index[dist.rank * tc.batch_size:(dist.rank + 1) * tc.batch_size].to(device)  # this rank's share
+            x1 = tuple(z[index] for z in planes)                                        # (B, C, H, W) each
+            sync = nullcontext() if not dist.ddp or micro == tc.grad_accum - 1 else model.no_sync()
+            with sync:
+                with autocast(device):
+                    loss = flow_matching_loss(model, x1, labels[index], raw_model.null_class,
+                                              cfg.class_dropout, gen)
+                (loss / tc.grad_accum).backward()
+            loss_sum += loss.detach() / tc.grad_accum
+        if tc.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip)
+        else:
+            grad_norm = torch.stack([p.grad.norm() for p in raw_model.parameters() if p.grad is not None]).norm()
+        # the one sync per step: a non-finite gradient (same on every rank after all-reduce) skips it
+        if not torch.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            bad_steps += 1
+            warnings.warn(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+            if bad_steps >= tc.max_bad_steps:
+                raise RuntimeError(f"{bad_steps} non-finite steps in a row; lower --learning_rate. "
+                                   f"The last good checkpoint is {ckpt_path}")
+            continue
+        bad_steps = 0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema_update(ema, raw_model, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
+        step += 1
+        bar.update(1)
+
+        if dist.is_main and (step % tc.log_interval == 0 or step == tc.max_iters):
+            post = {"loss": f"{loss_sum.item():.4f}", "lr": f"{lr:.1e}"}
+            if device.type == "cuda":
+                dt = bar.format_dict["elapsed"] / max(bar.n - start_step, 1)
+                post["mfu"] = f"{flops_per_step / dt / tc.peak_flops:.1%}"
+            bar.set_postfix(post)
+        out_of_time = False
+        if tc.max_time > 0 and step % tc.log_interval == 0:
+            # rank 0's clock decides, so that every rank stops at the same step
+            flag = torch.tensor(float(time.time() - t_start > tc.max_time * 60), device=device)
+            if dist.ddp:
+                torch.distributed.broadcast(flag, 0)
+            out_of_time = bool(flag)
+        done = step == tc.max_iters or out_of_time
+        if dist.is_main and (step % tc.ckpt_interval == 0 or done):
+            save(step)
+        if out_of_time:
+            bar.write(f"stopping after {tc.max_time} minutes (--max_time) at step {step}")
+            break
+    bar.close()
+    if dist.is_main:
+        if step == start_step:  # nothing to train (already at --max_iters): keep the checkpoint as it is
+            print(f"{ckpt_path} is already at step {step} (--max_iters {tc.max_iters}); nothing to do")
+        else:
+            print(f"saved {ckpt_path} (step {step}); sample with `python sample.py --ckpt {ckpt_path}`")
+    cleanup_distributed(dist)
+
+
+def main(argv=None):
+    cfg, tc = parse_config((SiTConfig, DiTTrainConfig), PRESETS, argv, description=__doc__.split("\n\n")[0],
+                           default_preset="cpu")
+    try:
+        train(cfg, tc)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
