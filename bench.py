@@ -36,7 +36,6 @@ the process, which cannot be reset, so every measurement runs in a fresh process
 import copy
 import dataclasses
 import json
-import math
 import os
 import platform
 import resource
@@ -66,10 +65,10 @@ class BenchConfig:
     frames: str = "16,32,64,128"  # clip lengths of table 1; tables 2 and 3 use the longest
     batch_size: int = 4           # clips per training step
     num_samples: int = 0          # patches decoded per clip; 0: 1/32 of the longest clip's, the paper's 3.125%
-    parts: str = "scaling,compile,throughput,dit"
+    parts: str = "scaling,compile,throughput,dit"  # which tables (see above)
     warmup: int = 1               # untimed calls before timing (compilation happens here)
     repeats: int = 5              # timed calls; the median is reported
-    time_budget: float = 20.0     # seconds of timed calls per measurement; slow ones get fewer repeats (>= 1)
+    time_budget: float = 10.0     # seconds of timed calls per measurement; slow ones get fewer repeats (>= 1)
     threads: int = 0              # torch threads on the CPU; 0: torch's default (one per core)
     max_memory_gib: float = 6.0   # CPU: address-space cap of each measurement's process
     timeout: int = 900            # seconds before a measurement's process is given up on
@@ -115,6 +114,16 @@ def grid_planes(cfg: CoordTokConfig, down=(4, 8, 8)):
 def triplane_planes(cfg: CoordTokConfig):
     c, rs, rt = cfg.triplane_c, cfg.triplane_rs, cfg.triplane_rt
     return [(c, rs, rs), (c, rt, rs), (c, rt, rs)]
+
+
+def plane_tokens(plane_shapes):
+    """Tokens (C-vectors) of a latent made of (C, H, W) planes."""
+    return sum(h * w for _, h, w in plane_shapes)
+
+
+def dit_tokens(plane_shapes, patch):
+    """The DiT's sequence length: each plane cut into patch x patch tokens."""
+    return sum((h // patch) * (w // patch) for _, h, w in plane_shapes)
 
 
 # -----------------------------------------------------------------------------
@@ -213,7 +222,7 @@ def flop_rates(flops, seconds, device, peak_flops):
 def build_train_step(model_config, mode, num_samples, batch_size, device, compile=False, attention="default",
                      compile_backend="inductor"):
     """One tokenizer training step as tokenizer.train takes it: pick patches and their pixels on the
-    device, forward, L2 loss, backward, gradient clipping, AdamW. Returns (step function, model).
+    device, forward, L2 loss, backward, gradient clipping, AdamW. Returns (step, model, optimizer).
 
     mode "sampled": num_samples random patches per clip (data.sample_patches), CoordTok's way.
     mode "full": every patch of the clip (data.full_grid), the way of a decoder that reconstructs
@@ -225,7 +234,8 @@ def build_train_step(model_config, mode, num_samples, batch_size, device, compil
         raise ValueError(f"mode must be 'sampled' or 'full', got {mode!r}")
     if attention not in ("default", "math"):
         raise ValueError(f"attention must be 'default' or 'math', got {attention!r}")
-    backend = nullcontext() if attention == "default" else sdpa_kernel(SDPBackend.MATH)
+    # a fresh context each step: sdpa_kernel's can only be entered once
+    backend = nullcontext if attention == "default" else lambda: sdpa_kernel(SDPBackend.MATH)
     cfg = model_config
     if mode == "sampled" and not 1 <= num_samples <= num_patches(cfg):
         raise ValueError(f"--num_samples {num_samples} must be between 1 and the {num_patches(cfg)} patches "
@@ -244,7 +254,7 @@ def build_train_step(model_config, mode, num_samples, batch_size, device, compil
         else:  # full_grid is frame-major, and so is the patchified clip flattened in (t, h, w) order
             coords = D.full_grid(model.grid_size, device).expand(batch_size, -1, -1)      # (B, P, 3)
             targets = rearrange(D.patchify(video, model.patch_size), "b t h w d -> b (t h w) d")
-        with backend, autocast(device):
+        with backend(), autocast(device):
             loss, _ = forward(video, coords, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -255,7 +265,7 @@ def build_train_step(model_config, mode, num_samples, batch_size, device, compil
 
 
 def measure_train_step(model_config, mode="sampled", num_samples=256, batch_size=4, device="cpu", compile=False,
-                       attention="default", warmup=1, repeats=5, time_budget=20.0, peak_flops=0.0,
+                       attention="default", warmup=1, repeats=5, time_budget=10.0, peak_flops=0.0,
                        compile_backend="inductor"):
     """Time and memory of one training step (see build_train_step), and its model FLOP/s."""
     device = torch.device(device)
@@ -268,8 +278,8 @@ def measure_train_step(model_config, mode="sampled", num_samples=256, batch_size
     decoded = num_samples if mode == "sampled" else num_patches(model_config)
     flops = 3 * model.flops_per_clip(decoded) * batch_size  # forward + backward (twice the forward)
     return {"measurement": "train_step", "mode": mode, "compiled": compile, "attention": attention,
-            "frames": model_config.num_frames,
-            "batch_size": batch_size, "decoded_patches": decoded, "clip_patches": num_patches(model_config),
+            "frames": model_config.num_frames, "batch_size": batch_size, "decoded_patches": decoded,
+            "clip_patches": num_patches(model_config),
             **timing, **meter.result(optimizer_state), "parameter_bytes": tensor_bytes(model.parameters()),
             "optimizer_state_bytes": optimizer_state, **flop_rates(flops, timing["time_s"], device, peak_flops),
             "threads": torch.get_num_threads()}
@@ -277,7 +287,7 @@ def measure_train_step(model_config, mode="sampled", num_samples=256, batch_size
 
 @torch.no_grad()
 def measure_encode(model_config, batch_size=4, device="cpu", compile=False, warmup=1, repeats=5,
-                   time_budget=20.0, compile_backend="inductor"):
+                   time_budget=10.0, compile_backend="inductor"):
     """Clip -> triplane, in eval mode."""
     device = torch.device(device)
     cfg = model_config
@@ -299,7 +309,7 @@ def measure_encode(model_config, batch_size=4, device="cpu", compile=False, warm
 
 @torch.no_grad()
 def measure_decode_video(model_config, batch_size=4, device="cpu", compile=False, warmup=1, repeats=5,
-                         time_budget=20.0, compile_backend="inductor"):
+                         time_budget=10.0, compile_backend="inductor"):
     """Triplane -> every patch of the clip (decode_video, decode_chunk temporal patches at a time)."""
     device = torch.device(device)
     cfg = model_config
@@ -329,7 +339,7 @@ def throughput(cfg, batch_size, seconds):
 
 
 def measure_dit_step(sit_config, plane_shapes, batch_size=4, device="cpu", compile=False, warmup=1, repeats=5,
-                     time_budget=20.0, peak_flops=0.0, compile_backend="inductor"):
+                     time_budget=10.0, peak_flops=0.0, compile_backend="inductor"):
     """One DiT training step as dit.train takes it: flow-matching loss, backward, gradient clipping,
     AdamW, EMA update; unconditional, on planes of the given shapes.
 
@@ -359,11 +369,9 @@ def measure_dit_step(sit_config, plane_shapes, batch_size=4, device="cpu", compi
     meter = MemoryMeter(device)
     timing = time_calls(step, device, warmup, repeats, time_budget)
     optimizer_state = tensor_bytes(t for state in optimizer.state.values() for t in state.values())
-    patch = sit_config.patch_size
     flops = 3 * model.flops_per_sample() * batch_size
     return {"measurement": "dit_step", "compiled": compile, "plane_shapes": [list(s) for s in plane_shapes],
-            "tokens": sum(h * w for _, h, w in plane_shapes),
-            "dit_tokens": sum((h // patch) * (w // patch) for _, h, w in plane_shapes),
+            "tokens": plane_tokens(plane_shapes), "dit_tokens": dit_tokens(plane_shapes, sit_config.patch_size),
             "batch_size": batch_size, **timing, **meter.result(optimizer_state),
             "parameter_bytes": tensor_bytes(model.parameters()), "optimizer_state_bytes": optimizer_state,
             **flop_rates(flops, timing["time_s"], device, peak_flops), "threads": torch.get_num_threads()}
@@ -520,7 +528,9 @@ def ratio_cell(a, b, key):
 
 
 def failures(named_results):
-    return [f"- {name}: {r['error']}" for name, r in named_results if r is not None and not ok(r)]
+    """Why the cells that hold no number hold none, as a list under the table."""
+    notes = [f"- {name}: {r['error']}" for name, r in named_results if r is not None and not ok(r)]
+    return ["", "Failed:", *notes] if notes else []
 
 
 def extrapolated_memory(rows, mode, frames):
@@ -556,11 +566,12 @@ def scaling_table(rows, device):
     lines.append("")
     first, last = rows[0], rows[-1]
     if len(rows) > 1:
-        growth = {mode: (ratio_text(last[mode]["memory_bytes"] / first[mode]["memory_bytes"])
-                         if ok(first[mode]) and ok(last[mode]) else "not measured")
-                  for mode in ("sampled", "full")}
-        lines.append(f"Memory from {first['frames']} to {last['frames']} frames: sampled step "
-                     f"{growth['sampled']}, full-decode step {growth['full']}.")
+        growth = {(mode, key): ratio_cell(first[mode], last[mode], key) if ok(first[mode]) and ok(last[mode])
+                  else "not measured" for mode in ("sampled", "full") for key in ("memory_bytes", "time_s")}
+        lines.append(f"From {first['frames']} to {last['frames']} frames: memory of the sampled step "
+                     f"{growth['sampled', 'memory_bytes']}, of the full-decode step {growth['full', 'memory_bytes']}; "
+                     f"time of the sampled step {growth['sampled', 'time_s']}, of the full-decode step "
+                     f"{growth['full', 'time_s']}.")
     if ok(last["sampled"]) and ok(last["full"]):
         lines.append(f"At {last['frames']} frames the full decode needs "
                      f"{ratio_cell(last['sampled'], last['full'], 'memory_bytes')} the memory and "
@@ -588,24 +599,22 @@ def compile_table(rows, frames, batch_size):
                      f"{ratio_cell(c, e, 'time_s')} | {compile_s} | {cell(e, 'memory_bytes', bytes_text)} | "
                      f"{cell(c, 'memory_bytes', bytes_text)} |")
         named += [(f"{row['workload']}, eager", e), (f"{row['workload']}, compiled", c)]
-    return lines + [""] + failures(named)
+    return lines + failures(named)
 
 
 def throughput_table(rows, cfg):
     pt, ps = cfg.dec_patch_t, cfg.dec_patch_s
     lines = [f"| workload ({cfg.num_frames} frames of {cfg.img_size}x{cfg.img_size}) | batch | time per call | "
              f"clips/s | frames/s | patches/s ({pt}x{ps}x{ps}) |", "|" + "---|" * 6]
-    named = []
-    for name, r in rows:
-        number = lambda x: f"{x:.3g}" if x < 1000 else f"{x:,.0f}"
-        lines.append(f"| {name} | {r.get('batch_size', '-')} | {cell(r, 'time_s', seconds_text)} | "
+    number = lambda x: f"{x:.3g}" if x < 1000 else f"{x:,.0f}"
+    for r in rows:
+        lines.append(f"| {r['workload']} | {r.get('batch_size', '-')} | {cell(r, 'time_s', seconds_text)} | "
                      f"{cell(r, 'clips_per_s', number)} | {cell(r, 'frames_per_s', number)} | "
                      f"{cell(r, 'patches_per_s', number)} |")
-        named.append((name, r))
-    return lines + [""] + failures(named)
+    return lines + failures([(r["workload"], r) for r in rows])
 
 
-def dit_table(rows, sit_name, patch):
+def dit_table(rows, patch):
     lines = [f"| clip | latent | shape (C, H, W) per plane | tokens | DiT tokens (patch {patch}) | step | memory | "
              "time vs triplane | memory vs triplane |", "|" + "---|" * 9]
     named = []
@@ -619,7 +628,7 @@ def dit_table(rows, sit_name, patch):
                          f"{cell(r, 'memory_bytes', bytes_text)} | {ratio_cell(row['triplane'], r, 'time_s')} | "
                          f"{ratio_cell(row['triplane'], r, 'memory_bytes')} |")
             named.append((f"{row['clip']}, {name}", r))
-    return lines + [""] + failures(named)
+    return lines + failures(named)
 
 
 def profile_table(result):
@@ -660,6 +669,7 @@ def parse_list(text, flag, allowed=None, kind=str):
 
 
 def run_bench(base, bc, preset_name, command):
+    """Measure what --parts asks for, print the report, return every number (the --json content)."""
     device = pick_device(bc.device)
     frames = sorted(set(parse_list(bc.frames, "frames", kind=int)))
     parts = parse_list(bc.parts, "parts", allowed=PARTS)
@@ -671,18 +681,19 @@ def run_bench(base, bc, preset_name, command):
                          f"patches of the shortest clip ({frames[0]} frames)")
     if bc.dit_preset not in dit.PRESETS:
         raise ValueError(f"unknown --dit_preset {bc.dit_preset!r}; choose one of {', '.join(dit.PRESETS)}")
+    sit = dit.PRESETS[bc.dit_preset]
     if bc.threads > 0:
         torch.set_num_threads(bc.threads)
-    info = {"command": command, "device": str(device), "device_name": device_name(device),
-            "torch": torch.__version__, "threads": torch.get_num_threads() if device.type == "cpu" else None,
-            "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-            "preset": preset_name, "num_samples": num_samples, "model_config": asdict(longest),
-            "bench_config": asdict(bc)}
+    results = {"command": command, "device": str(device), "device_name": device_name(device),
+               "torch": torch.__version__, "threads": torch.get_num_threads() if device.type == "cpu" else None,
+               "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+               "preset": preset_name, "num_samples": num_samples, "model_config": asdict(longest),
+               "bench_config": asdict(bc), "scaling": [], "compile": [], "throughput": [], "dit": []}
     if bc.profile:  # one process, no memory numbers: only the ranking of the ops matters
         configure_torch(device)
-        result = profile_train_step(longest, num_samples, bc.batch_size, device)
-        print("\n".join(profile_table(result)))
-        return {**info, "profile": result}
+        results["profile"] = profile_train_step(longest, num_samples, bc.batch_size, device)
+        print("\n".join(profile_table(results["profile"])))
+        return results
 
     cache = {}
 
@@ -700,20 +711,18 @@ def run_bench(base, bc, preset_name, command):
         return cache[key]
 
     def train_step(cfg, mode, compile=False, attention="default"):
-        # the first compiled call compiles; a second can still recompile, so it is not timed either
-        warmup = max(bc.warmup, 2) if compile else bc.warmup
         label = f"training step, {mode}, {cfg.num_frames} frames" + (", compiled" if compile else "") + (
             f", {attention} attention" if attention != "default" else "")
+        # the first compiled call compiles; a second can still recompile, so it is not timed either
         return measure(label, "measure_train_step", model_config=cfg, mode=mode, num_samples=num_samples,
                        batch_size=bc.batch_size, compile=compile, attention=attention, peak_flops=bc.peak_flops,
-                       warmup=warmup, compile_backend=bc.compile_backend)
+                       warmup=max(bc.warmup, 2) if compile else bc.warmup, compile_backend=bc.compile_backend)
 
     def decode_video(compile):
         return measure(f"decode_video, {longest.num_frames} frames{', compiled' if compile else ''}",
                        "measure_decode_video", model_config=longest, batch_size=bc.batch_size, compile=compile,
                        warmup=max(bc.warmup, 2) if compile else bc.warmup, compile_backend=bc.compile_backend)
 
-    results = {**info, "scaling": [], "compile": [], "throughput": [], "dit": []}
     if "scaling" in parts:
         results["scaling"] = [{"frames": f, "sampled": train_step(configs[f], "sampled"),
                                "full": train_step(configs[f], "full")} for f in frames]
@@ -727,10 +736,9 @@ def run_bench(base, bc, preset_name, command):
     if "throughput" in parts:
         encode = measure(f"encode, {longest.num_frames} frames", "measure_encode", model_config=longest,
                          batch_size=bc.batch_size)
-        results["throughput"] = [("encode", encode), ("decode_video", decode_video(False))]
+        results["throughput"] = [{"workload": "encode", **encode}, {"workload": "decode_video", **decode_video(False)}]
         if "compile" in parts:
-            results["throughput"].append(("decode_video, compiled", decode_video(True)))
-    sit = dit.PRESETS[bc.dit_preset]
+            results["throughput"].append({"workload": "decode_video, compiled", **decode_video(True)})
     if "dit" in parts:
         same = triplane_planes(longest) == triplane_planes(PAPER) and grid_planes(longest) == grid_planes(PAPER)
         clips = [("bench clip", longest)] + ([("paper clip", PAPER)] if bc.paper_clip and not same else [])
@@ -738,50 +746,63 @@ def run_bench(base, bc, preset_name, command):
             row = {"clip": f"{name}: {cfg.num_frames}x{cfg.img_size}x{cfg.img_size}"}
             for latent, shapes in (("triplane", triplane_planes(cfg)), ("grid", grid_planes(cfg))):
                 row[f"{latent}_shapes"] = shapes
-                row[f"{latent}_tokens"] = sum(h * w for _, h, w in shapes)
-                row[f"{latent}_dit_tokens"] = sum((h // sit.patch_size) * (w // sit.patch_size) for _, h, w in shapes)
+                row[f"{latent}_tokens"] = plane_tokens(shapes)
+                row[f"{latent}_dit_tokens"] = dit_tokens(shapes, sit.patch_size)
                 row[latent] = measure(f"DiT step, {latent}, {row['clip']}", "measure_dit_step", sit_config=sit,
                                       plane_shapes=shapes, batch_size=bc.dit_batch_size, peak_flops=bc.peak_flops)
             results["dit"].append(row)
+    if device.type == "cpu":  # what the measuring processes ran with
+        results["threads"] = next((r["threads"] for r in cache.values() if ok(r)), results["threads"])
+    print(report(results, bc, device, longest, sit))
+    return results
 
-    threads = next((r["threads"] for r in cache.values() if ok(r)), info["threads"])
-    results["threads"] = threads if device.type == "cpu" else None
-    load = f"; load average {info['load_average']:.1f} on {info['cpu_count']} cores at the start" \
-        if info["load_average"] is not None else ""
-    threads_text = f", {threads} threads" if device.type == "cpu" else ""
-    lines = [f"## CoordTok bench: `{preset_name}` preset, batch {bc.batch_size}, {num_samples} sampled patches per clip",
-             "", f"Device {device} ({info['device_name']}), torch {torch.__version__}{threads_text}{load}. "
-             f"Command: `{command}`", "",
+
+def report(results, bc, device, longest, sit):
+    """The markdown report: a header naming what was run where, then one table per part measured."""
+    load = (f"; load average {results['load_average']:.1f} on {results['cpu_count']} cores at the start"
+            if results["load_average"] is not None else "")
+    threads = f", {results['threads']} thread{'s' if results['threads'] != 1 else ''}" if device.type == "cpu" else ""
+    lines = [f"## CoordTok bench: `{results['preset']}` preset, batch {bc.batch_size}, "
+             f"{results['num_samples']} sampled patches per clip", "",
+             f"Device {device} ({results['device_name']}), torch {results['torch']}{threads}{load}. "
+             f"Command: `{results['command']}`", "",
              "Memory: the peak above the model and the input clip, less the AdamW moments (so: gradients, "
              "activations, temporaries), each measurement in a fresh process; "
              + ("torch.cuda.max_memory_allocated. " if device.type == "cuda" else "peak resident memory. ")
              + f"Times: median of up to {bc.repeats} calls after {bc.warmup} untimed ({bc.time_budget:g} s "
              "of timed calls at most, at least one)."]
     if results["scaling"]:
-        lines += ["", "### 1. One training step as the clip grows: sampled patches vs every patch", ""]
+        lines += ["", "### 1. One training step as the clip grows: sampled patches vs every patch", "",
+                  f"Sampled: {results['num_samples']} random patches per clip, CoordTok's way. Full decode: every "
+                  "patch of the clip through the same model.forward, the way of a decoder that reconstructs every "
+                  "frame.", ""]
         lines += scaling_table(results["scaling"], device)
     if results["compile"]:
         backend = "" if bc.compile_backend == "inductor" else f" (backend {bc.compile_backend})"
-        lines += ["", f"### 2. Eager vs torch.compile{backend}", ""] + compile_table(results["compile"], longest.num_frames,
-                                                                            bc.batch_size)
+        lines += ["", f"### 2. Eager vs torch.compile{backend}", ""]
+        lines += compile_table(results["compile"], longest.num_frames, bc.batch_size)
         fused, math_ = results["attention"]["default"], results["attention"]["math"]
+        lines.append("")
         if ok(fused) and ok(math_):
             lines.append(f"Attention backend, eager training step: SDPA's own choice of kernel "
                          f"{seconds_text(fused['time_s'])}, {bytes_text(fused['memory_bytes'])}; its math backend "
                          f"{seconds_text(math_['time_s'])}, {bytes_text(math_['memory_bytes'])} "
                          f"({ratio_cell(fused, math_, 'time_s')} the time).")
+        lines += failures([("training step, math attention", math_)])
         if device.type == "cpu":
             lines.append("On the CPU a compiled process's peak also holds the compiler's own memory.")
     if results["throughput"]:
         lines += ["", "### 3. Encode and full-clip decode throughput (eval mode, no gradients)", ""]
         lines += throughput_table(results["throughput"], longest)
-        results["throughput"] = [{"workload": name, **r} for name, r in results["throughput"]]
     if results["dit"]:
         lines += ["", f"### 4. One DiT training step (SiT `{bc.dit_preset}`, batch {bc.dit_batch_size}) on CoordTok's "
                       "tokens vs a 3D latent grid of the same clip", ""]
-        lines += dit_table(results["dit"], bc.dit_preset, sit.patch_size)
-    print("\n".join(lines).rstrip())
-    return results
+        lines += dit_table(results["dit"], sit.patch_size)
+        tri, grid = triplane_planes(PAPER), grid_planes(PAPER)
+        lines += ["", f"At the paper's clip (128 frames of 128x128) CoordTok has {plane_tokens(tri)} tokens, "
+                      f"{dit_tokens(tri, 2)} DiT tokens at patch 2; a 4x8x8 latent grid has {plane_tokens(grid)}, "
+                      f"{dit_tokens(grid, 2)} DiT tokens."]
+    return "\n".join(lines).rstrip()
 
 
 def main(argv=None):
@@ -791,7 +812,7 @@ def main(argv=None):
     if any(a.split("=")[0] == "--num_frames" for a in argv):
         raise SystemExit("error: bench.py sets the clip length with --frames (a list, e.g. --frames 16,32), "
                          "not --num_frames")
-    base, bc = parse_config((CoordTokConfig, BenchConfig), PRESETS, argv, description=__doc__.split("\n\n")[1])
+    base, bc = parse_config((CoordTokConfig, BenchConfig), PRESETS, argv, description=__doc__.split("\n\n")[0].strip())
     preset_name = next((a.split("=", 1)[1] if "=" in a else argv[i + 1]
                         for i, a in enumerate(argv) if a.split("=")[0] == "--preset"), "tiny")
     command = " ".join(["python bench.py", *argv])

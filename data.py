@@ -331,7 +331,7 @@ def _render_video(rng, shape, num_frames, size):
     return (np.clip(video, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def make_synthetic(out_dir, num_classes=4, videos_per_class=16, num_frames=32, size=64, seed=0):
+def make_synthetic(out_dir, num_classes=4, videos_per_class=48, num_frames=32, size=64, seed=0):
     """Write the synthetic set: out_dir/<shape>/<shape>_NNN.mp4, one class per object shape."""
     rng = np.random.default_rng(seed)
     for c in range(num_classes):
@@ -467,7 +467,7 @@ def main():
     parser = argparse.ArgumentParser(description="Write the built-in synthetic video set.")
     parser.add_argument("--synthetic", required=True, metavar="DIR", help="folder to write the mp4s to")
     parser.add_argument("--num_classes", type=int, default=4)
-    parser.add_argument("--videos_per_class", type=int, default=16)
+    parser.add_argument("--videos_per_class", type=int, default=48)
     parser.add_argument("--num_frames", type=int, default=32)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)

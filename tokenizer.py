@@ -49,10 +49,10 @@ class CoordTokConfig:
     enc_layers: int = 2          # ViT blocks over the video tokens
     query_layers: int = 2        # (cross-attn, self-attn, MLP) blocks over the triplane queries
     # triplane: z_xy (C, Rs, Rs), z_xt and z_yt (C, Rt, Rs)
-    triplane_rs: int = 16
+    triplane_rs: int = 8         # = the decoder's patch grid (32 / 4), as in the paper (128 / 8 = 16)
     triplane_rt: int = 16
-    triplane_c: int = 8
-    query_patch_s: int = 4       # a query token covers query_patch_s x query_patch_s of z_xy
+    triplane_c: int = 16
+    query_patch_s: int = 2       # a query token covers query_patch_s x query_patch_s of z_xy
     query_patch_t: int = 4       # and query_patch_t x query_patch_s of z_xt / z_yt
     # decoder: self-attention over the queried coordinates, each token -> one patch of pixels
     dec_width: int = 192
@@ -73,7 +73,7 @@ def _paper(**kw):
 
 
 PRESETS = {
-    "tiny": CoordTokConfig(),  # sized for a 2-core CPU: 16 frames of 32x32, 768 tokens
+    "tiny": CoordTokConfig(),  # sized for a 2-core CPU: 16 frames of 32x32, 320 tokens of 16 channels
     "small": _paper(enc_width=512, enc_heads=8, enc_layers=8, query_layers=8,
                     dec_width=512, dec_heads=8, dec_layers=8),
     "base": _paper(enc_width=768, enc_heads=12, enc_layers=8, query_layers=12,
@@ -91,7 +91,7 @@ class TrainConfig:
     init_from: str = ""          # checkpoint whose weights start the run (stage 2)
     resume: bool = False         # continue out_dir/tokenizer.pt exactly where it stopped
     encode: str = ""             # write the tokens file of every clip to this path, then exit
-    max_iters: int = 3000
+    max_iters: int = 2500
     batch_size: int = 8          # clips per step on each process
     grad_accum: int = 1
     learning_rate: float = 1e-3

@@ -20,7 +20,8 @@ class RecordedCoordTok(tokenizer.CoordTok):
 
 class RecordedDataset(data.VideoDataset):
     def __getitem__(self, index):
-        seen.add(tuple(index))  # (video index, seed of its random start) from data.ClipSampler
+        if isinstance(index, tuple):  # training reads: (video index, seed of its random start) from ClipSampler
+            seen.add(index)
         return super().__getitem__(index)
 
 

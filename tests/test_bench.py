@@ -43,11 +43,14 @@ def check_timing(result, repeats=2):
     assert result["process_peak_bytes"] > 0
 
 
-@pytest.mark.parametrize("mode, decoded", [("sampled", 16), ("full", 8 * 4 * 4)])
-def test_train_step_returns_its_fields(mode, decoded):
-    r = B.measure_train_step(MICRO_CFG, mode, num_samples=16, batch_size=2, device="cpu", **FAST)
+@pytest.mark.parametrize("mode, decoded, attention", [("sampled", 16, "default"), ("full", 8 * 4 * 4, "default"),
+                                                      ("sampled", 16, "math")])
+def test_train_step_returns_its_fields(mode, decoded, attention):
+    r = B.measure_train_step(MICRO_CFG, mode, num_samples=16, batch_size=2, device="cpu", attention=attention,
+                             **FAST)
     check_timing(r)
     assert r["measurement"] == "train_step" and r["mode"] == mode and r["frames"] == 8
+    assert r["attention"] == attention
     assert r["decoded_patches"] == decoded and r["clip_patches"] == 128
     # forward + backward = 3 forwards of the matmul FLOPs, for each clip of the batch
     assert r["flops_per_call"] == 3 * CoordTok(MICRO_CFG).flops_per_clip(decoded) * 2
@@ -108,8 +111,9 @@ def test_dit_step_on_triplane_and_grid():
 def test_paper_clip_token_counts():
     # DESIGN.md: 1280 tokens for 128x128x128, 320 DiT tokens at patch 2; a 4x8x8 grid: 8192 and 2048
     tri, grid = B.triplane_planes(B.PAPER), B.grid_planes(B.PAPER)
-    assert sum(h * w for _, h, w in tri) == 1280 and sum(h * w // 4 for _, h, w in tri) == 320
-    assert grid == [(8, 32 * 16, 16)] and sum(h * w // 4 for _, h, w in grid) == 2048
+    assert tri == [(8, 16, 16), (8, 32, 16), (8, 32, 16)] and B.plane_tokens(tri) == 1280
+    assert grid == [(8, 32 * 16, 16)] and B.plane_tokens(grid) == 8192
+    assert B.dit_tokens(tri, 2) == 320 and B.dit_tokens(grid, 2) == 2048 and B.dit_tokens(grid, 1) == 8192
 
 
 def test_time_calls_median_and_budget(monkeypatch):
@@ -178,7 +182,7 @@ def test_cli_prints_the_tables_and_writes_json(tmp_path):
     assert "### 1." in text and "### 3." in text and "### 4." in text and "### 2." not in text
     table_1 = [line for line in text.splitlines() if line.startswith(("| 8 |", "| 16 |"))]
     assert len(table_1) == 2 and all(line.count("|") == 11 for line in table_1)
-    assert "Memory from 8 to 16 frames" in text
+    assert "From 8 to 16 frames: memory of the sampled step" in text
     results = json.loads(out.read_text())
     assert [row["frames"] for row in results["scaling"]] == [8, 16]
     for row in results["scaling"]:
