@@ -109,7 +109,7 @@ class TrainConfig:
     lpips_vgg: str = ""          # path of torchvision's vgg16 state dict (default: fetched to the hub cache)
     lpips_lin: str = ""          # path of LPIPS v0.1 vgg.pth (default: fetched to the hub cache)
     eval_interval: int = 500
-    eval_clips: int = 8
+    eval_clips: int = 32          # held-out clips scored at each evaluation (the synthetic set holds out 20)
     ckpt_interval: int = 500
     log_interval: int = 10
     num_workers: int = 2
