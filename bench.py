@@ -31,6 +31,10 @@ On CUDA the peak is torch.cuda.max_memory_allocated. On the CPU it is the peak r
 the process, which cannot be reset, so every measurement runs in a fresh process of its own
 (`python bench.py --_worker SPEC`) where nothing measured before can hide in or add to its peak;
 --max_memory_gib caps each such process, and a step that needs more is reported as out of memory.
+
+Times are medians of --repeats calls after --warmup untimed ones (compilation happens there). On
+CUDA the steps run under bf16 autocast, and model FLOP/s (CoordTok.flops_per_clip: forward matmul
+FLOPs x 3 for forward and backward) is also given as MFU, a fraction of --peak_flops.
 """
 
 import copy
@@ -381,7 +385,7 @@ def op_group(name):
     """Which kind of work an op (CPU) or kernel (CUDA) of the profile is."""
     n = name.lower()
     if n in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear") or any(
-            k in n for k in ("gemm", "attention", "flash", "fmha", "cutlass")):
+            k in n for k in ("gemm", "nvjet", "cutlass", "attention", "flash", "fmha", "sdpa")):  # CUDA kernels
         return "matrix work (matmuls, attention)"
     if any(k in n for k in ("topk", "gather", "grid_sampler", "index", "scatter", "embedding", "masked_fill",
                             "aten::rand", "aten::sort")):
@@ -672,6 +676,8 @@ def run_bench(base, bc, preset_name, command):
     """Measure what --parts asks for, print the report, return every number (the --json content)."""
     device = pick_device(bc.device)
     frames = sorted(set(parse_list(bc.frames, "frames", kind=int)))
+    if frames[0] < 1:
+        raise ValueError(f"--frames must be positive clip lengths, got {bc.frames!r}")
     parts = parse_list(bc.parts, "parts", allowed=PARTS)
     configs = {f: bench_model_config(base, f) for f in frames}
     longest = configs[frames[-1]]

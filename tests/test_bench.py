@@ -199,3 +199,20 @@ def test_cli_rejects_bad_flags_naming_them():
     with pytest.raises(SystemExit) as e:
         B.main(["--parts=scaling,speed"])
     assert "--parts" in str(e.value) and "throughput" in str(e.value)
+
+
+def test_scaling_table_says_when_the_full_decode_cannot_run():
+    def step(memory_mib, seconds):
+        return {"time_s": seconds, "memory_bytes": memory_mib * 2 ** 20, "decoded_patches": 256,
+                "clip_patches": 1024, "tflops_per_s": 0.1, "mfu": None, "parameter_bytes": 2 ** 24,
+                "optimizer_state_bytes": 2 ** 25}
+    oom = {"error": "out of memory (the 6 GiB cap of --max_memory_gib)"}
+    rows = [{"frames": 16, "sampled": step(100, 0.2), "full": step(300, 1.0)},
+            {"frames": 32, "sampled": step(110, 0.2), "full": step(550, 3.0)},
+            {"frames": 64, "sampled": step(130, 0.3), "full": oom}]
+    text = "\n".join(B.scaling_table(rows, torch.device("cpu")))
+    assert "| 64 | 1024 | 256 | 300.0 ms | 130 MiB | 0.1 | out of memory | out of memory | - | - |" in text
+    # linear in the clip: 550 + (550 - 300) / 16 * 32 = 1050 MiB = 1.03 GiB
+    assert "cannot run at 64 frames, needs ~1.03 GiB (extrapolated)" in text
+    assert "of the full-decode step not measured" in text and "- full decode, 64 frames: out of memory" in text
+    assert "memory of the sampled step 1.30x" in text
