@@ -32,9 +32,10 @@ class SampleConfig:
     out_dir: str = "out/samples"
     num_samples: int = 8
     class_label: str = ""        # class name or index; "none": unconditional; empty: cycle through the classes
-    cfg_scale: float = 1.5       # classifier-free guidance; 1: none
+    cfg_scale: float = 3.0       # classifier-free guidance; 1: none, larger: more typical of the class, less varied
     sampler: str = "sde"         # sde (Euler-Maruyama, the paper's) | euler | heun
     steps: int = 250
+    diffusion: float = 1.0       # sde: noise scale of w(t) = diffusion * (1 - t); larger corrects more, 0 is the ODE
     seed: int = 0
     batch_size: int = 8
     fps: int = 8
@@ -128,7 +129,7 @@ def sample(sc: SampleConfig):
     batches = range(0, sc.num_samples, sc.batch_size)
     for b, first in enumerate(tqdm(batches, desc="batches", dynamic_ncols=True)):
         batch_labels = labels[first:first + sc.batch_size]
-        planes = sample_planes(forward, batch_labels, sc.cfg_scale, sc.sampler, sc.steps, generator,
+        planes = sample_planes(forward, batch_labels, sc.cfg_scale, sc.sampler, sc.steps, generator, sc.diffusion,
                                progress=True, desc=f"batch {b + 1}/{len(batches)}")  # normalised
         triplane = denormalize(planes, ckpt["mean"], ckpt["std"])                      # (B, C, ., .) each
         with autocast(device):

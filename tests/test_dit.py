@@ -36,8 +36,9 @@ def pooled_stats(planes):
     return [(z.transpose(0, 1).flatten(1).mean(1), z.transpose(0, 1).flatten(1).std(1)) for z in planes]
 
 
-@pytest.mark.parametrize("sampler,steps", [("euler", 100), ("heun", 20), ("sde", 200)])
-def test_every_sampler_maps_noise_to_a_gaussian_with_its_exact_velocity(sampler, steps):
+@pytest.mark.parametrize("sampler,steps,shift", [("euler", 100, 1.0), ("heun", 20, 1.0), ("sde", 200, 1.0),
+                                                 ("heun", 20, 3.0), ("sde", 200, 3.0)])
+def test_every_sampler_maps_noise_to_a_gaussian_with_its_exact_velocity(sampler, steps, shift):
     # data N(mu, sigma^2) per channel: on x_t = (1 - t) noise + t x1 the exact velocity E[x1 - noise | x_t]
     # is mu + (t sigma^2 - (1 - t)) / (t^2 sigma^2 + (1 - t)^2) * (x - t mu)
     shapes = [(2, 4, 4), (2, 6, 4), (2, 6, 4)]
@@ -52,7 +53,7 @@ def test_every_sampler_maps_noise_to_a_gaussian_with_its_exact_velocity(sampler,
 
     gen = torch.Generator().manual_seed(0)
     noise = tuple(torch.randn(4000, *s, generator=gen) for s in shapes)
-    out = dit.integrate(velocity, noise, sampler, steps, torch.Generator().manual_seed(1))
+    out = dit.integrate(velocity, noise, sampler, steps, torch.Generator().manual_seed(1), time_shift=shift)
     for (mean, std), m, s in zip(pooled_stats(out), mu, sigma):
         # 64000+ values per channel: sampling error ~0.01 sigma; the tolerances bound the step error
         torch.testing.assert_close(mean, m, rtol=0, atol=0.03 * float(s.max()))
@@ -147,10 +148,11 @@ def test_flow_matching_loss_uses_the_linear_path_and_drops_labels():
         return x_t
 
     loss = dit.flow_matching_loss(identity_model, x1, torch.zeros(6, dtype=torch.long), null_class=7,
-                                  class_dropout=1.0, generator=torch.Generator().manual_seed(3))
-    # the same draws by hand: t, then the noise of each plane
+                                  class_dropout=1.0, generator=torch.Generator().manual_seed(3), time_shift=2.0)
+    # the same draws by hand: u -> t = u / (u + 2 (1 - u)), then the noise of each plane
     gen = torch.Generator().manual_seed(3)
-    t = torch.rand(6, generator=gen)[:, None, None, None]
+    u = torch.rand(6, generator=gen)[:, None, None, None]
+    t = u / (u + 2 * (1 - u))
     noise = [torch.randn(x.shape, generator=gen) for x in x1]
     err = [((1 - t) * n + t * x - (x - n)).pow(2) for x, n in zip(x1, noise)]
     expected = sum(e.sum() for e in err) / sum(x.numel() for x in x1)
