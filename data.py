@@ -12,6 +12,7 @@ the tokens file.
 import argparse
 import math
 import os
+import struct
 import warnings
 import zlib
 
@@ -155,6 +156,29 @@ def write_video(path, frames, fps=8, crf=12):
         for image in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())  # flush the encoder
+
+
+def to_uint8(video):
+    """[-1, 1] float -> uint8 tensor, as StyleGAN-V converts generated frames for FVD: x * 127.5 + 128,
+    clamped, truncated (that is, rounded half up)."""
+    return (video.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def write_png(path, image):
+    """(H, W, 3) uint8 -> an RGB PNG: signature, IHDR, one zlib IDAT (filter 0 on each row), IEND.
+    Written by hand so that previews need no imaging library."""
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    h, w, _ = image.shape
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), image.reshape(h, w * 3)], axis=1)  # filter byte per row
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)              # 8 bits, truecolour, no interlace
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9))
+                + chunk(b"IEND", b""))
 
 
 # -----------------------------------------------------------------------------

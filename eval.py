@@ -31,12 +31,10 @@ import datetime
 import json
 import math
 import os
-import struct
 import sys
 import time
 import urllib.request
 import warnings
-import zlib
 
 import av
 import numpy as np
@@ -177,12 +175,6 @@ def load_lpips(vgg_path, lin_path, device):
 # FVD: I3D features of whole clips, and the Frechet distance of two Gaussians
 
 
-def to_uint8(video):
-    """[-1, 1] float -> uint8 as StyleGAN-V converts generated frames (x * 127.5 + 128, clamped, truncated:
-    rounding half up)."""
-    return (video.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-
-
 def fetch(url, path, timeout=60):
     """Download url to path (temporary file, then rename, so an interrupted download leaves nothing)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -305,21 +297,6 @@ def print_table(title, rows):
 # previews: side-by-side mp4 and a PNG strip
 
 
-def write_png(path, image):
-    """(H, W, 3) uint8 -> an RGB PNG: signature, IHDR, one zlib IDAT (filter 0 on each row), IEND."""
-    image = np.ascontiguousarray(image, dtype=np.uint8)
-    h, w, _ = image.shape
-
-    def chunk(kind, payload):
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    rows = np.concatenate([np.zeros((h, 1), np.uint8), image.reshape(h, w * 3)], axis=1)  # filter byte per row
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)              # 8 bits, truecolour, no interlace
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9))
-                + chunk(b"IEND", b""))
-
-
 def write_previews(out_dir, inputs, recons, n_frames):
     """inputs, recons: uint8 (K, T, H, W, 3) of the first clips -> recon.mp4 (clips stacked, input | recon)
     and recon.png (top row: input frames, bottom row: their reconstructions, first clip)."""
@@ -329,7 +306,7 @@ def write_previews(out_dir, inputs, recons, n_frames):
     n = int(n_frames[0])
     picks = np.unique(np.linspace(0, n - 1, min(PREVIEW_FRAMES, n)).round().astype(int))
     strip = torch.stack([inputs[0, picks], recons[0, picks]])        # (2, F, H, W, 3)
-    write_png(os.path.join(out_dir, "recon.png"), rearrange(strip, "r f h w c -> (r h) (f w) c").numpy())
+    D.write_png(os.path.join(out_dir, "recon.png"), rearrange(strip, "r f h w c -> (r h) (f w) c").numpy())
 
 
 # -----------------------------------------------------------------------------
@@ -463,7 +440,7 @@ def evaluate_command(args, device):
             sums["lpips"] += lpips_per_frame(lpips, recon, video)[real].sum().item()
         real_frames += int(real.sum())
         clips += len(n_frames)
-        recon_u8 = to_uint8(recon).cpu()
+        recon_u8 = D.to_uint8(recon).cpu()
         if detector is not None:
             whole = n_frames == num_frames                            # rFVD on whole clips only
             try:

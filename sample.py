@@ -11,8 +11,6 @@ on CUDA.
 """
 
 import os
-import struct
-import zlib
 from dataclasses import dataclass, asdict
 
 import numpy as np
@@ -64,11 +62,6 @@ def parse_labels(spec, class_names, num_samples, conditional):
     return labels, names
 
 
-def to_uint8(video):
-    """(B, T, H, W, 3) float in [-1, 1] -> uint8 numpy."""
-    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-
-
 def frame_grid(videos, num_columns, zoom):
     """(N, T, H, W, 3) uint8 -> one image: a row per clip, num_columns evenly spaced frames per row."""
     t, h = videos.shape[1:3]
@@ -76,20 +69,6 @@ def frame_grid(videos, num_columns, zoom):
     grid = rearrange(videos[:, columns], "n k h w c -> (n h) (k w) c")               # a row of frames per clip
     zoom = zoom or max(1, round(96 / h))
     return grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
-
-
-def write_png(path, image):
-    """(H, W, 3) uint8 -> an RGB PNG: signature, header, the zlib-compressed rows (each led by filter type 0), end."""
-    h, w, _ = image.shape
-
-    def chunk(kind, payload):
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    rows = np.concatenate([np.zeros((h, 1), np.uint8), image.reshape(h, w * 3)], axis=1)
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9)) + chunk(b"IEND", b""))
-    with open(path, "wb") as f:
-        f.write(png)
 
 
 def load_models(sc, device):
@@ -134,13 +113,13 @@ def sample(sc: SampleConfig):
         triplane = denormalize(planes, ckpt["mean"], ckpt["std"])                      # (B, C, ., .) each
         with autocast(device):
             video = tokenizer.decode_video(triplane)                                   # (B, T, H, W, 3)
-        video = to_uint8(video[:, :n_frames])
+        video = D.to_uint8(video[:, :n_frames]).cpu().numpy()
         for i, clip in enumerate(video):
             index = first + i
             D.write_video(os.path.join(sc.out_dir, f"{index:03d}_{names[index]}.mp4"), clip, fps=sc.fps)
         clips.append(video)
     grid_path = os.path.join(sc.out_dir, "grid.png")
-    write_png(grid_path, frame_grid(np.concatenate(clips), sc.grid_frames, sc.grid_zoom))
+    D.write_png(grid_path, frame_grid(np.concatenate(clips), sc.grid_frames, sc.grid_zoom))
     print(f"wrote {sc.num_samples} clips of {n_frames} frames at {video.shape[2]}x{video.shape[3]} to "
           f"{sc.out_dir}/ and the frame grid {grid_path} (a row per clip: {', '.join(names)})")
 

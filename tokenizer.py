@@ -18,7 +18,6 @@ import dataclasses
 import math
 import os
 import socket
-import sys
 import time
 import warnings
 from contextlib import nullcontext

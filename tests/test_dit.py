@@ -212,7 +212,7 @@ def test_png_grid_reads_back_with_an_independent_decoder(tmp_path):
     grid = S.frame_grid(videos, num_columns=3, zoom=2)                                # frames 0, 2, 4
     assert grid.shape == (2 * 6 * 2, 3 * 4 * 2, 3)
     assert np.array_equal(grid[12:24:2, 8:16:2], videos[1, 2])
-    S.write_png(str(tmp_path / "grid.png"), grid)
+    D.write_png(str(tmp_path / "grid.png"), grid)
     with av.open(str(tmp_path / "grid.png")) as container:
         decoded = next(container.decode(video=0)).to_ndarray(format="rgb24")
     assert np.array_equal(decoded, grid)
