@@ -30,7 +30,6 @@ import copy
 import math
 import os
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict
 
@@ -41,8 +40,8 @@ from einops import rearrange
 from tqdm import tqdm
 
 import data as D
-from tokenizer import (autocast, atomic_save, cleanup_distributed, configure_torch, load_checkpoint, lr_at,
-                       make_optimizer, parse_config, setup_distributed, use_compile)
+from tokenizer import (autocast, atomic_save, cleanup_distributed, configure_torch, guarded_step, load_checkpoint,
+                       lr_at, make_optimizer, mfu_text, parse_config, setup_distributed, time_is_up, use_compile)
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -526,18 +525,10 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig):
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip)
         else:
             grad_norm = torch.stack([p.grad.norm() for p in raw_model.parameters() if p.grad is not None]).norm()
-        # the one sync per step: a non-finite gradient (same on every rank after all-reduce) skips it
-        if not torch.isfinite(grad_norm):
-            optimizer.zero_grad(set_to_none=True)
-            bad_steps += 1
-            warnings.warn(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
-            if bad_steps >= tc.max_bad_steps:
-                raise RuntimeError(f"{bad_steps} non-finite steps in a row; lower --learning_rate. "
-                                   f"The last good checkpoint is {ckpt_path}")
+        bad_steps = guarded_step(optimizer, grad_norm, step, bad_steps, tc.max_bad_steps,
+                                 f"lower --learning_rate. The last good checkpoint is {ckpt_path}")
+        if bad_steps:
             continue
-        bad_steps = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         ema_update(ema, raw_model, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
         step += 1
         bar.update(1)
@@ -545,16 +536,10 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig):
         if dist.is_main and (step % tc.log_interval == 0 or step == tc.max_iters):
             post = {"loss": f"{loss_sum.item():.4f}", "lr": f"{lr:.1e}"}
             if device.type == "cuda":
-                dt = bar.format_dict["elapsed"] / max(bar.n - start_step, 1)
-                post["mfu"] = f"{flops_per_step / dt / tc.peak_flops:.1%}"
+                post["mfu"] = mfu_text(bar, start_step, flops_per_step, tc.peak_flops)
             bar.set_postfix(post)
-        out_of_time = False
-        if tc.max_time > 0 and step % tc.log_interval == 0:
-            # rank 0's clock decides, so that every rank stops at the same step
-            flag = torch.tensor(float(time.time() - t_start > tc.max_time * 60), device=device)
-            if dist.ddp:
-                torch.distributed.broadcast(flag, 0)
-            out_of_time = bool(flag)
+        out_of_time = (tc.max_time > 0 and step % tc.log_interval == 0
+                       and time_is_up(t_start, tc.max_time, device, dist.ddp))
         done = step == tc.max_iters or out_of_time
         if dist.is_main and (step % tc.ckpt_interval == 0 or done):
             save(step)

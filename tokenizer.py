@@ -560,6 +560,38 @@ def make_optimizer(model, learning_rate, weight_decay, betas, device):
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device.type == "cuda")
 
 
+def guarded_step(optimizer, grad_norm, step, bad_steps, max_bad_steps, advice):
+    """Take the optimizer step, or skip it when the gradient norm is not finite (the norm is the same on
+    every rank after the all-reduce, so every rank skips together; reading it is the one sync per step).
+    Returns how many steps in a row have now been skipped; raises with advice after max_bad_steps."""
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return 0
+    optimizer.zero_grad(set_to_none=True)
+    bad_steps += 1
+    warnings.warn(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+    if bad_steps >= max_bad_steps:
+        raise RuntimeError(f"{bad_steps} non-finite steps in a row; {advice}")
+    return bad_steps
+
+
+def mfu_text(bar, start_step, flops_per_step, peak_flops):
+    """Model FLOPs utilisation since the loop started (nanoGPT's estimate): model FLOPs per step divided by
+    the mean step time from the tqdm bar, as a fraction of the device's peak."""
+    seconds_per_step = bar.format_dict["elapsed"] / max(bar.n - start_step, 1)
+    return f"{flops_per_step / seconds_per_step / peak_flops:.1%}"
+
+
+def time_is_up(t_start, max_time, device, ddp):
+    """True once max_time minutes have passed since t_start. Rank 0's clock decides and is broadcast, so
+    that every rank stops at the same step; call it at the same steps on every rank."""
+    flag = torch.tensor(float(time.time() - t_start > max_time * 60), device=device)
+    if ddp:
+        torch.distributed.broadcast(flag, 0)
+    return bool(flag)
+
+
 def atomic_save(obj, path):
     """torch.save to a temporary file, then rename: a kill mid-save never destroys the last good file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -752,18 +784,10 @@ def train(cfg: CoordTokConfig, tc: TrainConfig):
                 (loss / tc.grad_accum).backward()
             loss_sum += loss.detach() / tc.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip)
-        # the one sync per step: a non-finite gradient (same on every rank after all-reduce) skips it
-        if not torch.isfinite(grad_norm):
-            optimizer.zero_grad(set_to_none=True)
-            bad_steps += 1
-            warnings.warn(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
-            if bad_steps >= tc.max_bad_steps:
-                raise RuntimeError(f"{bad_steps} non-finite steps in a row; lower --learning_rate or "
-                                   f"check the data. The last good checkpoint is {ckpt_path}")
+        bad_steps = guarded_step(optimizer, grad_norm, step, bad_steps, tc.max_bad_steps,
+                                 f"lower --learning_rate or check the data. The last good checkpoint is {ckpt_path}")
+        if bad_steps:
             continue
-        bad_steps = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
 
@@ -773,16 +797,10 @@ def train(cfg: CoordTokConfig, tc: TrainConfig):
             if mse is not None:
                 post["psnr"] = f"{-10 * math.log10(max(mse / 4, 1e-10)):.2f}"  # [-1,1] MSE -> [0,1] PSNR
             if device.type == "cuda":
-                dt = bar.format_dict["elapsed"] / max(bar.n - start_step, 1)
-                post["mfu"] = f"{flops_per_step / dt / tc.peak_flops:.1%}"
+                post["mfu"] = mfu_text(bar, start_step, flops_per_step, tc.peak_flops)
             bar.set_postfix(post)
-        out_of_time = False
-        if tc.max_time > 0 and step % tc.log_interval == 0:
-            # rank 0's clock decides, so that every rank stops at the same step
-            flag = torch.tensor(float(time.time() - t_start > tc.max_time * 60), device=device)
-            if dist.ddp:
-                torch.distributed.broadcast(flag, 0)
-            out_of_time = bool(flag)
+        out_of_time = (tc.max_time > 0 and step % tc.log_interval == 0
+                       and time_is_up(t_start, tc.max_time, device, dist.ddp))
         done = step == tc.max_iters or out_of_time
         if dist.is_main and (step % tc.eval_interval == 0 or done) and len(val_set) > 0:
             raw_model.eval()

@@ -225,6 +225,21 @@ def test_parse_config_flags_and_presets():
     assert T.lr_at(55, 1.0, 10, 100, "cosine", 0.0) == pytest.approx(0.5)
 
 
+def test_non_finite_gradient_skips_the_step_and_stops_after_too_many():
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.5)
+    weight.grad = torch.ones(3)
+    assert T.guarded_step(optimizer, weight.grad.norm(), 0, 1, 3, "advice") == 0      # finite: stepped, count reset
+    assert torch.equal(weight.detach(), torch.full((3,), 0.5)) and weight.grad is None
+    weight.grad = torch.tensor([1.0, float("nan"), 1.0])
+    with pytest.warns(UserWarning, match="step 7: non-finite .* skipped \\(1 in a row\\)"):
+        assert T.guarded_step(optimizer, weight.grad.norm(), 7, 0, 3, "advice") == 1
+    assert torch.equal(weight.detach(), torch.full((3,), 0.5)) and weight.grad is None  # untouched, grads cleared
+    weight.grad = torch.full((3,), float("inf"))
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="3 non-finite steps in a row; lower it"):
+        T.guarded_step(optimizer, weight.grad.norm(), 8, 2, 3, "lower it")
+
+
 def test_resume_gives_the_same_parameters_as_an_unbroken_run(tmp_path, micro_videos):
     common = MICRO_FLAGS + [f"--data={micro_videos}", "--lr_decay_iters=6", "--eval_interval=100",
                             "--ckpt_interval=3"]
