@@ -139,22 +139,28 @@ def read_clip(path, img_size, num_frames, start=None, rng=None, n_total=None):
 # writing videos
 
 
-def write_video(path, frames, fps=8, crf=12):
-    """(T, H, W, 3) uint8 frames -> an H.264 mp4 (yuv420p, the format every player reads).
-    Odd heights/widths are padded by one edge row/column because yuv420p needs even sizes."""
+def write_video(path, frames, fps=8, crf=12, lossless=False):
+    """(T, H, W, 3) uint8 frames -> a video file.
+
+    Default: H.264 (yuv420p, the format every player reads) at quality crf; odd heights/widths are padded
+    by one edge row/column because yuv420p needs even sizes. lossless=True: FFV1 in RGB (use a .mkv
+    path), which reads back bit-exact, for clips that a metric must see as they were generated."""
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"write_video needs uint8 frames of shape (T, H, W, 3), got {frames.dtype} {frames.shape}")
-    _, h, w, _ = frames.shape
-    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    if not lossless:
+        _, h, w, _ = frames.shape
+        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    codec, pix_fmt, options = ("ffv1", "bgr0", {}) if lossless else ("libx264", "yuv420p", {"crf": str(crf)})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with av.open(path, mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
+        stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
+        stream.pix_fmt = pix_fmt
+        stream.options = options
         for image in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format=pix_fmt)
+            container.mux(stream.encode(frame))
         container.mux(stream.encode())  # flush the encoder
 
 
@@ -162,6 +168,24 @@ def to_uint8(video):
     """[-1, 1] float -> uint8 tensor, as StyleGAN-V converts generated frames for FVD: x * 127.5 + 128,
     clamped, truncated (that is, rounded half up)."""
     return (video.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def from_uint8(video):
+    """uint8 (0..255) -> float in [-1, 1], the models' input range."""
+    return video.float() / 127.5 - 1
+
+
+def atomic_save(obj, path):
+    """torch.save to path + ".tmp", then rename: a kill mid-save never destroys the last good file, and
+    leaves at most one temporary file (the next save overwrites it)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_png(path, image):
@@ -463,11 +487,8 @@ def save_tokens(path, planes, labels, class_names, n_frames, tokenizer_ckpt, tok
         plane = plane.float()
         tokens[name] = plane
         tokens["mean"][name] = plane.mean(dim=(0, 2, 3))                    # (C,)
-        tokens["std"][name] = plane.std(dim=(0, 2, 3)).clamp_min(1e-6)      # (C,)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(tokens, tmp)
-    os.replace(tmp, path)
+        tokens["std"][name] = plane.std(dim=(0, 2, 3), unbiased=False).clamp_min(1e-6)  # (C,) population, as the authors
+    atomic_save(tokens, path)
 
 
 def load_tokens(path):

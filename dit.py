@@ -40,7 +40,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 import data as D
-from tokenizer import (autocast, atomic_save, cleanup_distributed, configure_torch, guarded_step, load_checkpoint,
+from tokenizer import (autocast, cleanup_distributed, configure_torch, guarded_step, load_checkpoint,
                        lr_at, make_optimizer, mfu_text, parse_config, setup_distributed, time_is_up, use_compile)
 
 # -----------------------------------------------------------------------------
@@ -491,7 +491,7 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig):
               f"{num_clips} clips from {tc.tokens}, {mode}; on {device} x{dist.world_size}")
 
     def save(step):
-        atomic_save({"kind": "coordtok_dit", "model": raw_model.state_dict(), "ema": ema.state_dict(),
+        D.atomic_save({"kind": "coordtok_dit", "model": raw_model.state_dict(), "ema": ema.state_dict(),
                      "optimizer": optimizer.state_dict(), "step": step, "model_config": asdict(cfg),
                      "train_config": asdict(tc), "plane_shapes": [list(s) for s in plane_shapes],
                      "num_classes": num_classes, "class_names": class_names,

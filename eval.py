@@ -421,7 +421,7 @@ def evaluate_command(args, device):
     for batch in tqdm(loader, desc=f"evaluating {len(dataset)} clips", dynamic_ncols=True):
         clip_u8 = batch["video"]                                      # (B, Tc, S, S, 3) uint8, Tc = num_frames
         n_frames = batch["n_frames"].clamp(max=num_frames)            # (B,) real frames
-        video = clip_u8.to(device).float() / 127.5 - 1                # (B, Tc, S, S, 3) in [-1, 1]
+        video = D.from_uint8(clip_u8.to(device))               # (B, Tc, S, S, 3) in [-1, 1]
         padded = F.pad(video, (0, 0, 0, 0, 0, 0, 0, model_frames - num_frames))  # (B, T, S, S, 3)
         # the padding mask only when a clip is short of the model's length (as in training)
         short = bool((n_frames < model_frames).any())

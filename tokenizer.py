@@ -592,14 +592,6 @@ def time_is_up(t_start, max_time, device, ddp):
     return bool(flag)
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a kill mid-save never destroys the last good file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path, kind):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -669,7 +661,7 @@ def evaluate_psnr(model, val_set, num_clips, batch_size, device):
     indices = list(range(min(num_clips, len(val_set))))
     for i in range(0, len(indices), batch_size):
         items = [val_set[j] for j in indices[i:i + batch_size]]
-        video = torch.stack([it["video"] for it in items]).to(device).float() / 127.5 - 1
+        video = D.from_uint8(torch.stack([it["video"] for it in items]).to(device))
         n_frames = torch.stack([it["n_frames"] for it in items]).to(device)
         with autocast(device):
             recon = model.decode_video(model.encode(video, n_frames))
@@ -748,7 +740,7 @@ def train(cfg: CoordTokConfig, tc: TrainConfig):
               f"held-out videos from {data_dir}; stage {tc.stage} on {device} x{dist.world_size}")
 
     def save(step):
-        atomic_save({"kind": "coordtok_tokenizer", "model": raw_model.state_dict(),
+        D.atomic_save({"kind": "coordtok_tokenizer", "model": raw_model.state_dict(),
                      "optimizer": optimizer.state_dict(), "model_config": asdict(cfg),
                      "train_config": asdict(tc), "step": step, "rng": {"cpu": torch.get_rng_state()},
                      "class_names": train_set.class_names, "data": os.path.abspath(data_dir)}, ckpt_path)
@@ -767,7 +759,7 @@ def train(cfg: CoordTokConfig, tc: TrainConfig):
             n_frames_cpu = batch["n_frames"]
             # padding mask only when a clip is short (checked on the CPU tensor: no device sync)
             short = bool((n_frames_cpu < cfg.num_frames).any())
-            video = batch["video"].to(device, non_blocking=True).float() / 127.5 - 1  # (B, T, H, W, 3)
+            video = D.from_uint8(batch["video"].to(device, non_blocking=True))  # (B, T, H, W, 3)
             n_frames = n_frames_cpu.to(device, non_blocking=True)
             if tc.stage == 1:
                 coords, targets = D.sample_patches(video, n_frames, tc.num_samples, raw_model.patch_size, gen)
@@ -832,7 +824,7 @@ def encode_dataset(tc: TrainConfig):
                            distributed=False, drop_last=False, infinite=False)
     planes, labels, n_frames = [[], [], []], [], []
     for batch in tqdm(loader, desc=f"encoding {len(dataset)} clips"):
-        video = batch["video"].to(device).float() / 127.5 - 1
+        video = D.from_uint8(batch["video"].to(device))
         with autocast(device):
             triplane = model.encode(video, batch["n_frames"].to(device))
         for store, z in zip(planes, triplane):
