@@ -29,6 +29,7 @@ the samplers, EMA, the training loop, main().
 import copy
 import math
 import os
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict
@@ -40,8 +41,9 @@ from einops import rearrange
 from tqdm import tqdm
 
 import data as D
-from tokenizer import (autocast, cleanup_distributed, configure_torch, guarded_step, load_checkpoint,
-                       lr_at, make_optimizer, mfu_text, parse_config, setup_distributed, time_is_up, use_compile)
+from tokenizer import (MLP, Attention, autocast, cleanup_distributed, configure_torch, guarded_step, load_checkpoint,
+                       lr_at, load_official, make_optimizer, mfu_text, official_state_dict, parse_config, read_torch_file, setup_distributed, time_is_up,
+                       use_compile)
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -54,17 +56,20 @@ class SiTConfig:
     heads: int = 4
     patch_size: int = 2
     mlp_ratio: float = 4.0
-    class_dropout: float = 0.1   # fraction of labels replaced by the null class in training (for guidance)
+    conditional: bool = False    # condition on the tokens file's classes (the paper's UCF-101 generator does not)
+    class_dropout: float = 0.0   # fraction of labels replaced by the null class in training (for guidance)
+    learn_sigma: bool = True     # the authors' heads also output a variance half that nothing reads; kept so their weights load
     time_shift: float = 1.0      # > 1: more training times and sampler steps near the noise end (1: SiT's uniform)
 
 
 PRESETS = {
-    # sized for a 2-core CPU on the tiny tokenizer's triplanes (~9 steps/s); a short run learns the
-    # layout of a clip, decided near the noise end, faster with shifted times
-    "cpu": SiTConfig(time_shift=3.0),
+    # sized for a 2-core CPU on the tiny tokenizer's triplanes (~9 steps/s), class-conditional with guidance;
+    # a short run learns the layout of a clip, decided near the noise end, faster with shifted times
+    "cpu": SiTConfig(conditional=True, class_dropout=0.1, time_shift=3.0),
+    # the authors' SiT sizes; L/2 is the paper's generator (unconditional on UCF-101)
     "S/2": SiTConfig(width=384, depth=12, heads=6),
     "B/2": SiTConfig(width=768, depth=12, heads=12),
-    "L/2": SiTConfig(width=1024, depth=24, heads=16),  # the paper's generator
+    "L/2": SiTConfig(width=1024, depth=24, heads=16),
     "XL/2": SiTConfig(width=1152, depth=28, heads=16),
 }
 
@@ -98,9 +103,11 @@ class DiTTrainConfig:
 
 
 def validate_plane_shapes(plane_shapes, patch_size):
-    """Fail at start, naming what to change, when a plane cannot be cut into patches."""
+    """Fail at start, naming what to change, when the planes are not a triplane the SiT can cut into patches."""
     problems = [f"plane {name} is {h}x{w}, not divisible by --patch_size {patch_size}"
                 for name, (_, h, w) in zip(D.PLANES, plane_shapes) if h % patch_size or w % patch_size]
+    if len(plane_shapes) != 3 or tuple(plane_shapes[1]) != tuple(plane_shapes[2]):
+        problems.append(f"expected a triplane (xy plane, then two time planes of one shape), got {plane_shapes}")
     if problems:
         raise ValueError("; ".join(problems) + ". Use --patch_size 1, or encode with a tokenizer whose "
                          "--triplane_rs and --triplane_rt are multiples of the patch size.")
@@ -108,10 +115,15 @@ def validate_plane_shapes(plane_shapes, patch_size):
 
 # -----------------------------------------------------------------------------
 # the model
+#
+# The layers follow the authors' SiT (github.com/huiwon-jang/CoordTok, models/diffusion/sit_models.py) so
+# that their weights load; `SiT.from_official` maps their parameter names onto ours.
 
 
 def sincos_2d(height, width, dim):
-    """Fixed 2D sin-cos position embedding (height*width, dim): half the channels encode the row, half the column."""
+    """Fixed 2D sin-cos position table (height*width, dim), rows of the grid in row-major order. As in MAE
+    and SiT, the first half of the channels encodes the column, the second half the row; each half is
+    sin then cos of the position times dim/4 frequencies from 1 down to 1/10000."""
     if dim % 4:
         raise ValueError(f"--width {dim} must be divisible by 4 for the 2D sin-cos position embedding")
     freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))   # (dim/4,)
@@ -121,32 +133,20 @@ def sincos_2d(height, width, dim):
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
     rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    return torch.cat([embed(rows.flatten()), embed(cols.flatten())], dim=1).float()     # (h*w, dim)
+    return torch.cat([embed(cols.flatten()), embed(rows.flatten())], dim=1).float()     # (h*w, dim)
 
 
-def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal features of t in [0, 1], scaled by 1000 so the frequencies span the whole range of t."""
+def timestep_embedding(t, dim=256, max_period=10000):
+    """Sinusoidal features of t in [0, 1] (SiT feeds t itself, not t x 1000): cos then sin at dim/2
+    frequencies from 1 down to 1/max_period. (B,) -> (B, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    angles = 1000 * t.float()[:, None] * freqs[None]                                     # (B, dim/2)
-    return torch.cat([angles.cos(), angles.sin()], dim=1)                               # (B, dim)
+    angles = t.float()[:, None] * freqs[None]                                            # (B, dim/2)
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
 def modulate(x, shift, scale):  # x (B, N, D), shift / scale (B, D)
     return x * (1 + scale[:, None]) + shift[:, None]
-
-
-class Attention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):  # (B, N, D)
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v)                                   # (B, h, N, d)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
 class SiTBlock(nn.Module):
@@ -155,21 +155,20 @@ class SiTBlock(nn.Module):
 
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
-        self.norm_attn = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, heads)
-        self.norm_mlp = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(dim, mlp_ratio, approximate="tanh")
         self.modulation = nn.Linear(dim, 6 * dim)
 
     def forward(self, x, c):  # x (B, N, D), c (B, D)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(F.silu(c)).chunk(6, dim=1)
-        x = x + gate_a[:, None] * self.attn(modulate(self.norm_attn(x), shift_a, scale_a))
-        return x + gate_m[:, None] * self.mlp(modulate(self.norm_mlp(x), shift_m, scale_m))
+        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a))
+        return x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
 
 class OutputHead(nn.Module):
-    """Final adaLN norm and the projection of each token to its patch of one plane (velocity only: no sigma half)."""
+    """Final adaLN norm and the projection of each token to its patch of one plane."""
 
     def __init__(self, dim, patch_size, channels):
         super().__init__()
@@ -183,14 +182,17 @@ class OutputHead(nn.Module):
 
 
 class SiT(nn.Module):
-    """Velocity of the flow at (planes, t, y): a tuple of planes (B, C, H, W) in, a tuple of the same shapes out.
+    """Velocity of the flow at (planes, t, y): planes (z_xy, z_xt, z_yt) of (B, C, Rs, Rs), (B, C, Rt, Rs) x2
+    in, the same shapes out (the authors' plane order xy, yt, xt: their "x" is the row axis).
 
-    plane_shapes: one (C, H, W) per plane (a 3D latent grid (C, T', H', W') can be passed as the single plane
-    (C, T'*H', W'), which has as many tokens). num_classes <= 1: unconditional, y is ignored. Otherwise
-    label num_classes is the null class, the "no label" of classifier-free guidance.
+    Each plane is cut into patches by its own conv; the xy plane gets a fixed 2D sin-cos position table, the
+    two time planes share one learned table, each plane adds a learned type vector; the 320 tokens (at the
+    paper's size) form one sequence. num_classes: rows of the class embedding, plus a null class (the "no
+    label" of classifier-free guidance) when class_dropout > 0. An unconditional model (num_classes = 1) adds
+    its one learned row to every time embedding, as the authors' does.
     """
 
-    def __init__(self, config: SiTConfig, plane_shapes, num_classes):
+    def __init__(self, config: SiTConfig, plane_shapes, num_classes=1):
         super().__init__()
         self.config = cfg = config
         self.plane_shapes = [tuple(int(s) for s in shape) for shape in plane_shapes]
@@ -198,17 +200,18 @@ class SiT(nn.Module):
         validate_plane_shapes(self.plane_shapes, cfg.patch_size)
         if cfg.width % cfg.heads:
             raise ValueError(f"--width {cfg.width} is not divisible by --heads {cfg.heads}")
-        p = cfg.patch_size
+        p, D = cfg.patch_size, cfg.width
         self.grids = [(h // p, w // p) for _, h, w in self.plane_shapes]               # token grid per plane
-        self.patch_embeds = nn.ModuleList(nn.Linear(p * p * c, cfg.width) for c, _, _ in self.plane_shapes)
-        for i, (gh, gw) in enumerate(self.grids):  # fixed, so not saved: rebuilt from the shapes
-            self.register_buffer(f"pos_{i}", sincos_2d(gh, gw, cfg.width), persistent=False)
-        self.plane_type = nn.Parameter(torch.zeros(len(self.plane_shapes), cfg.width))
-        self.time_mlp = nn.Sequential(nn.Linear(cfg.width, cfg.width), nn.SiLU(), nn.Linear(cfg.width, cfg.width))
-        # one row per class plus the null class; none at all when there is nothing to condition on
-        self.class_embed = nn.Embedding(num_classes + 1, cfg.width) if self.conditional else None
-        self.blocks = nn.ModuleList(SiTBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.heads = nn.ModuleList(OutputHead(cfg.width, p, c) for c, _, _ in self.plane_shapes)
+        self.embeds = nn.ModuleList(nn.Conv2d(c, D, kernel_size=p, stride=p) for c, _, _ in self.plane_shapes)
+        # a Parameter that is not trained (as the authors'), so that it counts and loads like theirs
+        self.pos_xy = nn.Parameter(sincos_2d(*self.grids[0], D)[None], requires_grad=False)
+        self.pos_t = nn.Parameter(torch.zeros(1, math.prod(self.grids[1]), D))
+        self.plane_type = nn.Parameter(torch.randn(1, 3, D))
+        self.time_mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
+        self.class_embed = nn.Embedding(num_classes + (cfg.class_dropout > 0), D)
+        self.blocks = nn.ModuleList(SiTBlock(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        out_channels = [c * (2 if cfg.learn_sigma else 1) for c, _, _ in self.plane_shapes]
+        self.heads = nn.ModuleList(OutputHead(D, p, c) for c in out_channels)
         self._init_weights()
 
     @property
@@ -216,19 +219,17 @@ class SiT(nn.Module):
         return self.num_classes > 1
 
     @property
-    def null_class(self):
-        return self.num_classes if self.conditional else None
+    def null_class(self):  # the label that means "no label", or None when the model never learned one
+        return self.num_classes if self.config.class_dropout > 0 else None
 
     def _init_weights(self):
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
+            if isinstance(m, (nn.Linear, nn.Conv2d)):  # a conv patch embedding is initialised as the linear map it is
+                nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.plane_type, std=0.02)
+        nn.init.normal_(self.class_embed.weight, std=0.02)
         for layer in (self.time_mlp[0], self.time_mlp[2]):
             nn.init.normal_(layer.weight, std=0.02)
-        if self.class_embed is not None:
-            nn.init.normal_(self.class_embed.weight, std=0.02)
         # adaLN-Zero: every block's modulation and every output head start at zero, so the
         # untrained network is the identity on its tokens and predicts zero velocity
         for m in [b.modulation for b in self.blocks] + [h.modulation for h in self.heads] + [h.proj for h in self.heads]:
@@ -236,32 +237,71 @@ class SiT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, planes, t, y):
-        if len(planes) != len(self.plane_shapes):
-            raise ValueError(f"SiT was built for {len(self.plane_shapes)} planes, got {len(planes)}")
-        p = self.config.patch_size
-        tokens = []
-        for i, plane in enumerate(planes):                                              # (B, C, H, W)
-            patches = rearrange(plane, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)
-            tokens.append(self.patch_embeds[i](patches) + getattr(self, f"pos_{i}") + self.plane_type[i])
-        x = torch.cat(tokens, dim=1)                                                    # (B, N, D) joint sequence
-        c = self.time_mlp(timestep_embedding(t, self.config.width).to(x.dtype))         # (B, D)
-        if self.class_embed is not None:
-            c = c + self.class_embed(y)
+        positions = (self.pos_xy, self.pos_t, self.pos_t)
+        tokens = [rearrange(embed(z), "b d h w -> b (h w) d") + pos + self.plane_type[:, i]
+                  for i, (embed, z, pos) in enumerate(zip(self.embeds, planes, positions))]
+        x = torch.cat(tokens, dim=1)                                                    # (B, N, D) one sequence
+        c = self.time_mlp(timestep_embedding(t).to(x.dtype)) + self.class_embed(y)      # (B, D)
         for block in self.blocks:
             x = block(x, c)
-        out = []
-        for i, x_plane in enumerate(x.split([gh * gw for gh, gw in self.grids], dim=1)):
-            gh, gw = self.grids[i]
-            patches = self.heads[i](x_plane, c)                                         # (B, gh*gw, p*p*C)
-            out.append(rearrange(patches, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=gh, w=gw, p1=p, p2=p))
+        p, out = self.config.patch_size, []
+        for head, x_plane, (gh, gw), (channels, _, _) in zip(self.heads, x.split([h * w for h, w in self.grids], 1),
+                                                             self.grids, self.plane_shapes):
+            patches = head(x_plane, c)                                                  # (B, gh*gw, p*p*C')
+            plane = rearrange(patches, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=gh, w=gw, p1=p, p2=p)
+            out.append(plane[:, :channels])                                             # learn_sigma: drop the variance half
         return tuple(out)
 
     def flops_per_sample(self):
         """Forward FLOPs of the matmuls for one sample (for MFU)."""
         n, d, r = sum(gh * gw for gh, gw in self.grids), self.config.width, self.config.mlp_ratio
         per_block = 2 * n * (4 + 2 * r) * d * d + 4 * n * n * d                          # qkv, proj, MLP; q@k, a@v
-        embed = sum(2 * gh * gw * m.in_features * d for (gh, gw), m in zip(self.grids, self.patch_embeds))
+        embed = sum(2 * gh * gw * c * self.config.patch_size ** 2 * d
+                    for (gh, gw), (c, _, _) in zip(self.grids, self.plane_shapes))
         return self.config.depth * per_block + 2 * embed                                 # heads ~ embeddings
+
+    @classmethod
+    def from_official(cls, path_or_state_dict, official_kwargs=None):
+        """Our SiT carrying the authors' weights: their released `CoordTok_SiT_L_2_UCF101_600K.pt` (its EMA
+        weights are taken), or a state dict of their SiT (bare, or under "ema" or "model").
+
+        official_kwargs: the arguments their `SiT(...)` was built with; missing ones are the paper's SiT-L/2
+        (OFFICIAL_SIT_PAPER_KWARGS). The file holds no token statistics: they come from a tokens file."""
+        state = official_state_dict(path_or_state_dict, "x_embedder_xy.proj.weight", "SiT", prefer=("ema", "model"))
+        unknown = set(official_kwargs or {}) - set(OFFICIAL_SIT_PAPER_KWARGS)
+        if unknown:
+            raise ValueError(f"unknown official SiT arguments {sorted(unknown)}; "
+                             f"they are {', '.join(OFFICIAL_SIT_PAPER_KWARGS)}")
+        k = {**OFFICIAL_SIT_PAPER_KWARGS, **(official_kwargs or {})}
+        rt, rs = k["input_size"]
+        config = SiTConfig(width=k["hidden_size"], depth=k["depth"], heads=k["num_heads"], patch_size=k["patch_size"],
+                           mlp_ratio=k["mlp_ratio"], conditional=k["num_classes"] > 1,
+                           class_dropout=k["class_dropout_prob"], learn_sigma=k["learn_sigma"])
+        c = k["in_channels"]
+        model = cls(config, [(c, rs, rs), (c, rt, rs), (c, rt, rs)], num_classes=k["num_classes"])
+        ours = {}
+        for name, tensor in state.items():
+            for pattern, replacement in OFFICIAL_SIT_NAMES:
+                name = re.sub(pattern, replacement, name)
+            ours[name] = tensor
+        load_official(model, ours, "SiT", official_kwargs)
+        return model
+
+
+# The authors' constructor arguments for the paper's generator, SiT-L/2 on the (Rt=32, Rs=16, C=8) triplane.
+OFFICIAL_SIT_PAPER_KWARGS = dict(input_size=(32, 16), patch_size=2, in_channels=8, hidden_size=1024, depth=24,
+                                 num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.0, num_classes=1, learn_sigma=True)
+
+# Their parameter names -> ours (their planes xy, yt, xt are our z_xy, z_xt, z_yt: index 0, 1, 2).
+OFFICIAL_SIT_NAMES = [
+    (r"^x_embedder_xy\.proj\.", "embeds.0."), (r"^x_embedder_yt\.proj\.", "embeds.1."),
+    (r"^x_embedder_xt\.proj\.", "embeds.2."),
+    (r"^pos_embed_xy$", "pos_xy"), (r"^pos_embed_t$", "pos_t"), (r"^type_embed$", "plane_type"),
+    (r"^t_embedder\.mlp\.", "time_mlp."), (r"^y_embedder\.embedding_table\.", "class_embed."),
+    (r"\.adaLN_modulation\.1\.", ".modulation."),
+    (r"^final_layer_xy\.", "heads.0."), (r"^final_layer_yt\.", "heads.1."), (r"^final_layer_xt\.", "heads.2."),
+    (r"^(heads\.\d)\.linear\.", r"\1.proj."),
+]
 
 
 # -----------------------------------------------------------------------------
@@ -275,8 +315,19 @@ def shift_time(u, shift):
     return u / (u + shift * (1 - u))
 
 
+def randn_planes(shapes, generator=None, device="cpu"):
+    """Standard normal planes of the given (B, C, H, W) shapes. generator: one torch.Generator, or a list of
+    one per sample, so that sample k's noise does not depend on the batch it is drawn in."""
+    if isinstance(generator, (list, tuple)):
+        return tuple(torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
+                     for shape in shapes)
+    gen_device = generator.device if generator is not None else device
+    return tuple(torch.randn(shape, generator=generator, device=gen_device).to(device) for shape in shapes)
+
+
 def flow_matching_loss(model, x1, y, null_class=None, class_dropout=0.0, generator=None, time_shift=1.0):
-    """Mean squared error between the predicted and the true velocity x1 - noise at a random time.
+    """Mean squared error between the predicted and the true velocity x1 - noise at a random time, averaged
+    per plane and then over the three planes (as SiT's training loss on the authors' triplanes).
 
     x1: tuple of data planes (B, C, H, W); y (B,) labels. With class_dropout > 0, that fraction of the
     labels becomes null_class, so the same network also learns the unconditional velocity (for guidance).
@@ -284,15 +335,13 @@ def flow_matching_loss(model, x1, y, null_class=None, class_dropout=0.0, generat
     B, device = x1[0].shape[0], x1[0].device
     draw = lambda *shape: torch.rand(*shape, generator=generator, device=device)
     t = shift_time(draw(B), time_shift)                                                 # (B,) in [0, 1)
-    noise = tuple(torch.randn(x.shape, generator=generator, device=device) for x in x1)
+    noise = randn_planes([x.shape for x in x1], generator, device)
     t_ = t[:, None, None, None]
     x_t = tuple((1 - t_) * n + t_ * x for n, x in zip(noise, x1))
     if class_dropout > 0 and null_class is not None:
         y = torch.where(draw(B) < class_dropout, torch.full_like(y, null_class), y)
     v = model(x_t, t, y)
-    # every float of every plane weighs the same
-    squared = sum((vi.float() - (x - n)).pow(2).sum() for vi, x, n in zip(v, x1, noise))
-    return squared / sum(x.numel() for x in x1)
+    return sum((vi.float() - (x - n)).pow(2).mean() for vi, x, n in zip(v, x1, noise)) / len(x1)
 
 
 # -----------------------------------------------------------------------------
@@ -311,40 +360,46 @@ SAMPLERS = ("euler", "heun", "sde")
 
 
 @torch.no_grad()
-def integrate(velocity, noise, sampler="euler", steps=50, generator=None, diffusion=1.0, time_shift=1.0,
-              progress=False, desc=None):
+def integrate(velocity, noise, sampler="sde", steps=250, generator=None, diffusion=1.0, time_shift=1.0,
+              last_step=0.04, progress=False, desc=None):
     """Carry planes from noise at t = 0 to data at t = 1; velocity(x, t) takes a tuple of planes and t (B,).
 
-    euler, heun: the ODE dx = v dt (first and second order). sde: Euler-Maruyama on
-        dx = [v + w(t)/2 * score] dt + sqrt(w(t)) dW,
-    which has the same marginals as the ODE for any w >= 0. On the linear path the noise estimate is
-    x - t v, so score(x, t) = -(x - t v) / (1 - t); with w(t) = diffusion * (1 - t), as SiT does, the
-    drift is v + diffusion/2 * (t v - x), the noise vanishes as t -> 1, and the last step is a plain
-    Euler step (no noise added to the result). The steps are spaced uniformly in u, at t = shift_time(u),
-    so time_shift > 1 puts more of them near the noise end, as in training.
+    euler, heun: the ODE dx = v dt in `steps` steps (first and second order).
+    sde: SiT's default sampler (its `sample_sde`: Euler-Maruyama, diffusion form "sigma", last step "Mean"):
+        dx = [v + w(t) score] dt + sqrt(2 w(t)) dW,   w(t) = diffusion * (1 - t),
+    which has the ODE's marginals for any w >= 0. On the linear path the noise is estimated as x - t v, so
+    score(x, t) = -(x - t v) / (1 - t) and the drift is v + diffusion * (t v - x). steps - 1 Euler-Maruyama
+    steps go from t = 0 to t = 1 - last_step, then one noise-free step of the drift of size last_step ends at
+    t = 1: `steps` calls of the model in all (SiT: 250, last step 0.04, diffusion 1).
+    Times are uniform in u and placed at t = shift_time(u), so time_shift > 1 puts more of them near the
+    noise end, as in training. generator: as in `randn_planes`.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    if steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}")
+    if steps < (2 if sampler == "sde" else 1):
+        raise ValueError(f"--steps must be >= {2 if sampler == 'sde' else 1} for the {sampler} sampler, got {steps}")
     x = tuple(n.float() for n in noise)
     B, device = x[0].shape[0], x[0].device
-    times = shift_time(torch.linspace(0, 1, steps + 1, dtype=torch.float64), time_shift).tolist()
-    for i in tqdm(range(steps), disable=not progress, desc=desc, leave=False, dynamic_ncols=True):
+    end = 1 - last_step if sampler == "sde" else 1.0
+    points = steps if sampler == "sde" else steps + 1
+    times = (end * shift_time(torch.linspace(0, 1, points, dtype=torch.float64), time_shift)).tolist()
+    at = lambda t: torch.full((B,), t, device=device)
+    sde_drift = lambda x, v, t: tuple(vi + diffusion * (t * vi - xi) for xi, vi in zip(x, v))
+    for i in tqdm(range(points - 1), disable=not progress, desc=desc, leave=False, dynamic_ncols=True):
         t, dt = times[i], times[i + 1] - times[i]
-        v = velocity(x, torch.full((B,), t, device=device))
+        v = velocity(x, at(t))
         if sampler == "heun":
             x_euler = tuple(xi + dt * vi for xi, vi in zip(x, v))
-            v_next = velocity(x_euler, torch.full((B,), times[i + 1], device=device))
+            v_next = velocity(x_euler, at(times[i + 1]))
             x = tuple(xi + dt / 2 * (vi + vn) for xi, vi, vn in zip(x, v, v_next))
-        elif sampler == "sde" and i < steps - 1:
-            std = math.sqrt(diffusion * (1 - t) * dt)
-            gen_device = generator.device if generator is not None else device
-            x = tuple(xi + dt * (vi + diffusion / 2 * (t * vi - xi))
-                      + std * torch.randn(xi.shape, generator=generator, device=gen_device).to(device)
-                      for xi, vi in zip(x, v))
+        elif sampler == "sde":
+            std = math.sqrt(2 * diffusion * (1 - t) * dt)
+            dw = randn_planes([xi.shape for xi in x], generator, device)
+            x = tuple(xi + dt * di + std * n for xi, di, n in zip(x, sde_drift(x, v, t), dw))
         else:
             x = tuple(xi + dt * vi for xi, vi in zip(x, v))
+    if sampler == "sde" and last_step > 0:  # SiT's "Mean" step: the drift without noise, to t = 1
+        x = tuple(xi + last_step * di for xi, di in zip(x, sde_drift(x, velocity(x, at(end)), end)))
     return x
 
 
@@ -354,18 +409,16 @@ def sample_planes(model, labels, cfg_scale=1.0, sampler="sde", steps=250, genera
     """Normalised planes (tuple of (B, C, H, W)) drawn from a SiT (or its torch.compile wrapper).
 
     labels (B,) long: class indices, or model.null_class for unconditional samples of a conditional model;
-    ignored by an unconditional model. Guidance is used when cfg_scale != 1 and the model is conditional.
-    Noise is drawn from generator (a CPU generator gives the same samples on any device); diffusion scales
-    the SDE's noise (see `integrate`).
+    zeros for an unconditional one. Guidance is used when cfg_scale != 1 and the model has a null class.
+    generator: one torch.Generator, or one per sample (then sample k is the same whatever the batch);
+    CPU generators give the same samples on any device. diffusion scales the SDE's noise (see `integrate`).
     Undo the normalisation with `denormalize(planes, ckpt["mean"], ckpt["std"])`.
     """
     device = next(model.parameters()).device
     labels = labels.to(device)
     B = labels.shape[0]
-    gen_device = generator.device if generator is not None else device
-    noise = tuple(torch.randn((B, *shape), generator=generator, device=gen_device).to(device)
-                  for shape in model.plane_shapes)
-    guided = model.conditional and cfg_scale != 1.0
+    noise = randn_planes([(B, *shape) for shape in model.plane_shapes], generator, device)
+    guided = model.null_class is not None and cfg_scale != 1.0
 
     def velocity(x, t):
         with autocast(device):
@@ -404,11 +457,22 @@ def ema_update(ema, model, decay):
 
 
 def load_dit(path, device="cpu"):
-    """The EMA weights of a trained SiT (eval mode) and the checkpoint dict (mean, std, class_names,
-    num_classes, tokenizer_ckpt, tokenizer_config, ...)."""
-    ckpt = load_checkpoint(path, "coordtok_dit")
-    model = SiT(SiTConfig(**ckpt["model_config"]), ckpt["plane_shapes"], ckpt["num_classes"])
-    model.load_state_dict(ckpt["ema"])
+    """The EMA weights of a SiT (eval mode) and its checkpoint dict (mean, std, class_names, num_classes,
+    tokenizer_ckpt, tokenizer_config, ...). Also takes the authors' released SiT (the paper's SiT-L/2); its
+    dict says kind "official" and has no token statistics, class names or tokenizer: those must be given."""
+    ckpt = read_torch_file(path)
+    if isinstance(ckpt, dict) and ckpt.get("kind") is None:
+        try:
+            model = SiT.from_official(ckpt)
+        except ValueError:
+            raise ValueError(f"{path} is neither a SiT checkpoint of ours nor the authors' released SiT "
+                             f"(keys: {sorted(ckpt)[:6]})") from None
+        ckpt = {"kind": "official", "model_config": asdict(model.config), "plane_shapes": model.plane_shapes,
+                "num_classes": model.num_classes, "class_names": [], "source": os.path.abspath(path)}
+    else:
+        ckpt = load_checkpoint(path, "coordtok_dit")
+        model = SiT(SiTConfig(**ckpt["model_config"]), ckpt["plane_shapes"], ckpt["num_classes"])
+        model.load_state_dict(ckpt["ema"])
     return model.to(device).eval().requires_grad_(False), ckpt
 
 
@@ -455,8 +519,10 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig):
 
     planes, labels, tokens = load_token_planes(tc.tokens)
     plane_shapes = [tuple(z.shape[1:]) for z in planes]
-    class_names = list(tokens["class_names"])
-    num_classes = len(class_names)
+    class_names = list(tokens["class_names"]) if cfg.conditional else []
+    num_classes = max(len(class_names), 1)
+    if num_classes == 1:  # unconditional: the one class row is a learned constant added to the time embedding
+        labels = torch.zeros_like(labels)
     if resume_ckpt is not None and ([tuple(s) for s in resume_ckpt["plane_shapes"]] != plane_shapes
                                     or resume_ckpt["num_classes"] != num_classes):
         raise ValueError(f"{ckpt_path} was trained on planes {resume_ckpt['plane_shapes']} with "
@@ -485,8 +551,8 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig):
     if dist.is_main:
         n_params = sum(p.numel() for p in raw_model.parameters())
         n_tokens = sum(gh * gw for gh, gw in raw_model.grids)
-        mode = f"{num_classes} classes, guidance dropout {cfg.class_dropout}" if raw_model.conditional \
-            else "unconditional (one class)"
+        mode = f"{num_classes} classes, label dropout {cfg.class_dropout}" if raw_model.conditional \
+            else "unconditional"
         print(f"SiT {n_params / 1e6:.2f}M params, {n_tokens} tokens per clip from planes {plane_shapes}; "
               f"{num_clips} clips from {tc.tokens}, {mode}; on {device} x{dist.world_size}")
 

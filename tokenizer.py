@@ -17,7 +17,9 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import socket
+import tempfile
 import time
 import warnings
 from contextlib import nullcontext
@@ -26,7 +28,7 @@ from dataclasses import dataclass, asdict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from tqdm import tqdm
 
 import data as D
@@ -40,13 +42,13 @@ class CoordTokConfig:
     # the clip
     num_frames: int = 16
     img_size: int = 32
-    # encoder: 3D patches of the clip -> ViT -> learned triplane queries cross-attend to them
+    # encoder: 3D patches of the clip -> ViT (with a CLS token) -> learned triplane queries cross-attend to it
     enc_patch_t: int = 4
     enc_patch_s: int = 8
     enc_width: int = 192
     enc_heads: int = 4
-    enc_layers: int = 2          # ViT blocks over the video tokens
-    query_layers: int = 2        # (cross-attn, self-attn, MLP) blocks over the triplane queries
+    enc_layers: int = 2          # ViT blocks over the video tokens (the authors' enc_patch_num_layers)
+    query_layers: int = 2        # (cross-attn, self-attn, MLP) blocks over the queries (the authors' enc_num_layers)
     # triplane: z_xy (C, Rs, Rs), z_xt and z_yt (C, Rt, Rs)
     triplane_rs: int = 8         # = the decoder's patch grid (32 / 4), as in the paper (128 / 8 = 16)
     triplane_rt: int = 16
@@ -59,8 +61,12 @@ class CoordTokConfig:
     dec_layers: int = 4
     dec_patch_t: int = 1
     dec_patch_s: int = 4
-    decode_chunk: int = 16       # temporal patches decoded together by decode_video
+    decode_chunk: int = 16       # temporal patches decoded together by decode_frames / decode_video
     mlp_ratio: float = 4.0
+    block_eps: float = 1e-6      # LayerNorm eps in the ViT and decoder blocks: timm's Block (1e-6 in timm 1.0, 1e-5 before)
+    # departures from the paper, off in its presets (README, "Departures from the paper")
+    pooled_queries: bool = False  # start each query from the video tokens pooled over its plane's missing axis
+    factorised_dec_pos: bool = False  # decoder positions: one table per axis, summed, instead of one row per patch
 
 
 def _paper(**kw):
@@ -124,123 +130,141 @@ class TrainConfig:
 def validate_config(cfg, train=None):
     """Fail at start, naming the flag to change, instead of deep inside a reshape."""
     problems = []
-
-    def divisible(a, a_name, b, b_name):
-        if a % b:
-            problems.append(f"--{a_name} {a} is not divisible by --{b_name} {b}")
-
-    divisible(cfg.img_size, "img_size", cfg.enc_patch_s, "enc_patch_s")
-    divisible(cfg.num_frames, "num_frames", cfg.enc_patch_t, "enc_patch_t")
-    divisible(cfg.img_size, "img_size", cfg.dec_patch_s, "dec_patch_s")
-    divisible(cfg.num_frames, "num_frames", cfg.dec_patch_t, "dec_patch_t")
-    divisible(cfg.triplane_rs, "triplane_rs", cfg.query_patch_s, "query_patch_s")
-    divisible(cfg.triplane_rt, "triplane_rt", cfg.query_patch_t, "query_patch_t")
-    divisible(cfg.enc_width, "enc_width", cfg.enc_heads, "enc_heads")
-    divisible(cfg.dec_width, "dec_width", cfg.dec_heads, "dec_heads")
-    if cfg.decode_chunk < 1:
-        problems.append(f"--decode_chunk must be >= 1, got {cfg.decode_chunk}")
-    if train is not None:
-        gt = cfg.num_frames // cfg.dec_patch_t
-        patches = gt * (cfg.img_size // cfg.dec_patch_s) ** 2
-        if not 1 <= train.num_samples <= patches:
-            problems.append(f"--num_samples {train.num_samples} must be between 1 and the "
-                            f"{patches} decoder patches of a clip")
-        if train.stage not in (1, 2):
-            problems.append(f"--stage must be 1 or 2, got {train.stage}")
-        if train.stage == 2 and not 1 <= train.num_frames_stage2 <= gt:
-            problems.append(f"--num_frames_stage2 {train.num_frames_stage2} must be between 1 and "
-                            f"the {gt} temporal patches of a clip")
-        if train.lr_schedule not in ("constant", "cosine"):
-            problems.append(f"--lr_schedule must be constant or cosine, got {train.lr_schedule}")
-        if train.batch_size < 1 or train.grad_accum < 1:
-            problems.append("--batch_size and --grad_accum must be >= 1")
+    positive = ("num_frames", "img_size", "enc_patch_t", "enc_patch_s", "enc_width", "enc_heads", "triplane_rs",
+                "triplane_rt", "triplane_c", "query_patch_s", "query_patch_t", "dec_width", "dec_heads",
+                "dec_patch_t", "dec_patch_s", "decode_chunk")
+    problems += [f"--{name} must be >= 1, got {getattr(cfg, name)}" for name in positive if getattr(cfg, name) < 1]
+    problems += [f"--{name} must be >= 0, got {getattr(cfg, name)}" for name in ("enc_layers", "query_layers",
+                                                                                 "dec_layers") if getattr(cfg, name) < 0]
+    if cfg.mlp_ratio <= 0 or cfg.block_eps <= 0:
+        problems.append(f"--mlp_ratio and --block_eps must be > 0, got {cfg.mlp_ratio} and {cfg.block_eps}")
+    if not problems:  # divisibility only means something for positive sizes
+        for a, b in (("img_size", "enc_patch_s"), ("num_frames", "enc_patch_t"), ("img_size", "dec_patch_s"),
+                     ("num_frames", "dec_patch_t"), ("triplane_rs", "query_patch_s"), ("triplane_rt", "query_patch_t"),
+                     ("enc_width", "enc_heads"), ("dec_width", "dec_heads")):
+            if getattr(cfg, a) % getattr(cfg, b):
+                problems.append(f"--{a} {getattr(cfg, a)} is not divisible by --{b} {getattr(cfg, b)}")
+    if train is not None and not problems:
+        problems += validate_train_config(cfg, train)
     if problems:
         raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
+def validate_train_config(cfg, train):
+    """The training flags' problems, as a list of messages."""
+    problems = []
+    gt = cfg.num_frames // cfg.dec_patch_t
+    patches = gt * (cfg.img_size // cfg.dec_patch_s) ** 2
+    if not 1 <= train.num_samples <= patches:
+        problems.append(f"--num_samples {train.num_samples} must be between 1 and the "
+                        f"{patches} decoder patches of a clip")
+    if train.stage not in (1, 2):
+        problems.append(f"--stage must be 1 or 2, got {train.stage}")
+    if train.stage == 2 and not 1 <= train.num_frames_stage2 <= gt:
+        problems.append(f"--num_frames_stage2 {train.num_frames_stage2} must be between 1 and "
+                        f"the {gt} temporal patches of a clip")
+    if train.lr_schedule not in ("constant", "cosine"):
+        problems.append(f"--lr_schedule must be constant or cosine, got {train.lr_schedule}")
+    if train.batch_size < 1 or train.grad_accum < 1:
+        problems.append("--batch_size and --grad_accum must be >= 1")
+    return problems
+
+
 # -----------------------------------------------------------------------------
 # the model
+#
+# The layers follow the authors' code (github.com/huiwon-jang/CoordTok, models/coordtok/) so that their
+# weights load: the ViT and decoder blocks are timm's `Block`, the query blocks torch's MultiheadAttention
+# without biases. `CoordTok.from_official` maps their parameter names onto ours.
 
 
 class Attention(nn.Module):
-    """Multi-head attention; self-attention when no context is given."""
+    """Multi-head attention with one packed q, k, v projection (timm's `qkv`, torch's `in_proj_weight`).
 
-    def __init__(self, dim, heads, context_dim=None):
+    Self-attention, or cross-attention when a context is given: queries from x, keys and values from the
+    context, through the same packed weight (as torch's MultiheadAttention does when the widths agree).
+    """
+
+    def __init__(self, dim, heads, qkv_bias=True, proj_bias=True):
         super().__init__()
         self.heads = heads
-        self.cross = context_dim is not None
-        if self.cross:
-            self.to_q = nn.Linear(dim, dim)
-            self.to_kv = nn.Linear(context_dim, 2 * dim)
-        else:
-            self.to_qkv = nn.Linear(dim, 3 * dim)  # one matmul for q, k and v
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x, context=None, mask=None):  # x (B, N, C), context (B, M, Cc), mask (B, 1, 1, M)
-        if self.cross:
-            q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
-            k, v = rearrange(self.to_kv(context), "b m (two h d) -> two b h m d", two=2, h=self.heads)
+    def forward(self, x, context=None, mask=None):  # x (B, N, D), context (B, M, D), mask (B, 1, 1, M) bool: attend
+        if context is None:
+            q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         else:
-            q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+            dim = x.shape[-1]
+            w_q, w_kv = self.qkv.weight.split([dim, 2 * dim])
+            b_q, b_kv = self.qkv.bias.split([dim, 2 * dim]) if self.qkv.bias is not None else (None, None)
+            q = rearrange(F.linear(x, w_q, b_q), "b n (h d) -> b h n d", h=self.heads)
+            k, v = rearrange(F.linear(context, w_kv, b_kv), "b m (two h d) -> two b h m d", two=2, h=self.heads)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, N, d)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
 class MLP(nn.Module):
-    def __init__(self, dim, ratio):
+    def __init__(self, dim, ratio, approximate="none"):  # approximate="tanh": SiT's GELU
         super().__init__()
-        self.fc = nn.Linear(dim, int(dim * ratio))
-        self.proj = nn.Linear(int(dim * ratio), dim)
+        self.fc1 = nn.Linear(dim, int(dim * ratio))
+        self.fc2 = nn.Linear(int(dim * ratio), dim)
+        self.approximate = approximate
 
     def forward(self, x):
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: self-attention, then MLP."""
+    """Pre-norm transformer block, timm's `Block`: self-attention, then MLP."""
 
-    def __init__(self, dim, heads, mlp_ratio):
+    def __init__(self, dim, heads, mlp_ratio, qkv_bias, eps):
         super().__init__()
-        self.ln_attn, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
-        self.ln_mlp, self.mlp = nn.LayerNorm(dim), MLP(dim, mlp_ratio)
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=eps), Attention(dim, heads, qkv_bias=qkv_bias)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=eps), MLP(dim, mlp_ratio)
 
     def forward(self, x, mask=None):
-        x = x + self.attn(self.ln_attn(x), mask=mask)
-        return x + self.mlp(self.ln_mlp(x))
+        x = x + self.attn(self.norm1(x), mask=mask)
+        return x + self.mlp(self.norm2(x))
 
 
 class QueryBlock(nn.Module):
-    """Triplane queries read the video (cross-attention), talk to each other, then an MLP."""
+    """Triplane queries read the video (cross-attention; the video tokens are not normalised here), talk
+    to each other (self-attention), then an MLP. No attention biases, LayerNorm eps 1e-6, as the authors'."""
 
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
-        self.ln_cross, self.ln_context = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.cross = Attention(dim, heads, context_dim=dim)
-        self.block = Block(dim, heads, mlp_ratio)
+        self.norm1, self.cross_attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads, qkv_bias=False, proj_bias=False)
+        self.norm2, self.self_attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads, qkv_bias=False, proj_bias=False)
+        self.norm3, self.mlp = nn.LayerNorm(dim, eps=1e-6), MLP(dim, mlp_ratio)
+        for attn in (self.cross_attn, self.self_attn):  # torch's MultiheadAttention initialises its in_proj so
+            nn.init.xavier_uniform_(attn.qkv.weight)
 
-    def forward(self, q, context, mask=None):
-        q = q + self.cross(self.ln_cross(q), self.ln_context(context), mask=mask)
-        return self.block(q)
+    def forward(self, q, video, mask=None):
+        q = q + self.cross_attn(self.norm1(q), video, mask=mask)
+        q = q + self.self_attn(self.norm2(q))
+        return q + self.mlp(self.norm3(q))
 
 
 def lookup_triplane(triplane, coords, grid_size):
     """Bilinear lookup of each (t, y, x) patch coordinate in the three planes.
 
-    The patch index is normalised to [0, 1] by (grid_size - 1): the first and last patch sit
-    on the planes' corner texels (align_corners=True), whatever the two resolutions are.
-    Returns the three C-vectors concatenated: (B, N, 3C).
+    The patch index is normalised to [0, 1] by (grid_size - 1): the first and last patch sit on the
+    planes' corner texels (align_corners=True), whatever the two resolutions are. Always in fp32, also
+    under bf16 autocast: on a 32-texel axis bf16 coordinates would be off by up to 0.06 texel.
+    Returns the three C-vectors concatenated (xy, xt, yt): (B, N, 3C).
     """
-    z_xy, z_xt, z_yt = triplane                                   # (B, C, Rs, Rs), (B, C, Rt, Rs) x2
-    gt, gh, gw = grid_size
-    scale = coords.new_tensor([max(gt - 1, 1), max(gh - 1, 1), max(gw - 1, 1)]).to(z_xy.dtype)
-    t, y, x = (coords.to(z_xy.dtype) / scale * 2 - 1).unbind(-1)  # each (B, N) in [-1, 1]
+    z_xy, z_xt, z_yt = (z.float() for z in triplane)             # (B, C, Rs, Rs), (B, C, Rt, Rs) x2
+    scale = coords.new_tensor([max(g - 1, 1) for g in grid_size], dtype=torch.float32)
+    t, y, x = (coords.float() / scale * 2 - 1).unbind(-1)        # each (B, N) in [-1, 1]
 
     def sample(plane, col, row):  # grid_sample reads (x=column, y=row) pairs
         grid = torch.stack([col, row], dim=-1).unsqueeze(1)       # (B, 1, N, 2)
         out = F.grid_sample(plane, grid, mode="bilinear", align_corners=True)  # (B, C, 1, N)
         return rearrange(out, "b c 1 n -> b n c")
 
-    return torch.cat([sample(z_xy, x, y), sample(z_xt, x, t), sample(z_yt, y, t)], dim=-1)
+    with torch.autocast(coords.device.type, enabled=False):
+        return torch.cat([sample(z_xy, x, y), sample(z_xt, x, t), sample(z_yt, y, t)], dim=-1)
 
 
 class CoordTok(nn.Module):
@@ -248,45 +272,46 @@ class CoordTok(nn.Module):
         super().__init__()
         validate_config(config)
         self.config = cfg = config
-        # encoder: 3D patches of the clip -> tokens -> ViT
+        W, C = cfg.enc_width, cfg.triplane_c
+        # encoder: 3D patches of the clip -> tokens ordered (t, row, col) -> a ViT with a CLS token
         self.enc_grid = (cfg.num_frames // cfg.enc_patch_t, cfg.img_size // cfg.enc_patch_s,
                          cfg.img_size // cfg.enc_patch_s)
         n_video = math.prod(self.enc_grid)
-        self.patch_embed = nn.Linear(cfg.enc_patch_t * cfg.enc_patch_s ** 2 * 3, cfg.enc_width)
-        self.enc_pos = nn.Parameter(torch.zeros(1, n_video, cfg.enc_width))
-        self.enc_blocks = nn.ModuleList(Block(cfg.enc_width, cfg.enc_heads, cfg.mlp_ratio)
+        patch = (cfg.enc_patch_t, cfg.enc_patch_s, cfg.enc_patch_s)
+        self.patch_embed = nn.Conv3d(3, W, kernel_size=patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, W))
+        self.enc_pos = nn.Parameter(torch.randn(1, n_video, W))
+        self.enc_blocks = nn.ModuleList(Block(W, cfg.enc_heads, cfg.mlp_ratio, qkv_bias=False, eps=cfg.block_eps)
                                         for _ in range(cfg.enc_layers))
-        # the learnable triplane, patchified into query tokens: a learned plane cut into patches
-        # and embedded linearly is exactly one learned vector per patch, so we store those
-        self.n_xy = (cfg.triplane_rs // cfg.query_patch_s) ** 2
-        self.n_time = (cfg.triplane_rt // cfg.query_patch_t) * (cfg.triplane_rs // cfg.query_patch_s)
-        self.queries = nn.Parameter(torch.zeros(1, self.n_xy + 2 * self.n_time, cfg.enc_width))
-        self.query_blocks = nn.ModuleList(QueryBlock(cfg.enc_width, cfg.enc_heads, cfg.mlp_ratio)
-                                          for _ in range(cfg.query_layers))
-        self.ln_query = nn.LayerNorm(cfg.enc_width)
-        # queries -> triplane patches of C channels (the time planes have taller patches)
-        self.to_xy = nn.Linear(cfg.enc_width, cfg.query_patch_s ** 2 * cfg.triplane_c)
-        self.to_time = nn.Linear(cfg.enc_width, cfg.query_patch_t * cfg.query_patch_s * cfg.triplane_c)
-        # decoder: triplane features + learned position of the coordinate -> ViT -> patch pixels
+        self.ln_enc = nn.LayerNorm(W)
+        self.cross_pos = nn.Parameter(torch.randn(1, n_video, W))  # the video tokens' positions for the queries
+        # the learnable triplane; each plane cut into patches and embedded by a conv gives the query tokens
+        self.plane_xy = nn.Parameter(torch.randn(1, C, cfg.triplane_rs, cfg.triplane_rs))
+        self.plane_xt = nn.Parameter(torch.randn(1, C, cfg.triplane_rt, cfg.triplane_rs))
+        self.plane_yt = nn.Parameter(torch.randn(1, C, cfg.triplane_rt, cfg.triplane_rs))
+        patch_xy, patch_time = (cfg.query_patch_s, cfg.query_patch_s), (cfg.query_patch_t, cfg.query_patch_s)
+        self.query_embed_xy = nn.Conv2d(C, W, kernel_size=patch_xy, stride=patch_xy)
+        self.query_embed_xt = nn.Conv2d(C, W, kernel_size=patch_time, stride=patch_time)
+        self.query_embed_yt = nn.Conv2d(C, W, kernel_size=patch_time, stride=patch_time)
+        self.query_blocks = nn.ModuleList(QueryBlock(W, cfg.enc_heads, cfg.mlp_ratio) for _ in range(cfg.query_layers))
+        self.ln_query = nn.LayerNorm(W, eps=1e-6)
+        # queries -> their patches of the triplane, one projection per plane
+        self.to_xy = nn.Linear(W, cfg.query_patch_s ** 2 * C)
+        self.to_xt = nn.Linear(W, cfg.query_patch_t * cfg.query_patch_s * C)
+        self.to_yt = nn.Linear(W, cfg.query_patch_t * cfg.query_patch_s * C)
+        # decoder: triplane features + the learned position of the coordinate -> ViT -> patch pixels
         gt, gh, gw = self.grid_size
-        self.dec_embed = nn.Linear(3 * cfg.triplane_c, cfg.dec_width)
-        # factorised position embedding: one table per axis, summed (gt + gh + gw rows, not gt*gh*gw)
-        self.dec_pos_t = nn.Parameter(torch.zeros(gt, cfg.dec_width))
-        self.dec_pos_y = nn.Parameter(torch.zeros(gh, cfg.dec_width))
-        self.dec_pos_x = nn.Parameter(torch.zeros(gw, cfg.dec_width))
-        self.dec_blocks = nn.ModuleList(Block(cfg.dec_width, cfg.dec_heads, cfg.mlp_ratio)
+        Wd = cfg.dec_width
+        self.dec_embed = nn.Linear(3 * C, Wd)
+        if cfg.factorised_dec_pos:  # gt + gh + gw rows, summed
+            self.dec_pos_t, self.dec_pos_y, self.dec_pos_x = (nn.Parameter(Wd ** -0.5 * torch.randn(n, Wd))
+                                                              for n in (gt, gh, gw))
+        else:  # the paper's: one row per patch of the clip (33.5M parameters at `large`)
+            self.dec_pos = nn.Parameter(Wd ** -0.5 * torch.randn(gt, gh, gw, Wd))
+        self.dec_blocks = nn.ModuleList(Block(Wd, cfg.dec_heads, cfg.mlp_ratio, qkv_bias=True, eps=cfg.block_eps)
                                         for _ in range(cfg.dec_layers))
-        self.ln_dec = nn.LayerNorm(cfg.dec_width)
-        self.to_pixels = nn.Linear(cfg.dec_width, math.prod(self.patch_size) * 3)
-        self.apply(self._init_weights)
-        for p in (self.enc_pos, self.queries, self.dec_pos_t, self.dec_pos_y, self.dec_pos_x):
-            nn.init.trunc_normal_(p, std=0.02)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+        self.ln_dec = nn.LayerNorm(Wd)
+        self.to_pixels = nn.Linear(Wd, math.prod(self.patch_size) * 3)
 
     @property
     def patch_size(self):  # decoder patch (pt, ph, pw)
@@ -305,74 +330,115 @@ class CoordTok(nn.Module):
     def num_floats(self):
         return self.num_tokens() * self.config.triplane_c
 
+    def real_video_tokens(self, n_frames):
+        """(B, Nv) bool: the encoder tokens that hold a real frame. n_frames (B,) real frames per clip; a
+        temporal patch counts as real when its first frame is, so a clip shorter than one patch keeps one."""
+        et, eh, ew = self.enc_grid
+        first_frame = torch.arange(et, device=n_frames.device) * self.config.enc_patch_t      # (et,)
+        return repeat(first_frame[None] < n_frames[:, None], "b t -> b (t hw)", hw=eh * ew)
+
     def encode(self, video, n_frames=None):
-        """video (B, T, H, W, 3) in [-1, 1] -> triplane (z_xy, z_xt, z_yt).
+        """video (B, T, H, W, 3) in [-1, 1] -> triplane (z_xy, z_xt, z_yt), (B, C, Rs, Rs), (B, C, Rt, Rs) x2.
 
-        n_frames (B,) marks padded clips: their padded frames are zeroed and the encoder tokens
-        made only of padding are masked out of attention, so padding never changes the code.
+        n_frames (B,) marks padded clips: padded frames are zeroed and the tokens made only of padding are
+        masked out of every attention (the ViT's and the queries'), so padding never changes the code.
         """
-        cfg, (et, eh, ew) = self.config, self.enc_grid
-        mask = None
+        cfg, B = self.config, video.shape[0]
+        real, vit_mask, cross_mask = None, None, None
         if n_frames is not None:
-            frame = torch.arange(video.shape[1], device=video.device)
-            video = video * (frame[None, :] < n_frames[:, None]).to(video.dtype)[:, :, None, None, None]
-            token_t = torch.arange(et, device=video.device).repeat_interleave(eh * ew)  # (Nv,)
-            mask = (token_t[None, :] * cfg.enc_patch_t < n_frames[:, None])[:, None, None, :]  # (B, 1, 1, Nv)
-        x = rearrange(video, "b (t pt) (h ph) (w pw) c -> b (t h w) (pt ph pw c)",
-                      pt=cfg.enc_patch_t, ph=cfg.enc_patch_s, pw=cfg.enc_patch_s)
-        x = self.patch_embed(x) + self.enc_pos                          # (B, Nv, We)
+            frame_is_real = torch.arange(video.shape[1], device=video.device)[None] < n_frames[:, None]  # (B, T)
+            video = video * frame_is_real[:, :, None, None, None].to(video.dtype)
+            real = self.real_video_tokens(n_frames)                                                # (B, Nv)
+            cross_mask = real[:, None, None, :]                                                    # (B, 1, 1, Nv)
+            vit_mask = F.pad(real, (1, 0), value=True)[:, None, None, :]                         # CLS is real
+        x = self.patch_embed(rearrange(video, "b t h w c -> b c t h w"))                          # (B, W, et, eh, ew)
+        x = rearrange(x, "b w t h s -> b (t h s) w") + self.enc_pos                               # (B, Nv, W)
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)                  # (B, 1 + Nv, W)
         for block in self.enc_blocks:
-            x = block(x, mask=mask)
-        q = self.queries + self.pooled_queries(x, mask)                 # (B, Nq, We)
+            x = block(x, mask=vit_mask)
+        video_tokens = self.ln_enc(x[:, 1:]) + self.cross_pos                                     # (B, Nv, W)
+        q = self.initial_queries().expand(B, -1, -1)                                              # (B, Nq, W)
+        if cfg.pooled_queries:
+            q = q + self.pooled_queries(video_tokens, real)
         for block in self.query_blocks:
-            q = block(q, x, mask=mask)
+            q = block(q, video_tokens, mask=cross_mask)
         q = self.ln_query(q)
-        q_xy, q_xt, q_yt = q.split([self.n_xy, self.n_time, self.n_time], dim=1)
-        qs, qt, rs_q = cfg.query_patch_s, cfg.query_patch_t, cfg.triplane_rs // cfg.query_patch_s
-        z_xy = rearrange(self.to_xy(q_xy), "b (h w) (ph pw c) -> b c (h ph) (w pw)", h=rs_q, ph=qs, pw=qs)
-        z_xt, z_yt = (rearrange(self.to_time(q_t), "b (t s) (pt ps c) -> b c (t pt) (s ps)", s=rs_q, pt=qt, ps=qs)
-                      for q_t in (q_xt, q_yt))
-        return z_xy, z_xt, z_yt                                         # (B, C, Rs, Rs), (B, C, Rt, Rs) x2
+        q_xy, q_xt, q_yt = q.split(self.query_counts, dim=1)
+        rs_q, (qs, qt) = cfg.triplane_rs // cfg.query_patch_s, (cfg.query_patch_s, cfg.query_patch_t)
+        z_xy = rearrange(self.to_xy(q_xy), "b (h w) (ph pw c) -> b c (h ph) (w pw)", w=rs_q, ph=qs, pw=qs)
+        z_xt = rearrange(self.to_xt(q_xt), "b (t s) (pt ps c) -> b c (t pt) (s ps)", s=rs_q, pt=qt, ps=qs)
+        z_yt = rearrange(self.to_yt(q_yt), "b (t s) (pt ps c) -> b c (t pt) (s ps)", s=rs_q, pt=qt, ps=qs)
+        return z_xy, z_xt, z_yt
 
-    def pooled_queries(self, x, mask=None):
-        """The video tokens averaged along each plane's missing axis, one vector per query token.
+    @property
+    def query_counts(self):  # query tokens per plane: xy, xt, yt
+        c = self.config
+        n_s, n_t = c.triplane_rs // c.query_patch_s, c.triplane_rt // c.query_patch_t
+        return [n_s * n_s, n_t * n_s, n_t * n_s]
 
-        Added to the learned queries, this starts every query from the content of its own region of
-        the clip; with learned queries alone, all queries begin alike and take many steps to tell
-        the regions of the clip apart.
+    def initial_queries(self):
+        """The learned planes, each cut into patches and embedded: (1, Nq, W), planes in the order xy, xt, yt."""
+        planes = ((self.query_embed_xy, self.plane_xy), (self.query_embed_xt, self.plane_xt),
+                  (self.query_embed_yt, self.plane_yt))
+        return torch.cat([rearrange(embed(plane), "1 w h s -> 1 (h s) w") for embed, plane in planes], dim=1)
+
+    def pooled_queries(self, video_tokens, real=None):
+        """The video tokens averaged along each plane's missing axis, one vector per query token (B, Nq, W).
+
+        Added to the learned queries, this starts every query from the content of its own region of the
+        clip instead of from a vector that knows nothing of the clip.
         """
         cfg, (et, eh, ew) = self.config, self.enc_grid
         rs_q, rt_q = cfg.triplane_rs // cfg.query_patch_s, cfg.triplane_rt // cfg.query_patch_t
-        x = rearrange(x, "b (t h w) c -> b c t h w", t=et, h=eh, w=ew)
-        real = torch.ones(1, 1, et, 1, 1, device=x.device, dtype=x.dtype)
-        if mask is not None:  # average over real time steps only
-            real = rearrange(mask[:, 0, 0].to(x.dtype), "b (t h w) -> b 1 t h w", t=et, h=eh, w=ew)[..., :1, :1]
-        xy = (x * real).sum(2) / real.sum(2)                            # (B, C, eh, ew)
+        x = rearrange(video_tokens, "b (t h w) c -> b c t h w", t=et, h=eh, w=ew)
+        weight = torch.ones(1, 1, et, 1, 1, device=x.device, dtype=x.dtype)
+        if real is not None:  # average over real time steps only
+            weight = rearrange(real.to(x.dtype), "b (t h w) -> b 1 t h w", t=et, h=eh, w=ew)[..., :1, :1]
+        xy = (x * weight).sum(2) / weight.sum(2)                        # (B, C, eh, ew)
         xt, yt = x.mean(3), x.mean(4)                                   # (B, C, et, ew), (B, C, et, eh)
         pooled = [F.adaptive_avg_pool2d(xy, rs_q), F.adaptive_avg_pool2d(xt, (rt_q, rs_q)),
                   F.adaptive_avg_pool2d(yt, (rt_q, rs_q))]
-        return torch.cat([rearrange(p, "b c h w -> b (h w) c") for p in pooled], dim=1)  # (B, Nq, We)
+        return torch.cat([rearrange(p, "b c h w -> b (h w) c") for p in pooled], dim=1)
+
+    def decoder_positions(self, coords):  # coords (B, N, 3) long -> (B, N, Wd)
+        t, y, x = coords.unbind(-1)
+        if self.config.factorised_dec_pos:
+            return self.dec_pos_t[t] + self.dec_pos_y[y] + self.dec_pos_x[x]
+        return self.dec_pos[t, y, x]
 
     def decode(self, triplane, coords):
-        """coords (B, N, 3) integer (t, y, x) patch indices -> patch pixels (B, N, pt*ph*pw*3)."""
-        x = self.dec_embed(lookup_triplane(triplane, coords, self.grid_size))  # (B, N, Wd)
-        t, y, xx = coords.unbind(-1)
-        x = x + self.dec_pos_t[t] + self.dec_pos_y[y] + self.dec_pos_x[xx]
+        """coords (B, N, 3) integer (t, y, x) patch indices -> patch pixels (B, N, pt*ph*pw*3), in (pt, row,
+        col, rgb) order. The coordinates of one clip attend to each other, so decode them together."""
+        x = self.dec_embed(lookup_triplane(triplane, coords, self.grid_size)) + self.decoder_positions(coords)
         for block in self.dec_blocks:
-            x = block(x)
+            x = block(x)                                                # (B, N, Wd)
         return self.to_pixels(self.ln_dec(x))
 
     @torch.no_grad()
-    def decode_video(self, triplane, chunk_frames=None):
-        """Decode every patch of the clip, decode_chunk temporal patches at a time -> (B, T, H, W, 3)."""
-        (gt, gh, gw), B = self.grid_size, triplane[0].shape[0]
-        chunk = chunk_frames or self.config.decode_chunk
-        grid = D.full_grid(self.grid_size, device=triplane[0].device)   # (gt*gh*gw, 3), frame-major
-        per_frame = gh * gw
-        patches = torch.cat([self.decode(triplane, grid[s * per_frame:(s + chunk) * per_frame].expand(B, -1, -1))
-                             for s in range(0, gt, chunk)], dim=1)      # (B, gt*gh*gw, D)
-        patches = rearrange(patches, "b (t h w) d -> b t h w d", t=gt, h=gh, w=gw)
-        return D.unpatchify(patches.float(), self.patch_size)
+    def decode_frames(self, triplane, frames, chunk=None):
+        """Decode only the given frames: random access, which a coordinate decoder has and a grid decoder
+        lacks. frames: frame indices (any order); returns (B, len(frames), H, W, 3).
+
+        The temporal patches that hold them are decoded, `chunk` (default decode_chunk) temporal patches
+        per call: each call is one attention over those patches' coordinates."""
+        frames = torch.as_tensor(frames, device=triplane[0].device).long().flatten()
+        (_, gh, gw), pt, B = self.grid_size, self.config.dec_patch_t, triplane[0].shape[0]
+        slots = torch.unique(frames // pt)                              # temporal patches needed, sorted
+        chunk = chunk or self.config.decode_chunk
+        frame_grid = D.full_grid((1, gh, gw), device=frames.device)     # (gh*gw, 3), t = 0
+        patches = []
+        for start in range(0, len(slots), chunk):
+            chosen = slots[start:start + chunk]                         # (K,)
+            coords = frame_grid[None] + F.pad(chosen[:, None, None], (0, 2))  # (K, gh*gw, 3)
+            patches.append(self.decode(triplane, rearrange(coords, "k p d -> 1 (k p) d").expand(B, -1, -1)))
+        patches = rearrange(torch.cat(patches, dim=1), "b (k h w) d -> b k h w d", h=gh, w=gw)
+        video = D.unpatchify(patches.float(), self.patch_size)          # (B, K*pt, H, W, 3)
+        position = torch.searchsorted(slots, frames // pt) * pt + frames % pt
+        return video[:, position]
+
+    def decode_video(self, triplane):
+        """Every frame of the clip: (B, T, H, W, 3)."""
+        return self.decode_frames(triplane, range(self.config.num_frames))
 
     def forward(self, video, coords, targets, n_frames=None):
         """One reconstruction: encode the clip, decode the patches at coords, L2 to the targets."""
@@ -389,12 +455,130 @@ class CoordTok(nn.Module):
                 per_layer += 4 * n * width ** 2 + 4 * context * width ** 2 + 4 * n * context * width
             return layers * per_layer
 
-        n_video, n_query = math.prod(self.enc_grid), self.queries.shape[1]
-        embed = 2 * n_video * self.patch_embed.in_features * cfg.enc_width
+        n_video, n_query = math.prod(self.enc_grid), sum(self.query_counts)
+        embed = 2 * n_video * 3 * cfg.enc_patch_t * cfg.enc_patch_s ** 2 * cfg.enc_width
         head = 2 * num_decoded * cfg.dec_width * self.to_pixels.out_features
-        return (embed + blocks(n_video, cfg.enc_width, cfg.enc_layers)
+        return (embed + blocks(n_video + 1, cfg.enc_width, cfg.enc_layers)
                 + blocks(n_query, cfg.enc_width, cfg.query_layers, context=n_video)
                 + blocks(num_decoded, cfg.dec_width, cfg.dec_layers) + head)
+
+    @classmethod
+    def from_official(cls, path_or_state_dict, official_kwargs=None):
+        """Our CoordTok carrying the authors' weights (github.com/huiwon-jang/CoordTok), the way nanoGPT's
+        GPT.from_pretrained carries GPT-2's: build the same architecture, rename and reshape their tensors.
+
+        path_or_state_dict: their released `CoordTok_UCF101_1M_50K.pth`, or a state dict of their CoordTok
+        (bare or under a "model" key, with or without DDP's "module." prefix). official_kwargs: the keyword
+        arguments their `CoordTok(...)` was built with; missing ones are the paper's (OFFICIAL_PAPER_KWARGS).
+        """
+        state = official_state_dict(path_or_state_dict, "encoder.encoder.patch_embed.proj.weight", "tokenizer")
+        model = cls(config_from_official(official_kwargs))
+        ours = {}
+        for name, tensor in state.items():
+            new_name = name
+            for pattern, replacement in OFFICIAL_TOKENIZER_NAMES:
+                new_name = re.sub(pattern, replacement, new_name)
+            if new_name.startswith("plane_"):                          # (1, R, R', C) -> (1, C, R, R')
+                tensor = rearrange(tensor, "1 h w c -> 1 c h w")
+            elif new_name == "dec_pos":                                 # (1, gt, gh, gw, D) -> (gt, gh, gw, D)
+                tensor = tensor[0]
+            ours[new_name] = tensor
+        load_official(model, ours, "tokenizer", official_kwargs)
+        return model
+
+
+# The authors' constructor arguments for the paper's CoordTok (their own defaults differ from the paper's).
+OFFICIAL_PAPER_KWARGS = dict(
+    video_shape=(128, 128, 128), enc_embed_dim=1024, enc_num_layers=24, enc_num_heads=16, enc_patch_size_xy=16,
+    enc_patch_size_t=8, enc_patch_type="transformer", enc_patch_num_layers=8, latent_resolution_xy=16,
+    latent_resolution_t=32, latent_n_features=8, latent_patch_size_xy=8, latent_patch_size_t=16,
+    dec_embed_dim=1024, dec_num_layers=24, dec_num_heads=16, dec_patch_size_xy=8, dec_patch_size_t=1,
+    lpips_loss_scale=0.0)
+
+# Their parameter names -> ours. Their planes are (xy, yt, xt), their "x" the row axis: their `yt` plane
+# is indexed by (t, column), which is our z_xt, and their `xt` (t, row) is our z_yt.
+OFFICIAL_TOKENIZER_NAMES = [
+    (r"^encoder\.encoder\.patch_embed\.proj\.", "patch_embed."),
+    (r"^encoder\.encoder\.cls_token$", "cls_token"),
+    (r"^encoder\.encoder\.pos_emb$", "enc_pos"),
+    (r"^encoder\.encoder\.layers\.", "enc_blocks."),
+    (r"^encoder\.encoder\.norm\.", "ln_enc."),
+    (r"^encoder\.cross_pos_emb$", "cross_pos"),
+    (r"^weight_tokens_xy$", "plane_xy"), (r"^weight_tokens_yt$", "plane_xt"), (r"^weight_tokens_xt$", "plane_yt"),
+    (r"^encoder\.patch_embeds_xy\.proj\.", "query_embed_xy."), (r"^encoder\.patch_embeds_yt\.proj\.", "query_embed_xt."),
+    (r"^encoder\.patch_embeds_xt\.proj\.", "query_embed_yt."),
+    (r"^encoder\.transformer\.layers\.", "query_blocks."),
+    (r"^encoder\.transformer\.norm\.", "ln_query."),
+    (r"^encoder\.projectors_xy\.", "to_xy."), (r"^encoder\.projectors_yt\.", "to_xt."),
+    (r"^encoder\.projectors_xt\.", "to_yt."),
+    (r"^decoder\.transformer\.pos_embed$", "dec_pos"),
+    (r"^decoder\.transformer\.patch_embed\.", "dec_embed."),
+    (r"^decoder\.transformer\.layers\.", "dec_blocks."),
+    (r"^decoder\.transformer\.norm\.", "ln_dec."),
+    (r"^decoder\.projector\.", "to_pixels."),
+    # inside the query blocks: torch's MultiheadAttention and an nn.Sequential MLP
+    (r"_attn\.in_proj_weight$", "_attn.qkv.weight"), (r"_attn\.out_proj\.", "_attn.proj."),
+    (r"\.mlp\.0\.", ".mlp.fc1."), (r"\.mlp\.3\.", ".mlp.fc2."),
+]
+
+
+def config_from_official(official_kwargs=None):
+    """Our CoordTokConfig for the authors' CoordTok(**official_kwargs); missing arguments are the paper's."""
+    unknown = set(official_kwargs or {}) - set(OFFICIAL_PAPER_KWARGS)
+    if unknown:
+        raise ValueError(f"unknown official CoordTok arguments {sorted(unknown)}; "
+                         f"they are {', '.join(OFFICIAL_PAPER_KWARGS)}")
+    k = {**OFFICIAL_PAPER_KWARGS, **(official_kwargs or {})}
+    frames, height, width = k["video_shape"]
+    if height != width or k["enc_patch_type"] != "transformer":
+        raise ValueError(f"only square frames and enc_patch_type 'transformer' exist in the authors' code, got "
+                         f"video_shape {k['video_shape']} and {k['enc_patch_type']!r}")
+    patches_per_frame = (height // k["dec_patch_size_xy"]) ** 2
+    return CoordTokConfig(
+        num_frames=frames, img_size=height, enc_patch_t=k["enc_patch_size_t"], enc_patch_s=k["enc_patch_size_xy"],
+        enc_width=k["enc_embed_dim"], enc_heads=k["enc_num_heads"], enc_layers=k["enc_patch_num_layers"],
+        query_layers=k["enc_num_layers"], triplane_rs=k["latent_resolution_xy"], triplane_rt=k["latent_resolution_t"],
+        triplane_c=k["latent_n_features"], query_patch_s=k["latent_patch_size_xy"],
+        query_patch_t=k["latent_patch_size_t"], dec_width=k["dec_embed_dim"], dec_heads=k["dec_num_heads"],
+        dec_layers=k["dec_num_layers"], dec_patch_t=k["dec_patch_size_t"], dec_patch_s=k["dec_patch_size_xy"],
+        decode_chunk=max(1, 1024 // patches_per_frame))  # their evaluation decodes 1024 patches per call
+
+
+def official_state_dict(path_or_state_dict, marker_key, what, prefer=("model",)):
+    """The authors' state dict from a file or dict: bare, or under one of the keys in `prefer`; DDP's
+    "module." prefix removed. Anything without marker_key is refused with what was found instead."""
+    source = path_or_state_dict
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"official {what} file {source} does not exist")
+        source = read_torch_file(source)
+    state = source
+    for key in prefer:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if isinstance(state, dict):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not isinstance(state, dict) or marker_key not in state:
+        found = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
+        name = path_or_state_dict if isinstance(path_or_state_dict, (str, os.PathLike)) else "the state dict"
+        raise ValueError(f"{name} is not the authors' {what}: expected a state dict with {marker_key!r} (bare, or "
+                         f"under {' or '.join(map(repr, prefer))}), found {found}")
+    return state
+
+
+def load_official(model, state, what, official_kwargs):
+    """load_state_dict, with a message that says which of the authors' arguments to pass when shapes differ."""
+    missing = sorted(set(model.state_dict()) - set(state))
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    wrong = [f"{k} {tuple(v.shape)} vs ours {tuple(model.state_dict()[k].shape)}" for k, v in state.items()
+             if k in model.state_dict() and v.shape != model.state_dict()[k].shape]
+    if missing or unexpected or wrong:
+        given = "the paper's configuration" if not official_kwargs else f"official_kwargs {official_kwargs}"
+        raise ValueError(f"the official {what} weights do not fit {given}: missing {missing[:4]}, unexpected "
+                         f"{unexpected[:4]}, other shapes {wrong[:4]}; pass the arguments it was built with as "
+                         f"official_kwargs")
+    model.load_state_dict(state)
 
 
 # -----------------------------------------------------------------------------
@@ -592,14 +776,32 @@ def time_is_up(t_start, max_time, device, ddp):
     return bool(flag)
 
 
-def load_checkpoint(path, kind):
+def check_out_dir(path, flag="--out_dir"):
+    """Create the output folder now and check that it takes files, so that a bad folder fails at start,
+    not at the first save after hours of work."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot write into {path!r} ({e.strerror or e}); pass a writable folder") from None
+
+
+def read_torch_file(path):
+    """torch.load of a checkpoint-like file, tensors only (no arbitrary pickled objects; the authors' SiT
+    files hold an argparse.Namespace, which is allowed), or a clear error."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"could not read checkpoint {path} ({type(e).__name__}: {e}); "
+        raise ValueError(f"could not read checkpoint {path} ({type(e).__name__}: {str(e)[:300]}); "
                          f"it is corrupt or not a torch file") from None
+
+
+def load_checkpoint(path, kind):
+    ckpt = read_torch_file(path)
     found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
     if found != kind:
         raise ValueError(f"{path} is a {found!r} file, not a {kind!r} checkpoint")
@@ -607,7 +809,18 @@ def load_checkpoint(path, kind):
 
 
 def load_tokenizer(path, device="cpu"):
-    """A trained CoordTok (eval mode) and its checkpoint dict."""
+    """A trained CoordTok (eval mode) and its checkpoint dict. Takes our checkpoints and the authors' released
+    tokenizer (CoordTok_UCF101_1M_50K.pth, the paper's configuration); the latter's dict says kind "official"
+    and carries no training metadata (data folder, split, step)."""
+    ckpt = read_torch_file(path)
+    if isinstance(ckpt, dict) and ckpt.get("kind") is None:
+        try:
+            model = CoordTok.from_official(ckpt)
+        except ValueError:
+            raise ValueError(f"{path} is neither a tokenizer checkpoint of ours nor the authors' released "
+                             f"tokenizer (keys: {sorted(ckpt)[:6]})") from None
+        ckpt = {"kind": "official", "model_config": asdict(model.config), "source": os.path.abspath(path)}
+        return model.to(device).eval(), ckpt
     ckpt = load_checkpoint(path, "coordtok_tokenizer")
     model = CoordTok(CoordTokConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])

@@ -184,30 +184,6 @@ def test_stage_two_fine_tunes_whole_frames_with_lpips(tmp_path, micro_videos):
     assert all(torch.isfinite(v).all() for v in s2["model"].values())
 
 
-def test_large_preset_is_the_paper_configuration():
-    cfg = T.PRESETS["large"]
-    with torch.device("meta"):
-        model = T.CoordTok(cfg)
-    assert model.num_tokens() == 1280 and model.num_floats() == 1280 * 8
-    assert math_prod(model.enc_grid) == 1024                                  # 16 x 8 x 8 video tokens
-    assert model.queries.shape == (1, 12, 1024)                               # 4 + 4 + 4 query tokens
-    assert math_prod(model.grid_size) == 32768 and model.patch_size == (1, 8, 8)
-    assert (len(model.enc_blocks), len(model.query_blocks), len(model.dec_blocks)) == (8, 24, 24)
-    assert model.enc_blocks[0].attn.heads == 16 and model.dec_blocks[0].attn.heads == 16
-    assert model.dec_embed.out_features == 1024 and model.to_pixels.out_features == 8 * 8 * 3
-    z_shapes = [(8, 16, 16), (8, 32, 16), (8, 32, 16)]
-    with torch.device("meta"):
-        z = model.encode(torch.empty(1, 128, 128, 128, 3))
-    assert [tuple(p.shape[1:]) for p in z] == z_shapes
-
-
-def math_prod(xs):
-    out = 1
-    for x in xs:
-        out *= x
-    return out
-
-
 def test_impossible_configs_name_the_flag():
     with pytest.raises(ValueError, match="--img_size 30 is not divisible by --enc_patch_s"):
         T.CoordTok(T.CoordTokConfig(**{**MICRO, "img_size": 30}))
