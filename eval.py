@@ -7,6 +7,7 @@ rFVD on whole clips, and how many tokens a clip becomes.
   python eval.py --num_frames 8                      # clips shorter than the model's (padded, real frames only)
   python eval.py --tokens --preset large             # the token table of a preset, no checkpoint (1280)
   python eval.py --fvd --real DIR --fake DIR         # FVD between two folders of videos (sample.py's output)
+  python eval.py --ckpt FILE --data DIR              # a checkpoint with no training split (the authors'): all clips
 
 Writes out/eval.json (every figure, the config, the checkpoint, the data, the date, the device),
 out/recon.mp4 (input | reconstruction, side by side) and out/recon.png (a few frames).
@@ -20,20 +21,23 @@ Metric conventions (DESIGN.md section 4):
   model, called on whole clips as uint8 (B, 3, T, H, W) in [0, 255] with rescale=True, resize=True,
   return_features=True, so the detector itself maps to [-1, 1] and resizes to 224x224. Features are
   accumulated in float64; the distance is between the two Gaussians (mean, population covariance).
-  FVD on few clips is biased upward: the clip count is printed beside every FVD.
+  FVD on few clips is biased upward: the clip count is printed beside every FVD. Generated clips scored
+  for FVD should be written losslessly (sample.py's FFV1 .mkv): H.264 changes the pixels the detector sees.
 Weights are fetched on first use into the torch hub cache or read from --i3d / --lpips_vgg / --lpips_lin.
-A metric whose weights cannot be had is reported as unavailable with the reason (null in the JSON).
+A metric whose weights cannot be had, or whose detector cannot take clips this short, is reported as
+unavailable with the reason (null in the JSON); any other failure of a metric stops the evaluation.
 """
 
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
+import socket
 import sys
 import time
-import urllib.request
 import warnings
 
 import av
@@ -50,18 +54,24 @@ import tokenizer as T
 # configuration
 
 # StyleGAN-V's detector and the way it is called: universome/stylegan-v, src/metrics/frechet_video_distance.py
-# (compute_fvd: detector_url, detector_kwargs) and src/metrics/metric_utils.py (the detector gets uint8
-# clips permuted to (B, C, T, H, W); generated frames are mapped with x * 127.5 + 128, clamped, cast to uint8)
+# (compute_fvd: detector_url, detector_kwargs) and src/metrics/metric_utils.py (uint8 clips permuted to
+# (B, C, T, H, W), one clip per call; generated frames mapped with x * 127.5 + 128, clamped, cast to uint8)
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
 I3D_FILE = "i3d_torchscript.pt"
 I3D_KWARGS = dict(rescale=True, resize=True, return_features=True)
+# Clips I3D cannot take: never for their frame size (the detector resizes to 224x224 first), but for their
+# length: the tf.hub I3D halves time three times ('same' padding) and ends with an average pool over 2 time
+# steps, so clips of 8 frames or fewer should be too short. That limit is the port's to state, so its own
+# refusal is recognised instead: PyTorch's messages for an input smaller than a kernel (pool, convolution).
+KERNEL_TOO_LARGE = ("smaller than kernel size", "Kernel size can't be greater", "Output size is too small")
 
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 
-# the 3D latent grid we compare the token count with: 4x down-sampling in time, 8x in space, as the
-# video VAEs of latent video diffusion (8192 tokens for 128x128x128); 4 channels as the common image/video
-# VAEs (Stable Diffusion's, PVDM's frame latents differ) - an assumption, stated in the table
+# The 3D latent grid CoordTok's token count is compared with, here and in bench.py: 4x down-sampling in time,
+# 8x in space, as the video VAEs of latent video diffusion (8192 tokens for 128x128x128). 4 channels, the
+# latent width of Stable Diffusion's VAE that many latent video models start from (newer video VAEs keep 8
+# to 16: the float comparison at 4 is the one least favourable to CoordTok); only the float count uses it.
 GRID_DOWNSAMPLE = (4, 8, 8)
 GRID_CHANNELS = 4
 
@@ -75,10 +85,13 @@ def parse_args(argv=None):
         epilog="--tokens also takes --preset NAME and any model flag of tokenizer.py (e.g. --triplane_rs 32).")
     parser.add_argument("--ckpt", default="out/tokenizer.pt", help="tokenizer checkpoint to evaluate")
     parser.add_argument("--data", default="", help="folder of videos; default: the data the checkpoint trained on")
-    parser.add_argument("--split", default="val", choices=("val", "train", "all"),
-                        help="val: the clips held out from training (same split as training)")
+    parser.add_argument("--split", default=None, choices=("val", "train", "all"),
+                        help="val: the clips held out from training (same split as training), the default; "
+                             "all: every clip, the default for a checkpoint that carries no training split")
     parser.add_argument("--num_clips", type=int, default=0, help="evaluate the first N clips (0: all)")
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--i3d_batch", type=int, default=1,
+                        help="clips per I3D call (StyleGAN-V: 1; a 128-frame clip at 224x224 is large)")
     parser.add_argument("--num_frames", type=int, default=0,
                         help="clip length (0: the model's; shorter ones are padded and masked). "
                              "With --fvd: 0 takes the length of the first fake video")
@@ -92,15 +105,15 @@ def parse_args(argv=None):
     parser.add_argument("--tokens", action="store_true", help="print the token table of --preset and exit")
     parser.add_argument("--fvd", action="store_true", help="FVD between the videos of --real and --fake")
     parser.add_argument("--real", default="", help="--fvd: folder of real videos")
-    parser.add_argument("--fake", default="", help="--fvd: folder of generated videos")
+    parser.add_argument("--fake", default="", help="--fvd: folder of generated videos (lossless .mkv preferred)")
     args, model_flags = parser.parse_known_args(argv)
     if model_flags and not args.tokens:
         parser.error(f"unrecognized arguments: {' '.join(model_flags)} "
                      f"(--preset and model flags only go with --tokens)")
     if args.fvd and not (args.real and args.fake):
         parser.error("--fvd needs both --real DIR and --fake DIR")
-    if args.batch_size < 1 or args.num_clips < 0 or args.num_frames < 0:
-        parser.error("--batch_size must be >= 1; --num_clips and --num_frames must be >= 0")
+    if min(args.batch_size, args.i3d_batch) < 1 or args.num_clips < 0 or args.num_frames < 0:
+        parser.error("--batch_size and --i3d_batch must be >= 1; --num_clips and --num_frames must be >= 0")
     return args, model_flags
 
 
@@ -171,23 +184,16 @@ def load_lpips(vgg_path, lin_path, device):
         return None, str(e).strip()
 
 
+def frame_metrics(lpips):
+    """The per-frame metrics in table order: eval.json key -> (table label, format, function (pred, target)
+    -> (B, T), or None without weights). A new metric is one entry: scoring, table and eval.json follow."""
+    lpips_fn = None if lpips is None else (lambda pred, target: lpips_per_frame(lpips, pred, target))
+    return {"psnr": ("PSNR", "{:.2f} dB", T.psnr_per_frame), "ssim": ("SSIM", "{:.4f}", ssim_per_frame),
+            "lpips": ("LPIPS", "{:.4f}", lpips_fn)}
+
+
 # -----------------------------------------------------------------------------
 # FVD: I3D features of whole clips, and the Frechet distance of two Gaussians
-
-
-def fetch(url, path, timeout=60):
-    """Download url to path (temporary file, then rename, so an interrupted download leaves nothing)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    print(f"fetching {url} to {path}", file=sys.stderr)
-    tmp = f"{path}.part{os.getpid()}"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def i3d_path(flag=""):
@@ -198,23 +204,69 @@ def i3d_path(flag=""):
 def load_i3d(path, device):
     """(StyleGAN-V's TorchScript I3D, "") or (None, why it is unavailable and how to supply it)."""
     target = i3d_path(path)
-    how = f"download {I3D_URL} to {target} or pass --i3d PATH"
     try:
         if not os.path.isfile(target):
             if path:
                 raise FileNotFoundError(f"{path} does not exist")
-            fetch(I3D_URL, target)
+            print(f"fetching {I3D_URL} to {target}", file=sys.stderr)
+            socket.setdefaulttimeout(60)  # a silent network fails in a minute instead of hanging
+            torch.hub.download_url_to_file(I3D_URL, target, progress=False)  # a temporary file, then renamed
         detector = torch.jit.load(target, map_location="cpu").eval().to(device)
     except Exception as e:  # offline, a corrupt file, ...: the other metrics must still run
-        return None, f"the I3D detector could not be loaded ({type(e).__name__}: {e}); {how}"
+        return None, (f"the I3D detector could not be loaded ({type(e).__name__}: {e}); "
+                      f"download {I3D_URL} to {target} or pass --i3d PATH")
     return detector, ""
 
 
+class ClipsTooShortForI3D(ValueError):
+    """The detector refused clips smaller than one of its kernels (see KERNEL_TOO_LARGE)."""
+
+
 @torch.no_grad()
-def i3d_features(detector, clips, device):
-    """uint8 clips (B, T, H, W, 3) -> I3D features (B, F) float64, called as StyleGAN-V calls the detector."""
-    x = rearrange(clips, "b t h w c -> b c t h w").contiguous().to(device)  # (B, 3, T, H, W) uint8 in [0, 255]
-    return detector(x, **I3D_KWARGS).double().cpu()
+def i3d_features(detector, clips, device, i3d_batch=1):
+    """uint8 clips (B, T, H, W, 3) -> I3D features (B, F) float64, called as StyleGAN-V calls the detector,
+    i3d_batch clips per call. Raises ClipsTooShortForI3D when the detector cannot take clips of this length;
+    any other failure (out of memory included) propagates."""
+    features = []
+    for chunk in clips.split(i3d_batch):
+        x = rearrange(chunk, "b t h w c -> b c t h w").contiguous().to(device)  # (b, 3, T, H, W) uint8 in [0, 255]
+        try:
+            features.append(detector(x, **I3D_KWARGS).double().cpu())   # (b, F)
+        except RuntimeError as e:  # what a TorchScript op raises, out of memory included
+            refusal = [line for line in str(e).splitlines() if any(m in line for m in KERNEL_TOO_LARGE)]
+            if not refusal:
+                raise
+            raise ClipsTooShortForI3D(f"the I3D detector cannot take clips of {x.shape[2]} frames "
+                                      f"({refusal[-1].strip()}); the tf.hub I3D's strides call for 9 or more") from None
+    return torch.cat(features)
+
+
+def clip_loader(folder, img_size, num_frames, split="all", random_start=False, val_fraction=0.1, num_clips=0,
+                batch_size=8, num_workers=0):
+    """The first num_clips clips (0: all) of a split of a folder of videos, in order, once."""
+    dataset = D.VideoDataset(folder, img_size, num_frames, split, random_start, val_fraction)
+    if len(dataset) == 0:
+        raise ValueError(f"the {split!r} split of {folder} has no clips (val_fraction {val_fraction}); "
+                         f"add videos, or pass --split all")
+    if num_clips:
+        dataset = torch.utils.data.Subset(dataset, range(min(num_clips, len(dataset))))
+    return D.make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, distributed=False,
+                         infinite=False, drop_last=False)
+
+
+def folder_features(detector, folder, num_frames, img_size, device, i3d_batch=1, **clip_loader_options):
+    """I3D features (N, F) float64 of the clips of a folder of videos, StyleGAN-V style: each clip from the
+    first frame or (random_start=True) a seeded random one, videos shorter than num_frames left out."""
+    features, short = [], 0
+    loader = clip_loader(folder, img_size, num_frames, **clip_loader_options)
+    for batch in tqdm(loader, desc=f"I3D features of {folder}", leave=False):
+        whole = batch["n_frames"] == num_frames
+        short += int((~whole).sum())
+        if whole.any():
+            features.append(i3d_features(detector, batch["video"][whole], device, i3d_batch))
+    if short:
+        warnings.warn(f"{short} videos in {folder} are shorter than {num_frames} frames and were left out")
+    return torch.cat(features).numpy() if features else np.zeros((0, 1))
 
 
 def feature_stats(features):
@@ -259,14 +311,20 @@ def fvd_from_features(real, fake):
 # token counts: the triplane against raw pixels and a 3D latent grid of the same clip
 
 
+def grid_latent_shape(num_frames, img_size, channels=GRID_CHANNELS):
+    """(C, T', H', W') of the GRID_DOWNSAMPLE latent grid of a clip; a partial block still makes a latent."""
+    dt, dh, dw = GRID_DOWNSAMPLE
+    return channels, math.ceil(num_frames / dt), math.ceil(img_size / dh), math.ceil(img_size / dw)
+
+
 def token_counts(model, num_frames):
     cfg = model.config
-    dt, dh, dw = GRID_DOWNSAMPLE
-    grid_tokens = math.ceil(num_frames / dt) * math.ceil(cfg.img_size / dh) * math.ceil(cfg.img_size / dw)
+    channels, *grid = grid_latent_shape(num_frames, cfg.img_size)
+    grid_tokens = math.prod(grid)
     counts = dict(frames=num_frames, img_size=cfg.img_size, tokens=model.num_tokens(), floats=model.num_floats(),
                   channels=cfg.triplane_c, raw_floats=num_frames * cfg.img_size ** 2 * 3,
-                  grid_downsample=list(GRID_DOWNSAMPLE), grid_channels=GRID_CHANNELS, grid_tokens=grid_tokens,
-                  grid_floats=grid_tokens * GRID_CHANNELS)
+                  grid_downsample=list(GRID_DOWNSAMPLE), grid_channels=channels, grid_tokens=grid_tokens,
+                  grid_floats=grid_tokens * channels)
     counts["compression_vs_raw"] = counts["raw_floats"] / counts["floats"]
     counts["grid_tokens_per_token"] = grid_tokens / counts["tokens"]
     counts["grid_floats_per_float"] = counts["grid_floats"] / counts["floats"]
@@ -294,7 +352,83 @@ def print_table(title, rows):
 
 
 # -----------------------------------------------------------------------------
-# previews: side-by-side mp4 and a PNG strip
+# evaluating a tokenizer: reconstruct the clips, score the reconstructions, report (table, eval.json, previews)
+
+
+@torch.no_grad()
+def reconstruct(model, loader, num_frames, device):
+    """Encode and decode the loader's clips. Yields per batch: the clips as read, uint8 (B, Tc, S, S, 3); their
+    reconstructions in [-1, 1] (B, Tc, S, S, 3) on the device; the real frames of each clip (B,); the seconds
+    the model took (the device synchronised). The padding of clips shorter than the model's T frames is
+    masked only when a clip is short of the model's length (as in training)."""
+    model_frames = model.config.num_frames
+    for batch in tqdm(loader, desc=f"evaluating {len(loader.dataset)} clips", dynamic_ncols=True):
+        clips, n_frames = batch["video"], batch["n_frames"].clamp(max=num_frames)  # (B, Tc, S, S, 3) uint8, (B,)
+        video = D.from_uint8(clips.to(device))                                  # (B, Tc, S, S, 3) in [-1, 1]
+        padded = F.pad(video, (0, 0, 0, 0, 0, 0, 0, model_frames - num_frames))  # (B, T, S, S, 3)
+        short = bool((n_frames < model_frames).any())
+        start = time.perf_counter()
+        with T.autocast(device):
+            triplane = model.encode(padded, n_frames.to(device) if short else None)
+            recon = model.decode_video(triplane)[:, :num_frames].float()       # (B, Tc, S, S, 3)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        yield clips, recon, n_frames, time.perf_counter() - start
+
+
+@torch.no_grad()
+def score(batches, metrics, detector, i3d_batch, device):
+    """Score reconstruct()'s batches: each per-frame metric of frame_metrics averaged over every real frame,
+    and rFVD between the whole clips and their reconstructions (StyleGAN-V takes whole clips only).
+    -> (eval.json's figures: the metric means, None for a metric without function or detector, rfvd,
+    rfvd_clips, clips, real_frames, encode_decode_clips_per_s; why the detector refused the clips, or "")."""
+    sums = dict.fromkeys([*metrics, "clips", "real_frames", "seconds"], 0)
+    features, refusal = ([], []), ""
+    for clips, recon, n_frames, seconds in batches:
+        target = D.from_uint8(clips.to(device))                                 # (B, Tc, S, S, 3)
+        real = (torch.arange(clips.shape[1]) < n_frames[:, None]).to(device)    # (B, Tc)
+        for name, (_, _, metric) in metrics.items():
+            sums[name] += metric(recon, target)[real].sum().item() if metric else 0
+        for name, value in (("clips", len(clips)), ("real_frames", int(real.sum())), ("seconds", seconds)):
+            sums[name] += value
+        whole = n_frames == clips.shape[1]
+        try:
+            if detector is not None and not refusal and whole.any():
+                features[0].append(i3d_features(detector, clips[whole], device, i3d_batch))
+                features[1].append(i3d_features(detector, D.to_uint8(recon).cpu()[whole], device, i3d_batch))
+        except ClipsTooShortForI3D as e:
+            features, refusal = ([], []), str(e)
+    real_features, recon_features = (torch.cat(f).numpy() if f else np.zeros((0, 1)) for f in features)
+    rfvd, reason = (fvd_from_features(real_features, recon_features) if detector is not None and not refusal
+                    else (None, refusal))
+    figures = {name: sums[name] / sums["real_frames"] if metric else None for name, (_, _, metric) in metrics.items()}
+    return dict(figures, rfvd=rfvd, rfvd_clips=len(real_features), clips=sums["clips"], real_frames=sums["real_frames"],
+                encode_decode_clips_per_s=sums["clips"] / sums["seconds"]), reason
+
+
+def report(result, metrics, preview, out_dir):
+    """Print the table of an evaluation (the figures of eval.json), then write eval.json and the previews."""
+    def show(name, fmt):  # fmt may name other figures, as rFVD's clip count
+        value = result[name]
+        return fmt.format(value, **result) if value is not None else f"unavailable: {result['unavailable'][name]}"
+
+    clips, frames, model_frames = result["clips"], result["frames_per_clip"], result["model_frames"]
+    frames_row = f"{frames}" + (f" (model: {model_frames})" if frames != model_frames else "")
+    if result["real_frames"] != clips * frames:
+        frames_row += f"; {result['real_frames']} real frames evaluated"
+    no_split = "; the checkpoint carries no training split" if result["train_config"] is None else ""
+    rows = [("clips", f"{clips} ({result['split']} split of {result['data']}{no_split})"),
+            ("frames per clip", frames_row), ("resolution", "{}x{}".format(*result["resolution"])),
+            *[(label, show(name, fmt)) for name, (label, fmt, _) in metrics.items()],
+            ("rFVD", show("rfvd", "{:.1f} ({rfvd_clips} clips)")), *token_rows(result["tokens"]),
+            ("encode + decode", f"{result['encode_decode_clips_per_s']:.2f} clips/s on {result['device']}")]
+    step = "" if result["step"] is None else f" (step {result['step']})"
+    print_table(f"CoordTok evaluation of {result['checkpoint']}{step}", rows)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    write_previews(out_dir, *preview)
+    print(f"wrote {os.path.join(out_dir, 'eval.json')}, recon.mp4 and recon.png")
 
 
 def write_previews(out_dir, inputs, recons, n_frames):
@@ -346,30 +480,17 @@ def fvd_command(args, device):
             stream = container.streams.video[0]
             size = min(stream.codec_context.width, stream.codec_context.height)
         num_frames, img_size = num_frames or D.probe_video(first[0][0]), img_size or size
-    features, counts = {}, {}
-    for side, folder, random_start in (("real", args.real, True), ("fake", args.fake, False)):
-        dataset = D.VideoDataset(folder, img_size, num_frames, split="all", random_start=random_start)
-        if args.num_clips:
-            dataset = torch.utils.data.Subset(dataset, range(min(args.num_clips, len(dataset))))
-        loader = D.make_loader(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers,
-                               distributed=False, infinite=False, drop_last=False)
-        feats, short = [], 0
-        for batch in tqdm(loader, desc=f"I3D features of {folder}", leave=False):
-            whole = batch["n_frames"] == num_frames                   # StyleGAN-V discards short videos
-            short += int((~whole).sum())
-            if whole.any():
-                feats.append(i3d_features(detector, batch["video"][whole], device))
-        if short:
-            warnings.warn(f"{short} videos in {folder} are shorter than {num_frames} frames and were left out")
-        features[side] = torch.cat(feats).numpy() if feats else np.zeros((0, 1))
-        counts[side] = len(features[side])
-    fvd, reason = fvd_from_features(features["real"], features["fake"])
+    real, fake = (folder_features(detector, folder, num_frames, img_size, device, args.i3d_batch,
+                                  random_start=random_start, num_clips=args.num_clips,
+                                  batch_size=args.batch_size, num_workers=args.num_workers)
+                  for folder, random_start in ((args.real, True), (args.fake, False)))
+    fvd, reason = fvd_from_features(real, fake)
     if fvd is None:
         raise SystemExit(f"FVD unavailable: {reason}")
-    print(f"FVD {fvd:.2f}  ({counts['real']} real / {counts['fake']} fake clips of {num_frames} frames at "
+    print(f"FVD {fvd:.2f}  ({len(real)} real / {len(fake)} fake clips of {num_frames} frames at "
           f"{img_size}x{img_size}; StyleGAN-V's I3D; FVD on few clips is biased upward)")
     result = dict(fvd=fvd, real=os.path.abspath(args.real), fake=os.path.abspath(args.fake),
-                  real_clips=counts["real"], fake_clips=counts["fake"], num_frames=num_frames, img_size=img_size,
+                  real_clips=len(real), fake_clips=len(fake), num_frames=num_frames, img_size=img_size,
                   date=datetime.datetime.now().isoformat(timespec="seconds"), device=describe(device))
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "fvd.json"), "w") as f:
@@ -383,123 +504,46 @@ def describe(device):
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-@torch.no_grad()
 def evaluate_command(args, device):
-    # the model and the clips it is evaluated on
+    # the model and the clips it is evaluated on. A checkpoint without training metadata (the authors' release)
+    # names no data and holds no files out: --data is needed, and all its clips are unseen by default
     if not os.path.isfile(args.ckpt):
         raise FileNotFoundError(f"checkpoint {args.ckpt} does not exist; train one with `python tokenizer.py` "
                                 f"or pass --ckpt PATH")
     model, ckpt = T.load_tokenizer(args.ckpt, device)
-    cfg = model.config
-    model_frames = cfg.num_frames
-    num_frames = args.num_frames or model_frames
-    if num_frames > model_frames:
-        raise ValueError(f"--num_frames {num_frames} is longer than the {model_frames} frames this model was "
-                         f"trained on (its time positions and the triplane's time axis cover {model_frames}); "
-                         f"pass --num_frames {model_frames} or less")
+    cfg, train_config = model.config, ckpt.get("train_config")
+    num_frames = args.num_frames or cfg.num_frames
+    if num_frames > cfg.num_frames:
+        raise ValueError(f"--num_frames {num_frames} is longer than the {cfg.num_frames} frames this model was "
+                         f"trained on (its time positions and the triplane's time axis cover {cfg.num_frames}); "
+                         f"pass --num_frames {cfg.num_frames} or less")
     data_dir = args.data or ckpt.get("data", "")
-    if not data_dir or not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"data folder {data_dir!r} (from {'--data' if args.data else args.ckpt}) does "
-                                f"not exist; pass --data DIR with the videos to evaluate on")
-    val_fraction = ckpt.get("train_config", {}).get("val_fraction", 0.1)  # the held-out files of training
-    dataset = D.VideoDataset(data_dir, cfg.img_size, num_frames, split=args.split, random_start=False,
-                             val_fraction=val_fraction)
-    if len(dataset) == 0:
-        raise ValueError(f"the {args.split!r} split of {data_dir} has no clips (val_fraction {val_fraction}); "
-                         f"add videos, or pass --split all")
-    if args.num_clips:
-        dataset = torch.utils.data.Subset(dataset, range(min(args.num_clips, len(dataset))))
-    loader = D.make_loader(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers,
-                           distributed=False, infinite=False, drop_last=False)
+    if not os.path.isdir(data_dir):
+        found = (f"data folder {data_dir!r} (from {'--data' if args.data else args.ckpt}) does not exist" if data_dir
+                 else f"{args.ckpt} does not name the videos it was trained on")
+        raise FileNotFoundError(f"{found}; pass --data DIR with the videos to evaluate on")
+    split = args.split or ("val" if train_config is not None else "all")
+    val_fraction = (train_config or {}).get("val_fraction", 0.1)  # the held-out files of training
+    loader = clip_loader(data_dir, cfg.img_size, num_frames, split, val_fraction=val_fraction,
+                         num_clips=args.num_clips, batch_size=args.batch_size, num_workers=args.num_workers)
     lpips, lpips_reason = load_lpips(args.lpips_vgg, args.lpips_lin, device)
-    detector, fvd_reason = load_i3d(args.i3d, device)
+    detector, i3d_reason = load_i3d(args.i3d, device)
+    metrics = frame_metrics(lpips)
 
-    sums = dict(psnr=0.0, ssim=0.0, lpips=0.0)
-    real_frames, clips, model_seconds = 0, 0, 0.0
-    real_feats, recon_feats = [], []
-    preview = None
-    for batch in tqdm(loader, desc=f"evaluating {len(dataset)} clips", dynamic_ncols=True):
-        clip_u8 = batch["video"]                                      # (B, Tc, S, S, 3) uint8, Tc = num_frames
-        n_frames = batch["n_frames"].clamp(max=num_frames)            # (B,) real frames
-        video = D.from_uint8(clip_u8.to(device))               # (B, Tc, S, S, 3) in [-1, 1]
-        padded = F.pad(video, (0, 0, 0, 0, 0, 0, 0, model_frames - num_frames))  # (B, T, S, S, 3)
-        # the padding mask only when a clip is short of the model's length (as in training)
-        short = bool((n_frames < model_frames).any())
-        t0 = time.perf_counter()
-        with T.autocast(device):
-            triplane = model.encode(padded, n_frames.to(device) if short else None)
-            recon = model.decode_video(triplane)[:, :num_frames].float()  # (B, Tc, S, S, 3)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        model_seconds += time.perf_counter() - t0
-
-        real = (torch.arange(num_frames)[None, :] < n_frames[:, None]).to(device)  # (B, Tc)
-        sums["psnr"] += T.psnr_per_frame(recon, video)[real].sum().item()
-        sums["ssim"] += ssim_per_frame(recon, video)[real].sum().item()
-        if lpips is not None:
-            sums["lpips"] += lpips_per_frame(lpips, recon, video)[real].sum().item()
-        real_frames += int(real.sum())
-        clips += len(n_frames)
-        recon_u8 = D.to_uint8(recon).cpu()
-        if detector is not None:
-            whole = n_frames == num_frames                            # rFVD on whole clips only
-            try:
-                if whole.any():
-                    real_feats.append(i3d_features(detector, clip_u8[whole], device))
-                    recon_feats.append(i3d_features(detector, recon_u8[whole], device))
-            except Exception as e:  # e.g. a clip too short or small for I3D's kernels
-                real_feats, recon_feats = [], []
-                detector, fvd_reason = None, (f"the I3D detector failed on clips of {num_frames} frames at "
-                                              f"{cfg.img_size}x{cfg.img_size} ({type(e).__name__}: {e})")
-        if preview is None:
-            preview = (clip_u8[:PREVIEW_CLIPS], recon_u8[:PREVIEW_CLIPS], n_frames[:PREVIEW_CLIPS])
-
-    metrics = {k: v / real_frames for k, v in sums.items()}
-    unavailable = {}
-    if lpips is None:
-        metrics["lpips"], unavailable["lpips"] = None, lpips_reason
-    rfvd_clips = sum(len(f) for f in real_feats)
-    metrics["rfvd"] = None
-    if detector is not None:
-        metrics["rfvd"], reason = fvd_from_features(torch.cat(real_feats).numpy() if real_feats else [],
-                                                    torch.cat(recon_feats).numpy() if recon_feats else [])
-        if reason:
-            unavailable["rfvd"] = reason
-    else:
-        unavailable["rfvd"] = fvd_reason
-    counts = token_counts(model, num_frames)
-    throughput = clips / model_seconds
-
-    # report: the table, eval.json, the previews
-    def show(name, fmt):
-        return fmt.format(metrics[name]) if metrics[name] is not None else f"unavailable: {unavailable[name]}"
-
-    rows = [("clips", f"{clips} ({args.split} split of {data_dir})"),
-            ("frames per clip", f"{num_frames}" + (f" (model: {model_frames})" if num_frames != model_frames else "")
-             + (f"; {real_frames} real frames evaluated" if real_frames != clips * num_frames else "")),
-            ("resolution", f"{cfg.img_size}x{cfg.img_size}"),
-            ("PSNR", show("psnr", "{:.2f} dB")),
-            ("SSIM", show("ssim", "{:.4f}")),
-            ("LPIPS", show("lpips", "{:.4f}")),
-            ("rFVD", show("rfvd", "{:.1f}") + (f" ({rfvd_clips} clips)" if metrics["rfvd"] is not None else ""))]
-    rows += token_rows(counts)
-    rows.append(("encode + decode", f"{throughput:.2f} clips/s on {describe(device)}"))
-    step = ckpt.get("step", "?")
-    print_table(f"CoordTok evaluation of {args.ckpt} (step {step})", rows)
-
-    os.makedirs(args.out_dir, exist_ok=True)
+    batches = reconstruct(model, loader, num_frames, device)
+    clips, recon, n_frames, _ = first = next(batches)                         # the first clips are previewed
+    preview = (clips[:PREVIEW_CLIPS], D.to_uint8(recon[:PREVIEW_CLIPS]).cpu(), n_frames[:PREVIEW_CLIPS])
+    figures, rfvd_reason = score(itertools.chain([first], batches), metrics, detector, args.i3d_batch, device)
+    unavailable = {name: reason for name, reason in (("lpips", lpips_reason), ("rfvd", rfvd_reason or i3d_reason))
+                   if figures[name] is None}
     result = dict(
-        checkpoint=os.path.abspath(args.ckpt), step=step, data=os.path.abspath(data_dir), split=args.split,
+        checkpoint=os.path.abspath(args.ckpt), step=ckpt.get("step"), data=os.path.abspath(data_dir), split=split,
         date=datetime.datetime.now().isoformat(timespec="seconds"), device=describe(device),
-        torch=torch.__version__, clips=clips, frames_per_clip=num_frames, model_frames=model_frames,
-        real_frames=real_frames, resolution=[cfg.img_size, cfg.img_size], **metrics, rfvd_clips=rfvd_clips,
-        unavailable=unavailable, tokens=counts, encode_decode_clips_per_s=throughput,
-        i3d=dict(url=I3D_URL, kwargs=I3D_KWARGS, path=i3d_path(args.i3d)),
-        model_config=dataclasses.asdict(cfg), train_config=ckpt.get("train_config"))
-    with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    write_previews(args.out_dir, *preview)
-    print(f"wrote {os.path.join(args.out_dir, 'eval.json')}, recon.mp4 and recon.png")
+        torch=torch.__version__, frames_per_clip=num_frames, model_frames=cfg.num_frames,
+        resolution=[cfg.img_size, cfg.img_size], **figures, unavailable=unavailable,
+        tokens=token_counts(model, num_frames), i3d=dict(url=I3D_URL, kwargs=I3D_KWARGS, path=i3d_path(args.i3d)),
+        model_config=dataclasses.asdict(cfg), train_config=train_config)
+    report(result, metrics, preview, args.out_dir)
     return result
 
 

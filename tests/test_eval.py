@@ -16,6 +16,7 @@ import pytest
 import scipy.linalg
 import skimage.io
 import torch
+import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import data as D
@@ -43,31 +44,90 @@ class StandInI3D(torch.nn.Module):
             raise ValueError("expected uint8 clips of shape (B, 3, T, H, W)")
         if not (rescale and resize and return_features):
             raise ValueError("expected rescale=True, resize=True, return_features=True")
-        v = x.float() / 127.5 - 1                                              # (B, 3, T, H, W)
+        v = D.from_uint8(x)                                                    # (B, 3, T, H, W)
         motion = (v[:, :, 1:] - v[:, :, :-1]).abs().mean(dim=(2, 3, 4))      # (B, 3)
         texture = (v[:, :, :, 1:] - v[:, :, :, :-1]).abs().mean(dim=(2, 3, 4))
         return torch.cat([v.mean(dim=(2, 3, 4)), v.std(dim=(2, 3, 4)), motion, texture], dim=1)  # (B, 12)
 
 
-def published_vgg16_features(seed=0):
-    """Random tensors with the key names and shapes of torchvision's vgg16 state dict (features part)."""
-    shapes, c_in, index = {}, 3, 0
-    for c in T.VGG16_CHANNELS:
-        if c == "M":
-            index += 1
-            continue
-        shapes[f"features.{index}.weight"], shapes[f"features.{index}.bias"] = (c, c_in, 3, 3), (c,)
-        c_in, index = c, index + 2
+class StandInI3DFailing(torch.nn.Module):
+    """A detector that runs out of memory: a failure of the machine, which must stop the evaluation."""
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                return_features: bool = False) -> torch.Tensor:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+class StandInI3DNineFrames(torch.nn.Module):
+    """A detector whose time kernel spans 9 frames, the length the real one should need (its time is halved
+    three times before a 2-step average pool): shorter clips make PyTorch itself refuse them."""
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                return_features: bool = False) -> torch.Tensor:
+        return F.avg_pool3d(D.from_uint8(x), (9, 1, 1)).mean(dim=(2, 3, 4))  # (B, 3)
+
+
+def scripted(module, path):
+    """Save a stand-in detector as TorchScript, the form StyleGAN-V publishes its I3D in."""
+    torch.jit.save(torch.jit.script(module), str(path))
+    return str(path)
+
+
+# The published weight layouts, written out here rather than taken from the code under test.
+# torchvision's vgg16 `features`: (index, out channels, in channels) of each 3x3 convolution (padding 1), each
+# followed by a ReLU at the next index; "M" is a 2x2 max-pool. Its classifier must be ignored by LPIPS.
+VGG16_FEATURES = [(0, 64, 3), (2, 64, 64), "M", (5, 128, 64), (7, 128, 128), "M",
+                  (10, 256, 128), (12, 256, 256), (14, 256, 256), "M",
+                  (17, 512, 256), (19, 512, 512), (21, 512, 512), "M",
+                  (24, 512, 512), (26, 512, 512), (28, 512, 512)]
+VGG16_CLASSIFIER = {"classifier.0": (4096, 25088), "classifier.3": (4096, 4096), "classifier.6": (1000, 4096)}
+# LPIPS v0.1 (VGG): the features after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (torchvision indices) and
+# their channels; the input scaling for images in [-1, 1]; `linK.model.1.weight` of shape (1, C, 1, 1).
+LPIPS_TAPS = {3: 64, 8: 128, 15: 256, 22: 512, 29: 512}
+LPIPS_SHIFT, LPIPS_SCALE = (-0.030, -0.088, -0.188), (0.458, 0.448, 0.450)
+
+
+def published_vgg16(seed=0):
+    """Random tensors under the key names and shapes of torchvision's vgg16 state dict. The classifier's are
+    stride-0 views of one zero (the published shapes in next to no memory)."""
     gen = torch.Generator().manual_seed(seed)
-    state = {k: torch.randn(s, generator=gen) * 0.05 for k, s in shapes.items()}
-    state["classifier.6.weight"] = torch.zeros(1000, 4096)  # the published file has these too
+    state = {}
+    for layer in VGG16_FEATURES:
+        if layer != "M":
+            index, c_out, c_in = layer
+            state[f"features.{index}.weight"] = torch.randn(c_out, c_in, 3, 3, generator=gen) * (2 / (9 * c_in)) ** 0.5
+            state[f"features.{index}.bias"] = torch.randn(c_out, generator=gen) * 0.1
+    for name, shape in VGG16_CLASSIFIER.items():
+        state[f"{name}.weight"], state[f"{name}.bias"] = torch.zeros(1).expand(shape), torch.zeros(1).expand(shape[0])
     return state
 
 
-def published_lpips_lin():
-    gen = torch.Generator().manual_seed(1)
-    return {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=gen)
-            for k, c in enumerate((64, 128, 256, 512, 512))}
+def published_lpips_lin(seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=gen) for k, c in enumerate(LPIPS_TAPS.values())}
+
+
+def reference_lpips(vgg, lin, x, y):
+    """LPIPS v0.1 computed the plain way: images (N, 3, H, W) in [-1, 1] -> (N,)."""
+    shift, scale = (torch.tensor(v).view(1, 3, 1, 1) for v in (LPIPS_SHIFT, LPIPS_SCALE))
+
+    def taps(image):
+        h, out = (image - shift) / scale, []
+        for layer in VGG16_FEATURES:
+            if layer == "M":
+                h = F.max_pool2d(h, 2)
+                continue
+            index = layer[0]
+            h = F.relu(F.conv2d(h, vgg[f"features.{index}.weight"], vgg[f"features.{index}.bias"], padding=1))
+            if index + 1 in LPIPS_TAPS:                                       # the ReLU's index
+                out.append(h)
+        return out
+
+    distance = torch.zeros(len(x))
+    for k, (fx, fy) in enumerate(zip(taps(x), taps(y))):
+        fx, fy = (f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10) for f in (fx, fy))  # unit over channels
+        distance += F.conv2d((fx - fy) ** 2, lin[f"lin{k}.model.1.weight"]).mean(dim=(1, 2, 3))
+    return distance
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +137,7 @@ def weights(tmp_path_factory):
     checkpoints = hub / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     torch.jit.save(torch.jit.script(StandInI3D()), str(checkpoints / E.I3D_FILE))
-    torch.save(published_vgg16_features(), checkpoints / os.path.basename(T.VGG16_URL))
+    torch.save(published_vgg16(), checkpoints / os.path.basename(T.VGG16_URL))
     torch.save(published_lpips_lin(), checkpoints / os.path.basename(T.LPIPS_LIN_URL))
     return {"torch_home": str(hub), "i3d": str(checkpoints / E.I3D_FILE),
             "vgg": str(checkpoints / os.path.basename(T.VGG16_URL)),
@@ -105,7 +165,7 @@ def checkpoint(tmp_path_factory, micro_videos):
 
 
 def as_model_range(clip_uint8):
-    return torch.from_numpy(clip_uint8).float() / 127.5 - 1
+    return D.from_uint8(torch.from_numpy(clip_uint8))
 
 
 def unit_frames(video):
@@ -135,7 +195,7 @@ def reference_metrics(model, paths, num_frames, lpips=None):
                     scores["lpips"].append(lpips(to_image(b), to_image(a)).item())
         if n == num_frames:
             whole_real.append(clip)
-            whole_recon.append(np.floor(recon.numpy() * 127.5 + 128).clip(0, 255).astype(np.uint8))
+            whole_recon.append(D.to_uint8(recon).numpy())
     return {k: float(np.mean(v)) if v else None for k, v in scores.items()}, whole_real, whole_recon
 
 
@@ -216,20 +276,31 @@ def test_ssim_refuses_frames_smaller_than_its_window():
         E.ssim_per_frame(torch.zeros(1, 2, 8, 8, 3), torch.zeros(1, 2, 8, 8, 3))
 
 
-def test_lpips_per_frame_loads_the_published_layout(weights, tmp_path):
+def test_lpips_loads_the_published_layout_and_matches_the_plain_computation(weights, tmp_path):
     lpips, reason = E.load_lpips(weights["vgg"], weights["lin"], torch.device("cpu"))
     assert lpips is not None, reason
-    torch.testing.assert_close(lpips.lin3.model[1].weight, published_lpips_lin()["lin3.model.1.weight"])
+    # every published key is used, with its tensor; the classifier is not
+    vgg, lin = torch.load(weights["vgg"]), torch.load(weights["lin"])
+    used = {k: v for k, v in {**vgg, **lin}.items() if not k.startswith("classifier.")}
+    loaded = lpips.state_dict()
+    assert set(loaded) == set(used) | {"shift", "scale"}
+    for key, value in used.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
+    # per frame, the distance LPIPS v0.1 defines, computed from the same weights
     clip, noisy = decoded_pair(tmp_path, size=32, frames=3)
     target = as_model_range(clip)[None].repeat(2, 1, 1, 1, 1)                 # (2, 3, 32, 32, 3)
     pred = as_model_range(noisy)[None].repeat(2, 1, 1, 1, 1)
     pred[1] = target[1]                                                        # clip 2 is perfect
     scores = E.lpips_per_frame(lpips, pred, target)                            # (2, 3)
     assert scores.shape == (2, 3)
-    for t in range(3):                                                         # one frame at a time, by hand
-        one = lpips(pred[0, t].permute(2, 0, 1)[None], target[0, t].permute(2, 0, 1)[None])
-        assert scores[0, t].item() == pytest.approx(one.item(), rel=1e-5)
-    assert (scores[0] > 0).all() and scores[1].abs().max() < 1e-6
+    frames = lambda v: v[0].permute(0, 3, 1, 2)                               # (3, 3, 32, 32)
+    expected = reference_lpips(vgg, lin, frames(pred), frames(target))
+    assert (expected > 1e-3).all()
+    torch.testing.assert_close(scores[0], expected, rtol=1e-4, atol=1e-6)
+    assert scores[1].abs().max() < 1e-6                                        # identical frames: zero
+
+
+def test_missing_lpips_weights_say_how_to_supply_them(weights, tmp_path):
     missing, reason = E.load_lpips(str(tmp_path / "no_vgg.pth"), weights["lin"], torch.device("cpu"))
     assert missing is None and "--lpips_vgg PATH" in reason and T.VGG16_URL in reason
 
@@ -279,6 +350,57 @@ def test_missing_detector_says_where_to_put_it(tmp_path):
     detector, reason = E.load_i3d(str(tmp_path / "nope.pt"), torch.device("cpu"))
     assert detector is None
     assert E.I3D_URL in reason and "--i3d PATH" in reason and str(tmp_path / "nope.pt") in reason
+
+
+def test_detector_takes_i3d_batch_clips_per_call_with_the_same_features(weights):
+    detector, _ = E.load_i3d(weights["i3d"], torch.device("cpu"))
+    calls = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x, **kwargs):
+            calls.append(len(x))
+            return detector(x, **kwargs)
+
+    clips = torch.randint(0, 256, (5, 4, 16, 16, 3), dtype=torch.uint8)
+    at_once = E.i3d_features(detector, clips, torch.device("cpu"), i3d_batch=5)
+    for i3d_batch, expected_calls in ((1, [1] * 5), (2, [2, 2, 1])):
+        calls.clear()
+        chunked = E.i3d_features(Recording(), clips, torch.device("cpu"), i3d_batch)
+        assert calls == expected_calls
+        torch.testing.assert_close(chunked, at_once, rtol=1e-12, atol=1e-12)
+    assert E.parse_args([])[0].i3d_batch == 1                                 # StyleGAN-V's one clip per call
+
+
+def test_a_failing_detector_stops_the_evaluation_but_too_short_clips_are_unavailable(tmp_path, checkpoint, weights,
+                                                                                    micro_videos):
+    common = ["--ckpt", checkpoint, "--lpips_vgg", weights["vgg"], "--lpips_lin", weights["lin"], "--num_workers=0",
+              f"--out_dir={tmp_path / 'out'}"]
+    with pytest.raises(Exception, match="CUDA out of memory"):
+        E.main(common + ["--i3d", scripted(StandInI3DFailing(), tmp_path / "oom.pt")])
+    assert not (tmp_path / "out" / "eval.json").exists()
+    # the checkpoint's clips are 8 frames: too short for a 9-frame kernel, which is the clips' limit, not a fault
+    nine = scripted(StandInI3DNineFrames(), tmp_path / "nine.pt")
+    result = E.main(common + ["--i3d", nine])
+    assert result["rfvd"] is None and result["rfvd_clips"] == 0
+    assert "cannot take clips of 8 frames" in result["unavailable"]["rfvd"]
+    assert "smaller than kernel size" in result["unavailable"]["rfvd"]
+    assert math.isfinite(result["psnr"]) and math.isfinite(result["lpips"])
+    with pytest.raises(SystemExit, match="cannot take clips of 8 frames"):
+        E.main(["--fvd", "--real", micro_videos, "--fake", micro_videos, "--num_frames", "8", "--i3d", nine,
+                "--num_workers=0", f"--out_dir={tmp_path / 'out'}"])
+
+
+def test_lossless_fake_clips_reach_the_detector_unchanged_and_h264_ones_do_not(tmp_path, micro_videos, weights):
+    detector, _ = E.load_i3d(weights["i3d"], torch.device("cpu"))
+    clips = np.stack([D.read_clip(p, 24, 10, start=0)[0] for p, _ in D.find_videos(micro_videos)[:3]])
+    for i, clip in enumerate(clips):                                           # (10, 24, 24, 3) uint8 each
+        D.write_video(str(tmp_path / "lossless" / "gen" / f"{i}.mkv"), clip, lossless=True)
+        D.write_video(str(tmp_path / "h264" / "gen" / f"{i}.mp4"), clip)
+    direct = E.i3d_features(detector, torch.from_numpy(clips), torch.device("cpu")).numpy()
+    lossless = E.folder_features(detector, str(tmp_path / "lossless"), 10, 24, torch.device("cpu"))
+    np.testing.assert_array_equal(lossless, direct)
+    h264 = E.folder_features(detector, str(tmp_path / "h264"), 10, 24, torch.device("cpu"))
+    assert h264.shape == direct.shape and np.abs(h264 - direct).max() > 1e-3
 
 
 # -----------------------------------------------------------------------------
@@ -377,6 +499,28 @@ def test_bad_checkpoints_and_data_are_clear_errors(tmp_path, checkpoint):
         E.main(["--fvd", "--real", str(tmp_path / "nowhere"), "--fake", str(tmp_path / "empty")])
     with pytest.raises(SystemExit, match="FVD unavailable: .*--i3d PATH"):
         E.main(["--fvd", "--real", str(tmp_path), "--fake", str(tmp_path), "--i3d", str(tmp_path / "no.pt")])
+    with pytest.raises(SystemExit):
+        E.main(["--i3d_batch", "0"])
+
+
+def test_a_checkpoint_without_training_metadata_needs_data_and_scores_every_clip(tmp_path, checkpoint, micro_videos,
+                                                                               weights, capsys):
+    # as the authors' release: weights and config, but no data folder, training split or step
+    bare = {k: v for k, v in torch.load(checkpoint, weights_only=False).items()
+            if k not in ("data", "train_config", "step")}
+    torch.save(bare, tmp_path / "bare.pt")
+    with pytest.raises(SystemExit, match="does not name the videos it was trained on; pass --data DIR"):
+        E.main(["--ckpt", str(tmp_path / "bare.pt")])
+    flags = ["--data", micro_videos, "--i3d", weights["i3d"], "--lpips_vgg", weights["vgg"], "--lpips_lin",
+             weights["lin"], "--num_workers=0", "--num_clips=3", f"--out_dir={tmp_path}"]
+    capsys.readouterr()
+    result = E.main(["--ckpt", str(tmp_path / "bare.pt")] + flags)
+    out = capsys.readouterr().out
+    assert result["split"] == "all" and result["clips"] == 3 and result["step"] is None
+    assert "all split of" in out and "no training split" in out and "(step" not in out
+    assert all(math.isfinite(result[k]) for k in ("psnr", "ssim", "lpips", "rfvd"))
+    # our own checkpoints keep the held-out clips as the default
+    assert E.main(["--ckpt", checkpoint] + flags)["split"] == "val"
 
 
 # -----------------------------------------------------------------------------
@@ -390,6 +534,8 @@ def test_token_table_of_the_paper_configuration(capsys):
     out = capsys.readouterr().out
     assert counts["tokens"] == 1280 and counts["floats"] == 1280 * 8
     assert counts["raw_floats"] == 128 ** 3 * 3 and counts["grid_tokens"] == 8192
+    assert E.grid_latent_shape(128, 128) == (E.GRID_CHANNELS, 32, 16, 16)
+    assert E.grid_latent_shape(10, 20, channels=8) == (8, 3, 3, 3)            # a partial block still makes a latent
     assert "1280" in out and "8192 tokens" in out and "614.4x compression" in out
     # the paper's larger triplane (Rs = 32): 32*32 + 2*32*32 = 3072 tokens
     assert E.main(["--tokens", "--preset", "large", "--triplane_rs", "32"])["tokens"] == 3072
