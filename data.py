@@ -205,6 +205,17 @@ def write_png(path, image):
                 + chunk(b"IEND", b""))
 
 
+def comparison_grid(inputs, recons, num_columns=8, error_gain=4):
+    """Input, reconstruction and error of a few clips as one image: uint8 (K, T, H, W, 3) x2 -> (3*K*H,
+    F*W, 3), three rows per clip (input, reconstruction, |input - reconstruction| x error_gain) and
+    num_columns evenly spaced frames per row."""
+    inputs, recons = np.asarray(inputs), np.asarray(recons)
+    columns = np.unique(np.linspace(0, inputs.shape[1] - 1, min(num_columns, inputs.shape[1])).round().astype(int))
+    error = np.clip(np.abs(inputs.astype(np.int16) - recons.astype(np.int16)) * error_gain, 0, 255).astype(np.uint8)
+    rows = np.stack([inputs[:, columns], recons[:, columns], error[:, columns]], axis=1)  # (K, 3, F, H, W, 3)
+    return rearrange(rows, "k r f h w c -> (k r h) (f w) c")
+
+
 # -----------------------------------------------------------------------------
 # the dataset and its loader
 
@@ -492,19 +503,20 @@ def save_tokens(path, planes, labels, class_names, n_frames, tokenizer_ckpt, tok
 
 
 def load_tokens(path):
-    """The dict written by save_tokens, or an error that says how to make one."""
+    """The dict written by save_tokens, or an error that says how to make one (never by writing over a
+    file that is something else)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokens file {path!r} not found; write it with "
                                 f"`python tokenizer.py --encode {path}` after training the tokenizer")
     try:
-        tokens = torch.load(path, map_location="cpu", weights_only=False)
+        tokens = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path!r} is not a readable torch file ({e}); re-create it with "
-                         f"`python tokenizer.py --encode {path}`") from e
+        raise ValueError(f"{path!r} is not a readable torch file ({str(e)[:200]}); write a tokens file to a new "
+                         f"path with `python tokenizer.py --encode NEW_PATH`") from None
     if not isinstance(tokens, dict) or tokens.get("kind") != "coordtok_tokens":
         kind = tokens.get("kind") if isinstance(tokens, dict) else type(tokens).__name__
         raise ValueError(f"{path!r} is not a tokens file (kind {kind!r}, expected 'coordtok_tokens'); "
-                         f"write one with `python tokenizer.py --encode {path}`")
+                         f"write one to a new path with `python tokenizer.py --encode NEW_PATH`")
     return tokens
 
 

@@ -27,6 +27,7 @@ the samplers, EMA, the training loop, main().
 """
 
 import copy
+import dataclasses
 import math
 import os
 import re
@@ -41,9 +42,10 @@ from einops import rearrange
 from tqdm import tqdm
 
 import data as D
-from tokenizer import (MLP, Attention, autocast, cleanup_distributed, configure_torch, guarded_step, load_checkpoint,
-                       lr_at, load_official, make_optimizer, mfu_text, official_state_dict, parse_config, read_torch_file, setup_distributed, time_is_up,
-                       use_compile)
+from tokenizer import (MLP, Attention, autocast, check_out_dir, cleanup_distributed, configure_torch, explicit_flags,
+                       load_checkpoint, load_official, lr_at, make_optimizer, mfu_text, official_state_dict,
+                       optimizer_step, parse_config, read_torch_file, resumed_config, run_lock, setup_distributed,
+                       time_is_up, use_compile)
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -86,6 +88,7 @@ class DiTTrainConfig:
     min_lr: float = 1e-4
     lr_schedule: str = "cosine"  # constant | cosine
     warmup_iters: int = 100
+    lr_decay_iters: int = 0      # 0: max_iters
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
@@ -100,6 +103,22 @@ class DiTTrainConfig:
     seed: int = 0
     device: str = "auto"         # auto | cpu | cuda | cuda:N
     compile: str = "auto"        # auto (on for CUDA) | true | false
+
+
+def validate_sit_config(cfg):
+    """Fail at start, naming the flag, instead of with a NaN or a reshape error later."""
+    problems = [f"--{n} must be >= 1, got {getattr(cfg, n)}" for n in ("width", "heads", "patch_size")
+                if getattr(cfg, n) < 1]
+    if not problems and cfg.width % cfg.heads:
+        problems.append(f"--width {cfg.width} is not divisible by --heads {cfg.heads}")
+    if cfg.depth < 0 or cfg.mlp_ratio <= 0:
+        problems.append(f"--depth must be >= 0 and --mlp_ratio > 0, got {cfg.depth} and {cfg.mlp_ratio}")
+    if not 0 <= cfg.class_dropout < 1:
+        problems.append(f"--class_dropout must be in [0, 1), got {cfg.class_dropout}")
+    if not cfg.time_shift > 0:  # shift_time divides by u + shift (1 - u)
+        problems.append(f"--time_shift must be > 0 (1: no shift), got {cfg.time_shift}")
+    if problems:
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
 def validate_plane_shapes(plane_shapes, patch_size):
@@ -197,9 +216,8 @@ class SiT(nn.Module):
         self.config = cfg = config
         self.plane_shapes = [tuple(int(s) for s in shape) for shape in plane_shapes]
         self.num_classes = num_classes
+        validate_sit_config(cfg)
         validate_plane_shapes(self.plane_shapes, cfg.patch_size)
-        if cfg.width % cfg.heads:
-            raise ValueError(f"--width {cfg.width} is not divisible by --heads {cfg.heads}")
         p, D = cfg.patch_size, cfg.width
         self.grids = [(h // p, w // p) for _, h, w in self.plane_shapes]               # token grid per plane
         self.embeds = nn.ModuleList(nn.Conv2d(c, D, kernel_size=p, stride=p) for c, _, _ in self.plane_shapes)
@@ -325,21 +343,24 @@ def randn_planes(shapes, generator=None, device="cpu"):
     return tuple(torch.randn(shape, generator=generator, device=gen_device).to(device) for shape in shapes)
 
 
-def flow_matching_loss(model, x1, y, null_class=None, class_dropout=0.0, generator=None, time_shift=1.0):
+def flow_matching_loss(model, x1, y, null_class=None, class_dropout=0.0, generator=None, time_shift=1.0, share=(0, 1)):
     """Mean squared error between the predicted and the true velocity x1 - noise at a random time, averaged
     per plane and then over the three planes (as SiT's training loss on the authors' triplanes).
 
     x1: tuple of data planes (B, C, H, W); y (B,) labels. With class_dropout > 0, that fraction of the
     labels becomes null_class, so the same network also learns the unconditional velocity (for guidance).
+    share (rank, world_size): times, noise and dropped labels are drawn for the global batch of world_size x B
+    samples and this process takes rows rank B ... (rank + 1) B, so a run is the same on any number of processes.
     """
-    B, device = x1[0].shape[0], x1[0].device
-    draw = lambda *shape: torch.rand(*shape, generator=generator, device=device)
-    t = shift_time(draw(B), time_shift)                                                 # (B,) in [0, 1)
-    noise = randn_planes([x.shape for x in x1], generator, device)
+    (rank, world), B, device = share, x1[0].shape[0], x1[0].device
+    mine = slice(rank * B, (rank + 1) * B)
+    draw = lambda n: torch.rand(n, generator=generator, device=device)
+    t = shift_time(draw(B * world), time_shift)[mine]                                   # (B,) in [0, 1)
+    noise = tuple(n[mine] for n in randn_planes([(B * world, *x.shape[1:]) for x in x1], generator, device))
     t_ = t[:, None, None, None]
     x_t = tuple((1 - t_) * n + t_ * x for n, x in zip(noise, x1))
     if class_dropout > 0 and null_class is not None:
-        y = torch.where(draw(B) < class_dropout, torch.full_like(y, null_class), y)
+        y = torch.where(draw(B * world)[mine] < class_dropout, torch.full_like(y, null_class), y)
     v = model(x_t, t, y)
     return sum((vi.float() - (x - n)).pow(2).mean() for vi, x, n in zip(v, x1, noise)) / len(x1)
 
@@ -487,6 +508,11 @@ def load_token_planes(path):
     if missing:
         raise ValueError(f"tokens file {path!r} lacks {', '.join(missing)}; re-create it with "
                          f"`python tokenizer.py --encode {path}`")
+    bad = {k: int((~torch.isfinite(tokens[k])).sum()) for k in D.PLANES}
+    if any(bad.values()):
+        raise ValueError(f"tokens file {path!r} holds non-finite values ({', '.join(f'{n} in {k}' for k, n in bad.items() if n)}): "
+                         f"the tokenizer that wrote it ({tokens.get('tokenizer_ckpt', '?')}) diverged or the file "
+                         f"is damaged; check that tokenizer's held-out PSNR and encode again")
     planes = normalize(tuple(tokens[k].float() for k in D.PLANES), tokens["mean"], tokens["std"])
     if planes[0].shape[0] == 0:
         raise ValueError(f"tokens file {path!r} holds no clips")
@@ -504,27 +530,46 @@ def batch_indices(step, batch_size, num_items, seed):
     return perms[epoch - first, position % num_items]
 
 
-def train(cfg: SiTConfig, tc: DiTTrainConfig):
+def validate_train_config(tc):
+    problems = [f"--{name} must be >= 1, got {getattr(tc, name)}" for name in
+                ("max_iters", "batch_size", "grad_accum", "log_interval", "ckpt_interval", "max_bad_steps")
+                if getattr(tc, name) < 1]
+    if tc.lr_schedule not in ("constant", "cosine"):
+        problems.append(f"--lr_schedule must be constant or cosine, got {tc.lr_schedule}")
+    if not 0 <= tc.ema_decay < 1:
+        problems.append(f"--ema_decay must be in [0, 1), got {tc.ema_decay}")
+    if problems:
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
     dist = setup_distributed(tc.device)
     device = dist.device
     configure_torch(device)
-    if tc.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"--lr_schedule must be constant or cosine, got {tc.lr_schedule}")
-    if tc.batch_size < 1 or tc.grad_accum < 1:
-        raise ValueError("--batch_size and --grad_accum must be >= 1")
     ckpt_path = os.path.join(tc.out_dir, "dit.pt")
-    resume_ckpt = load_checkpoint(ckpt_path, "coordtok_dit") if tc.resume else None
-    if resume_ckpt is not None:
-        cfg = SiTConfig(**resume_ckpt["model_config"])  # the model is the checkpoint's
+    step, overrides = 0, []
+    if tc.resume:  # the checkpoint's model and training flags, but for those written on this command line
+        resume_ckpt = load_checkpoint(ckpt_path, "coordtok_dit")
+        saved = SiTConfig(**resume_ckpt["model_config"])
+        changed = [f"--{n}" for n in explicit if hasattr(saved, n) and getattr(cfg, n) != getattr(saved, n)]
+        if changed:
+            raise ValueError(f"--resume continues {ckpt_path} with its own model, but {', '.join(changed)} differ "
+                             f"from it; drop them, or start a new run with another --out_dir")
+        cfg, step = saved, resume_ckpt["step"]
+        tc, overrides = resumed_config(resume_ckpt["train_config"], tc, explicit, keep=("resume", "out_dir"))
+    validate_train_config(tc)
+    if dist.is_main:
+        check_out_dir(tc.out_dir)
 
     planes, labels, tokens = load_token_planes(tc.tokens)
+    tc = dataclasses.replace(tc, tokens=os.path.abspath(tc.tokens))  # saved, so that --resume reads the same file
     plane_shapes = [tuple(z.shape[1:]) for z in planes]
     class_names = list(tokens["class_names"]) if cfg.conditional else []
     num_classes = max(len(class_names), 1)
     if num_classes == 1:  # unconditional: the one class row is a learned constant added to the time embedding
         labels = torch.zeros_like(labels)
-    if resume_ckpt is not None and ([tuple(s) for s in resume_ckpt["plane_shapes"]] != plane_shapes
-                                    or resume_ckpt["num_classes"] != num_classes):
+    if tc.resume and ([tuple(s) for s in resume_ckpt["plane_shapes"]] != plane_shapes
+                      or resume_ckpt["num_classes"] != num_classes):
         raise ValueError(f"{ckpt_path} was trained on planes {resume_ckpt['plane_shapes']} with "
                          f"{resume_ckpt['num_classes']} classes, but {tc.tokens} has {plane_shapes} with "
                          f"{num_classes}; resume with the same --tokens or drop --resume")
@@ -536,7 +581,7 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig):
     model = SiT(cfg, plane_shapes, num_classes).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = make_optimizer(model, tc.learning_rate, tc.weight_decay, (tc.beta1, tc.beta2), device)
-    if resume_ckpt is not None:
+    if tc.resume:
         model.load_state_dict(resume_ckpt["model"])
         ema.load_state_dict(resume_ckpt["ema"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
@@ -547,7 +592,7 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
 
-    flops_per_step = 3 * raw_model.flops_per_sample() * tc.batch_size * tc.grad_accum * dist.world_size
+    flops_per_step = 3 * raw_model.flops_per_sample() * tc.batch_size * tc.grad_accum  # on one device
     if dist.is_main:
         n_params = sum(p.numel() for p in raw_model.parameters())
         n_tokens = sum(gh * gw for gh, gw in raw_model.grids)
@@ -555,64 +600,62 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig):
             else "unconditional"
         print(f"SiT {n_params / 1e6:.2f}M params, {n_tokens} tokens per clip from planes {plane_shapes}; "
               f"{num_clips} clips from {tc.tokens}, {mode}; on {device} x{dist.world_size}")
+        if tc.resume:
+            print(f"resuming {ckpt_path} at step {step}" + "".join(f"\n  override: {o}" for o in overrides))
 
     def save(step):
         D.atomic_save({"kind": "coordtok_dit", "model": raw_model.state_dict(), "ema": ema.state_dict(),
-                     "optimizer": optimizer.state_dict(), "step": step, "model_config": asdict(cfg),
-                     "train_config": asdict(tc), "plane_shapes": [list(s) for s in plane_shapes],
-                     "num_classes": num_classes, "class_names": class_names,
-                     "mean": tokens["mean"], "std": tokens["std"], "tokens": os.path.abspath(tc.tokens),
-                     "tokenizer_ckpt": tokens["tokenizer_ckpt"], "tokenizer_config": tokens["tokenizer_config"]},
-                    ckpt_path)
+                       "optimizer": optimizer.state_dict(), "step": step, "model_config": asdict(cfg),
+                       "train_config": asdict(tc), "plane_shapes": [list(s) for s in plane_shapes],
+                       "num_classes": num_classes, "class_names": class_names,
+                       "mean": tokens["mean"], "std": tokens["std"], "tokens": tc.tokens,
+                       "tokenizer_ckpt": tokens["tokenizer_ckpt"], "tokenizer_config": tokens["tokenizer_config"]},
+                      ckpt_path)
 
-    step = resume_ckpt["step"] if resume_ckpt else 0
-    start_step, bad_steps, t_start = step, 0, time.time()
-    global_batch = tc.batch_size * dist.world_size
-    bar = tqdm(total=tc.max_iters, initial=step, disable=not dist.is_main, dynamic_ncols=True)
-    while step < tc.max_iters:
-        lr = lr_at(step, tc.learning_rate, tc.warmup_iters, tc.max_iters, tc.lr_schedule, tc.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # noise, times and label dropout are seeded by (seed, step, rank): a resumed run draws the same
-        gen = torch.Generator(device).manual_seed(tc.seed * 1_000_003 + step * dist.world_size + dist.rank)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(tc.grad_accum):
-            index = batch_indices(step * tc.grad_accum + micro, global_batch, num_clips, tc.seed)
-            index = index[dist.rank * tc.batch_size:(dist.rank + 1) * tc.batch_size].to(device)  # this rank's share
-            x1 = tuple(z[index] for z in planes)                                        # (B, C, H, W) each
-            sync = nullcontext() if not dist.ddp or micro == tc.grad_accum - 1 else model.no_sync()
-            with sync:
-                with autocast(device):
-                    loss = flow_matching_loss(model, x1, labels[index], raw_model.null_class,
-                                              cfg.class_dropout, gen, cfg.time_shift)
-                (loss / tc.grad_accum).backward()
-            loss_sum += loss.detach() / tc.grad_accum
-        if tc.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip)
-        else:
-            grad_norm = torch.stack([p.grad.norm() for p in raw_model.parameters() if p.grad is not None]).norm()
-        bad_steps = guarded_step(optimizer, grad_norm, step, bad_steps, tc.max_bad_steps,
-                                 f"lower --learning_rate. The last good checkpoint is {ckpt_path}")
-        if bad_steps:
-            continue
-        ema_update(ema, raw_model, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
-        step += 1
-        bar.update(1)
+    with run_lock(ckpt_path, tc.resume) if dist.is_main else nullcontext():
+        start_step, bad_steps, t_start = step, 0, time.time()
+        global_batch = tc.batch_size * dist.world_size
+        bar = tqdm(total=tc.max_iters, initial=step, disable=not dist.is_main, dynamic_ncols=True)
+        while step < tc.max_iters:
+            lr = lr_at(step, tc.learning_rate, tc.warmup_iters, tc.lr_decay_iters or tc.max_iters, tc.lr_schedule,
+                       tc.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # noise, times and label dropout are drawn for the global batch, seeded by (seed, step): a resumed
+            # run draws the same, and so does a run on any number of processes
+            gen = torch.Generator(device).manual_seed(tc.seed * 1_000_003 + step)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(tc.grad_accum):
+                index = batch_indices(step * tc.grad_accum + micro, global_batch, num_clips, tc.seed)
+                index = index[dist.rank * tc.batch_size:(dist.rank + 1) * tc.batch_size].to(device)  # this rank's
+                x1 = tuple(z[index] for z in planes)                                    # (B, C, H, W) each
+                sync = nullcontext() if not dist.ddp or micro == tc.grad_accum - 1 else model.no_sync()
+                with sync:
+                    with autocast(device):
+                        loss = flow_matching_loss(model, x1, labels[index], raw_model.null_class, cfg.class_dropout,
+                                                  gen, cfg.time_shift, share=(dist.rank, dist.world_size))
+                    (loss / tc.grad_accum).backward()
+                loss_sum += loss.detach() / tc.grad_accum
+            bad_steps = optimizer_step(raw_model, optimizer, tc.grad_clip, step, bad_steps, tc.max_bad_steps, ckpt_path)
+            if not bad_steps:
+                ema_update(ema, raw_model, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
+            step += 1  # a skipped step moves on too: the next one draws other clips and noise
+            bar.update(1)
 
-        if dist.is_main and (step % tc.log_interval == 0 or step == tc.max_iters):
-            post = {"loss": f"{loss_sum.item():.4f}", "lr": f"{lr:.1e}"}
-            if device.type == "cuda":
-                post["mfu"] = mfu_text(bar, start_step, flops_per_step, tc.peak_flops)
-            bar.set_postfix(post)
-        out_of_time = (tc.max_time > 0 and step % tc.log_interval == 0
-                       and time_is_up(t_start, tc.max_time, device, dist.ddp))
-        done = step == tc.max_iters or out_of_time
-        if dist.is_main and (step % tc.ckpt_interval == 0 or done):
-            save(step)
-        if out_of_time:
-            bar.write(f"stopping after {tc.max_time} minutes (--max_time) at step {step}")
-            break
-    bar.close()
+            if dist.is_main and (step % tc.log_interval == 0 or step == tc.max_iters):
+                post = {"loss": f"{loss_sum.item():.4f}", "lr": f"{lr:.1e}"}
+                if device.type == "cuda":
+                    post["mfu"] = mfu_text(bar, start_step, flops_per_step, tc.peak_flops)
+                bar.set_postfix(post)
+            out_of_time = (tc.max_time > 0 and step % tc.log_interval == 0
+                           and time_is_up(t_start, tc.max_time, device, dist.ddp))
+            done = step == tc.max_iters or out_of_time
+            if dist.is_main and (step % tc.ckpt_interval == 0 or done):
+                save(step)
+            if out_of_time:
+                bar.write(f"stopping after {tc.max_time} minutes (--max_time) at step {step}")
+                break
+        bar.close()
     if dist.is_main:
         if step == start_step:  # nothing to train (already at --max_iters): keep the checkpoint as it is
             print(f"{ckpt_path} is already at step {step} (--max_iters {tc.max_iters}); nothing to do")
@@ -625,7 +668,7 @@ def main(argv=None):
     cfg, tc = parse_config((SiTConfig, DiTTrainConfig), PRESETS, argv, description=__doc__.split("\n\n")[0],
                            default_preset="cpu")
     try:
-        train(cfg, tc)
+        train(cfg, tc, explicit_flags(argv))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
 

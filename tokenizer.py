@@ -19,10 +19,11 @@ import math
 import os
 import re
 import socket
+import sys
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, asdict
 
 import torch
@@ -165,8 +166,12 @@ def validate_train_config(cfg, train):
                         f"the {gt} temporal patches of a clip")
     if train.lr_schedule not in ("constant", "cosine"):
         problems.append(f"--lr_schedule must be constant or cosine, got {train.lr_schedule}")
-    if train.batch_size < 1 or train.grad_accum < 1:
-        problems.append("--batch_size and --grad_accum must be >= 1")
+    at_least = dict(max_iters=1, batch_size=1, grad_accum=1, log_interval=1, ckpt_interval=1, eval_interval=1,
+                    max_bad_steps=1, num_workers=0, eval_clips=0, warmup_iters=0)
+    problems += [f"--{name} must be >= {low}, got {getattr(train, name)}" for name, low in at_least.items()
+                 if getattr(train, name) < low]
+    if not 0 <= train.val_fraction < 1:
+        problems.append(f"--val_fraction must be in [0, 1), got {train.val_fraction}")
     return problems
 
 
@@ -623,7 +628,16 @@ class LPIPS(nn.Module):
     def load_published(self, vgg_state, lin_state):
         vgg = {k: v for k, v in vgg_state.items()
                if k.startswith("features.") and int(k.split(".")[1]) <= LPIPS_TAPS[-1]}
-        self.load_state_dict({**vgg, **lin_state, "shift": self.shift, "scale": self.scale})
+        expected = self.state_dict()
+        for given, prefix, name in ((vgg, "features.", "torchvision's vgg16 weights (--lpips_vgg)"),
+                                    (lin_state, "lin", "the LPIPS v0.1 vgg.pth (--lpips_lin)")):
+            keys = [k for k in expected if k.startswith(prefix)]
+            wrong = [k for k in keys if k not in given or given[k].shape != expected[k].shape]
+            if wrong:
+                raise WeightsUnavailable(f"the file given as {name} does not have its layout: {wrong[0]} is missing "
+                                         f"or of another shape ({len(wrong)} of {len(keys)} tensors)")
+        self.load_state_dict({**vgg, **{k: lin_state[k] for k in expected if k.startswith("lin")},
+                              "shift": self.shift, "scale": self.scale})
         return self
 
     @classmethod
@@ -662,7 +676,12 @@ class LPIPS(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# training infrastructure (also imported by dit.py)
+# training plumbing, shared with dit.py
+#
+# Devices and processes, the learning rate, the optimizer and its guarded step, flags and resumed configs,
+# checkpoints and the safety of the files they go to. Nothing here is specific to CoordTok: it lives in the
+# first stage's file because dit.py runs the same loop over other data and imports it from here (one home,
+# not two copies). The tokenizer's own loop follows in the next section.
 
 
 @dataclass
@@ -681,6 +700,8 @@ class Dist:
 def pick_device(flag="auto"):
     if flag == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if flag != "cpu" and not (flag == "cuda" or (flag.startswith("cuda:") and flag[5:].isdigit())):
+        raise ValueError(f"--device {flag!r} is not one of auto, cpu, cuda, cuda:N")
     if flag.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {flag} was asked for but CUDA is not available; use --device cpu")
     return torch.device(flag)
@@ -737,17 +758,23 @@ def lr_at(step, learning_rate, warmup_iters, max_iters, schedule="constant", min
 
 
 def make_optimizer(model, learning_rate, weight_decay, betas, device):
-    """AdamW; matrices decay, biases / norms / embeddings do not. Fused on CUDA."""
+    """AdamW (fused on CUDA). One rule for weight decay: the weights of linear and convolution layers decay;
+    nothing else does (biases, norms, position tables, learned planes and tokens, class embeddings)."""
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d))}
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2 and p.shape[0] > 1], "weight_decay": weight_decay},
-              {"params": [p for p in params if not (p.dim() >= 2 and p.shape[0] > 1)], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device.type == "cuda")
 
 
-def guarded_step(optimizer, grad_norm, step, bad_steps, max_bad_steps, advice):
-    """Take the optimizer step, or skip it when the gradient norm is not finite (the norm is the same on
-    every rank after the all-reduce, so every rank skips together; reading it is the one sync per step).
+def optimizer_step(model, optimizer, grad_clip, step, bad_steps, max_bad_steps, ckpt_path):
+    """The end of every training step, in both loops: clip the gradient norm to grad_clip (when > 0), then
+    step, or skip the step when the gradient is not finite (the norm is the same on every rank after the
+    all-reduce, so all ranks skip together; reading it is the one sync per step).
+
     Returns how many steps in a row have now been skipped; raises with advice after max_bad_steps."""
+    grads = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(grads, grad_clip if grad_clip > 0 else math.inf)
     if torch.isfinite(grad_norm):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -756,13 +783,14 @@ def guarded_step(optimizer, grad_norm, step, bad_steps, max_bad_steps, advice):
     bad_steps += 1
     warnings.warn(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
     if bad_steps >= max_bad_steps:
-        raise RuntimeError(f"{bad_steps} non-finite steps in a row; {advice}")
+        last = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was saved"
+        raise RuntimeError(f"{bad_steps} non-finite steps in a row; lower --learning_rate or check the data ({last})")
     return bad_steps
 
 
 def mfu_text(bar, start_step, flops_per_step, peak_flops):
-    """Model FLOPs utilisation since the loop started (nanoGPT's estimate): model FLOPs per step divided by
-    the mean step time from the tqdm bar, as a fraction of the device's peak."""
+    """Model FLOPs utilisation since the loop started (nanoGPT's estimate): one device's model FLOPs per step
+    divided by the mean step time from the tqdm bar, as a fraction of that device's peak."""
     seconds_per_step = bar.format_dict["elapsed"] / max(bar.n - start_step, 1)
     return f"{flops_per_step / seconds_per_step / peak_flops:.1%}"
 
@@ -787,17 +815,65 @@ def check_out_dir(path, flag="--out_dir"):
         raise ValueError(f"{flag}: cannot write into {path!r} ({e.strerror or e}); pass a writable folder") from None
 
 
-def read_torch_file(path):
+@contextmanager
+def run_lock(ckpt_path, resume):
+    """Hold ckpt_path for this run: a fresh run never replaces a trained checkpoint, and two runs never write
+    to the same one. The lock file (ckpt_path + ".lock") names the process; a lock left by a dead process
+    is taken over."""
+    if not resume and os.path.exists(ckpt_path):
+        raise ValueError(f"{ckpt_path} already holds a trained checkpoint; continue it with --resume, or start "
+                         f"a new run with another --out_dir (or delete the file)")
+    lock, me = ckpt_path + ".lock", f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            pid, _, host = open(lock).read().partition(" ")
+            if host != socket.gethostname() or _process_alive(int(pid or 0)):
+                raise ValueError(f"another run (process {pid} on {host or '?'}) is writing {ckpt_path}; wait "
+                                 f"for it or use another --out_dir (delete {lock} if no such run exists)") from None
+            os.remove(lock)  # left by a run that was killed
+    with os.fdopen(fd, "w") as f:
+        f.write(me)
+    try:
+        yield
+    finally:
+        os.remove(lock)
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return pid > 0
+
+
+def read_torch_file(path, mmap=False):
     """torch.load of a checkpoint-like file, tensors only (no arbitrary pickled objects; the authors' SiT
-    files hold an argparse.Namespace, which is allowed), or a clear error."""
+    files hold an argparse.Namespace, which is allowed), or a clear error. mmap: read tensors lazily."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise ValueError(f"could not read checkpoint {path} ({type(e).__name__}: {str(e)[:300]}); "
                          f"it is corrupt or not a torch file") from None
+
+
+def file_kind(path):
+    """The "kind" of the torch file at path, "official" for a state dict of the authors', or a description."""
+    try:
+        content = read_torch_file(path, mmap=True)
+    except ValueError:
+        return "non-torch"
+    if isinstance(content, dict):
+        return content.get("kind") or "official"
+    return type(content).__name__
 
 
 def load_checkpoint(path, kind):
@@ -806,6 +882,62 @@ def load_checkpoint(path, kind):
     if found != kind:
         raise ValueError(f"{path} is a {found!r} file, not a {kind!r} checkpoint")
     return ckpt
+
+
+def _parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def parse_config(config_classes, presets, argv=None, description="", default_preset="tiny"):
+    """Every field of every dataclass becomes a flag; `--preset NAME` picks the first class's base."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset", default=default_preset)
+    preset = pre.parse_known_args(argv)[0].preset
+    if preset not in presets:
+        raise SystemExit(f"unknown --preset {preset!r}; choose one of {', '.join(presets)}")
+    parser = argparse.ArgumentParser(description=description, parents=[pre], allow_abbrev=False)
+    bases = [presets[preset]] + [cls() for cls in config_classes[1:]]
+    for base in bases:
+        group = parser.add_argument_group(type(base).__name__)
+        for f in dataclasses.fields(base):
+            default = getattr(base, f.name)
+            if isinstance(default, bool):  # `--resume` alone means true
+                group.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, default=default)
+            else:
+                group.add_argument(f"--{f.name}", type=type(default), default=default)
+    args = vars(parser.parse_args(argv))
+    return tuple(type(b)(**{f.name: args[f.name] for f in dataclasses.fields(b)}) for b in bases)
+
+
+def explicit_flags(argv=None):
+    """The flags written on the command line (argv, default sys.argv[1:]), by name without the dashes."""
+    return {a[2:].split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+
+
+def resumed_config(saved, given, explicit, keep=()):
+    """The config a resumed run continues with: the checkpoint's values (saved, a dict), except the flags
+    written on this command line (explicit) and the fields in keep, which come from `given`. Returns the
+    config and the overrides, as lines to print."""
+    values, overrides = {}, []
+    for f in dataclasses.fields(given):
+        mine = getattr(given, f.name)
+        if f.name in keep or f.name not in saved:
+            values[f.name] = mine
+        elif f.name in explicit:
+            values[f.name] = mine
+            if mine != saved[f.name]:
+                overrides.append(f"--{f.name} {mine} (the checkpoint had {saved[f.name]})")
+        else:
+            values[f.name] = saved[f.name]
+    return type(given)(**values), overrides
+
+
+# -----------------------------------------------------------------------------
+# training the tokenizer, and encoding a dataset with it
 
 
 def load_tokenizer(path, device="cpu"):
@@ -827,39 +959,6 @@ def load_tokenizer(path, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
-def _parse_bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
-def parse_config(config_classes, presets, argv=None, description="", default_preset="tiny"):
-    """Every field of every dataclass becomes a flag; `--preset NAME` picks the first class's base."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default=default_preset)
-    preset = pre.parse_known_args(argv)[0].preset
-    if preset not in presets:
-        raise SystemExit(f"unknown --preset {preset!r}; choose one of {', '.join(presets)}")
-    parser = argparse.ArgumentParser(description=description, parents=[pre])
-    bases = [presets[preset]] + [cls() for cls in config_classes[1:]]
-    for base in bases:
-        group = parser.add_argument_group(type(base).__name__)
-        for f in dataclasses.fields(base):
-            default = getattr(base, f.name)
-            if isinstance(default, bool):  # `--resume` alone means true
-                group.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, default=default)
-            else:
-                group.add_argument(f"--{f.name}", type=type(default), default=default)
-    args = vars(parser.parse_args(argv))
-    return tuple(type(b)(**{f.name: args[f.name] for f in dataclasses.fields(b)}) for b in bases)
-
-
-# -----------------------------------------------------------------------------
-# training
-
-
 def psnr_per_frame(pred, target):
     """PSNR of each frame on [0, 1] after clamping: (B, T, H, W, 3) in [-1, 1] -> (B, T)."""
     pred, target = ((v.float().clamp(-1, 1) + 1) / 2 for v in (pred, target))
@@ -868,19 +967,24 @@ def psnr_per_frame(pred, target):
 
 
 @torch.no_grad()
+def reconstruct_clips(model, dataset, indices, device):
+    """Inputs, reconstructions (B, T, H, W, 3) in [-1, 1] and real frames (B,) of dataset[indices]."""
+    items = [dataset[i] for i in indices]
+    video = D.from_uint8(torch.stack([it["video"] for it in items]).to(device))
+    n_frames = torch.stack([it["n_frames"] for it in items]).to(device)
+    with autocast(device):
+        recon = model.decode_video(model.encode(video, n_frames))
+    return video, recon, n_frames
+
+
 def evaluate_psnr(model, val_set, num_clips, batch_size, device):
     """Mean full-clip PSNR (every patch decoded) over the first num_clips held-out clips, real frames only."""
     total, count = 0.0, 0
-    indices = list(range(min(num_clips, len(val_set))))
-    for i in range(0, len(indices), batch_size):
-        items = [val_set[j] for j in indices[i:i + batch_size]]
-        video = D.from_uint8(torch.stack([it["video"] for it in items]).to(device))
-        n_frames = torch.stack([it["n_frames"] for it in items]).to(device)
-        with autocast(device):
-            recon = model.decode_video(model.encode(video, n_frames))
+    for first in range(0, min(num_clips, len(val_set)), batch_size):
+        video, recon, n_frames = reconstruct_clips(model, val_set, range(first, min(first + batch_size, num_clips,
+                                                                                    len(val_set))), device)
         real = torch.arange(video.shape[1], device=device)[None, :] < n_frames[:, None]
-        psnr = psnr_per_frame(recon, video)
-        total += psnr[real].sum().item()
+        total += psnr_per_frame(recon, video)[real].sum().item()
         count += real.sum().item()
     return total / max(count, 1)
 
@@ -892,44 +996,60 @@ def frames_from_patches(patches, k, grid_size, patch_size):
     return rearrange(frames, "n t h w c -> (n t) c h w")
 
 
-def train(cfg: CoordTokConfig, tc: TrainConfig):
+def continue_run(cfg, tc, ckpt, explicit, ckpt_path):
+    """The model and training configs of a resumed run: the checkpoint's, with the training flags written
+    on this command line as overrides. Model flags cannot change under a trained model."""
+    saved = CoordTokConfig(**ckpt["model_config"])
+    changed = [f"--{name}" for name in explicit if hasattr(saved, name) and getattr(cfg, name) != getattr(saved, name)]
+    if changed:
+        raise ValueError(f"--resume continues {ckpt_path} with its own model, but {', '.join(changed)} differ from it; "
+                         f"drop them, or start a new run with another --out_dir")
+    tc, overrides = resumed_config(ckpt["train_config"], tc, explicit, keep=("resume", "out_dir", "encode"))
+    return saved, tc, overrides
+
+
+def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
     dist = setup_distributed(tc.device)
     device = dist.device
     configure_torch(device)
     ckpt_path = os.path.join(tc.out_dir, "tokenizer.pt")
-    resume_ckpt = load_checkpoint(ckpt_path, "coordtok_tokenizer") if tc.resume else None
-    if resume_ckpt is not None:
-        cfg = CoordTokConfig(**resume_ckpt["model_config"])  # the model is the checkpoint's
-    elif tc.init_from:
-        init_ckpt = load_checkpoint(tc.init_from, "coordtok_tokenizer")
-        cfg = CoordTokConfig(**init_ckpt["model_config"])
+    start_step, overrides, init_model = 0, [], None
+    if tc.resume:
+        resume_ckpt = load_checkpoint(ckpt_path, "coordtok_tokenizer")
+        cfg, tc, overrides = continue_run(cfg, tc, resume_ckpt, explicit, ckpt_path)
+        start_step = resume_ckpt["step"]
+    elif tc.init_from:  # ours or the authors' released weights
+        init_model, _ = load_tokenizer(tc.init_from)
+        cfg = init_model.config
+    elif tc.stage == 2:
+        raise ValueError("--stage 2 fine-tunes a trained tokenizer: pass --init_from PATH (its stage-1 checkpoint)")
     validate_config(cfg, tc)
+    if dist.is_main:
+        check_out_dir(tc.out_dir)
 
     # data: only rank 0 writes the synthetic set; each rank reads different clips
-    data_dir = tc.data
-    if not data_dir:
-        data_dir = "data/synthetic"
-        if dist.is_main:
-            D.ensure_synthetic(data_dir)
-        if dist.ddp:
-            torch.distributed.barrier()
-    train_set = D.VideoDataset(data_dir, cfg.img_size, cfg.num_frames, split="train",
+    data_dir = tc.data or "data/synthetic"
+    if not tc.data and dist.is_main:
+        D.ensure_synthetic(data_dir)
+    if dist.ddp:
+        torch.distributed.barrier()
+    tc = dataclasses.replace(tc, data=os.path.abspath(data_dir))  # saved, so that --resume reads the same folder
+    train_set = D.VideoDataset(tc.data, cfg.img_size, cfg.num_frames, split="train",
                                random_start=True, val_fraction=tc.val_fraction)
-    val_set = D.VideoDataset(data_dir, cfg.img_size, cfg.num_frames, split="val",
+    val_set = D.VideoDataset(tc.data, cfg.img_size, cfg.num_frames, split="val",
                              random_start=False, val_fraction=tc.val_fraction)
-    start_step = resume_ckpt["step"] if resume_ckpt else 0
     batches = D.make_loader(train_set, tc.batch_size, shuffle=True, num_workers=tc.num_workers,
                             distributed=dist.ddp, seed=tc.seed, start_step=start_step * tc.grad_accum)
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     model = CoordTok(cfg).to(device)
     optimizer = make_optimizer(model, tc.learning_rate, tc.weight_decay, (tc.beta1, tc.beta2), device)
-    if resume_ckpt is not None:
+    if tc.resume:
         model.load_state_dict(resume_ckpt["model"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         torch.set_rng_state(resume_ckpt["rng"]["cpu"])
-    elif tc.init_from:
-        model.load_state_dict(init_ckpt["model"])
+    elif init_model is not None:
+        model.load_state_dict(init_model.state_dict())
     lpips = None
     if tc.stage == 2 and tc.lpips_weight > 0:
         try:
@@ -945,93 +1065,117 @@ def train(cfg: CoordTokConfig, tc: TrainConfig):
 
     decay_iters = tc.lr_decay_iters or tc.max_iters
     n_decoded = tc.num_samples if tc.stage == 1 else tc.num_frames_stage2 * math.prod(raw_model.grid_size[1:])
-    flops_per_step = 3 * raw_model.flops_per_clip(n_decoded) * tc.batch_size * tc.grad_accum * dist.world_size
+    flops_per_step = 3 * raw_model.flops_per_clip(n_decoded) * tc.batch_size * tc.grad_accum  # on one device
     if dist.is_main:
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"CoordTok {n_params / 1e6:.2f}M params, {raw_model.num_tokens()} tokens per clip of "
               f"{cfg.num_frames}x{cfg.img_size}x{cfg.img_size}; {len(train_set)} training / {len(val_set)} "
-              f"held-out videos from {data_dir}; stage {tc.stage} on {device} x{dist.world_size}")
+              f"held-out videos from {tc.data}; stage {tc.stage} on {device} x{dist.world_size}")
+        if tc.resume:
+            print(f"resuming {ckpt_path} at step {start_step}" + "".join(f"\n  override: {o}" for o in overrides))
 
     def save(step):
         D.atomic_save({"kind": "coordtok_tokenizer", "model": raw_model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "model_config": asdict(cfg),
-                     "train_config": asdict(tc), "step": step, "rng": {"cpu": torch.get_rng_state()},
-                     "class_names": train_set.class_names, "data": os.path.abspath(data_dir)}, ckpt_path)
+                       "optimizer": optimizer.state_dict(), "model_config": asdict(cfg),
+                       "train_config": asdict(tc), "step": step, "rng": {"cpu": torch.get_rng_state()},
+                       "class_names": train_set.class_names, "data": tc.data}, ckpt_path)
 
-    step, bad_steps, t_start = start_step, 0, time.time()
-    bar = tqdm(total=tc.max_iters, initial=step, disable=not dist.is_main, dynamic_ncols=True)
-    while step < tc.max_iters:
-        lr = lr_at(step, tc.learning_rate, tc.warmup_iters, decay_iters, tc.lr_schedule, tc.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # patch sampling is seeded by (seed, step, rank) so a resumed run draws the same patches
-        gen = torch.Generator(device).manual_seed(tc.seed * 1_000_003 + step * dist.world_size + dist.rank)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(tc.grad_accum):
-            batch = next(batches)
-            n_frames_cpu = batch["n_frames"]
-            # padding mask only when a clip is short (checked on the CPU tensor: no device sync)
-            short = bool((n_frames_cpu < cfg.num_frames).any())
-            video = D.from_uint8(batch["video"].to(device, non_blocking=True))  # (B, T, H, W, 3)
-            n_frames = n_frames_cpu.to(device, non_blocking=True)
-            if tc.stage == 1:
-                coords, targets = D.sample_patches(video, n_frames, tc.num_samples, raw_model.patch_size, gen)
-            else:
-                coords, targets = D.sample_frames(video, n_frames, tc.num_frames_stage2, raw_model.patch_size, gen)
-            sync = nullcontext() if not dist.ddp or micro == tc.grad_accum - 1 else model.no_sync()
-            with sync:
-                with autocast(device):
-                    loss, pred = model(video, coords, targets, n_frames if short else None)
-                    if lpips is not None:
-                        to_frames = lambda p: frames_from_patches(p, tc.num_frames_stage2, raw_model.grid_size,
-                                                                  raw_model.patch_size)
-                        loss = loss + tc.lpips_weight * lpips(to_frames(pred), to_frames(targets)).mean()
-                (loss / tc.grad_accum).backward()
-            loss_sum += loss.detach() / tc.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip)
-        bad_steps = guarded_step(optimizer, grad_norm, step, bad_steps, tc.max_bad_steps,
-                                 f"lower --learning_rate or check the data. The last good checkpoint is {ckpt_path}")
-        if bad_steps:
-            continue
-        step += 1
-        bar.update(1)
+    with run_lock(ckpt_path, tc.resume) if dist.is_main else nullcontext():
+        step, bad_steps, t_start = start_step, 0, time.time()
+        bar = tqdm(total=tc.max_iters, initial=step, disable=not dist.is_main, dynamic_ncols=True)
+        while step < tc.max_iters:
+            lr = lr_at(step, tc.learning_rate, tc.warmup_iters, decay_iters, tc.lr_schedule, tc.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # patch sampling is seeded by (seed, step, rank) so a resumed run draws the same patches
+            gen = torch.Generator(device).manual_seed(tc.seed * 1_000_003 + step * dist.world_size + dist.rank)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(tc.grad_accum):
+                batch = next(batches)
+                n_frames_cpu = batch["n_frames"]
+                # padding mask only when a clip is short (checked on the CPU tensor: no device sync)
+                short = bool((n_frames_cpu < cfg.num_frames).any())
+                video = D.from_uint8(batch["video"].to(device, non_blocking=True))  # (B, T, H, W, 3)
+                n_frames = n_frames_cpu.to(device, non_blocking=True)
+                if tc.stage == 1:
+                    coords, targets = D.sample_patches(video, n_frames, tc.num_samples, raw_model.patch_size, gen)
+                else:
+                    coords, targets = D.sample_frames(video, n_frames, tc.num_frames_stage2, raw_model.patch_size, gen)
+                sync = nullcontext() if not dist.ddp or micro == tc.grad_accum - 1 else model.no_sync()
+                with sync:
+                    with autocast(device):
+                        loss, pred = model(video, coords, targets, n_frames if short else None)
+                        if lpips is not None:
+                            to_frames = lambda p: frames_from_patches(p, tc.num_frames_stage2, raw_model.grid_size,
+                                                                      raw_model.patch_size)
+                            loss = loss + tc.lpips_weight * lpips(to_frames(pred), to_frames(targets)).mean()
+                    (loss / tc.grad_accum).backward()
+                loss_sum += loss.detach() / tc.grad_accum
+            bad_steps = optimizer_step(raw_model, optimizer, tc.grad_clip, step, bad_steps, tc.max_bad_steps, ckpt_path)
+            step += 1  # a skipped step moves on too: the next one draws other clips and patches
+            bar.update(1)
 
-        if dist.is_main and (step % tc.log_interval == 0 or step == tc.max_iters):
-            mse = loss_sum.item() if tc.stage == 1 else None
-            post = {"loss": f"{loss_sum.item():.4f}", "lr": f"{lr:.1e}"}
-            if mse is not None:
-                post["psnr"] = f"{-10 * math.log10(max(mse / 4, 1e-10)):.2f}"  # [-1,1] MSE -> [0,1] PSNR
-            if device.type == "cuda":
-                post["mfu"] = mfu_text(bar, start_step, flops_per_step, tc.peak_flops)
-            bar.set_postfix(post)
-        out_of_time = (tc.max_time > 0 and step % tc.log_interval == 0
-                       and time_is_up(t_start, tc.max_time, device, dist.ddp))
-        done = step == tc.max_iters or out_of_time
-        if dist.is_main and (step % tc.eval_interval == 0 or done) and len(val_set) > 0:
-            raw_model.eval()
-            psnr = evaluate_psnr(raw_model, val_set, tc.eval_clips, tc.batch_size, device)
-            raw_model.train()
-            bar.write(f"step {step}: held-out full-clip PSNR {psnr:.2f} dB "
-                      f"({min(tc.eval_clips, len(val_set))} clips)")
-        if dist.is_main and (step % tc.ckpt_interval == 0 or done):
-            save(step)
-        if out_of_time:
-            bar.write(f"stopping after {tc.max_time} minutes (--max_time) at step {step}")
-            break
-    bar.close()
+            if dist.is_main and (step % tc.log_interval == 0 or step == tc.max_iters):
+                post = {"loss": f"{loss_sum.item():.4f}", "lr": f"{lr:.1e}"}
+                if tc.stage == 1:  # [-1, 1] MSE -> [0, 1] PSNR
+                    post["psnr"] = f"{-10 * math.log10(max(loss_sum.item() / 4, 1e-10)):.2f}"
+                if device.type == "cuda":
+                    post["mfu"] = mfu_text(bar, start_step, flops_per_step, tc.peak_flops)
+                bar.set_postfix(post)
+            out_of_time = (tc.max_time > 0 and step % tc.log_interval == 0
+                           and time_is_up(t_start, tc.max_time, device, dist.ddp))
+            done = step == tc.max_iters or out_of_time
+            if dist.is_main and (step % tc.eval_interval == 0 or done) and len(val_set) > 0:
+                raw_model.eval()
+                psnr = evaluate_psnr(raw_model, val_set, tc.eval_clips, tc.batch_size, device)
+                raw_model.train()
+                bar.write(f"step {step}: held-out full-clip PSNR {psnr:.2f} dB "
+                          f"({min(tc.eval_clips, len(val_set))} clips)")
+            if dist.is_main and (step % tc.ckpt_interval == 0 or done):
+                save(step)
+            if out_of_time:
+                bar.write(f"stopping after {tc.max_time} minutes (--max_time) at step {step}")
+                break
+        bar.close()
     if dist.is_main:
         print(f"saved {ckpt_path}")
+        if len(val_set) > 0:
+            picture = os.path.join(tc.out_dir, "tokenizer.png")
+            write_reconstruction_picture(raw_model.eval(), val_set, picture, device)
+            print(f"wrote {picture}: held-out clips, three rows each: input, reconstruction, error x4")
     cleanup_distributed(dist)
+
+
+def write_reconstruction_picture(model, dataset, path, device, num_clips=4):
+    """Input, reconstruction and error of the first held-out clips (data.comparison_grid), as a PNG."""
+    video, recon, n_frames = reconstruct_clips(model, dataset, range(min(num_clips, len(dataset))), device)
+    real = int(n_frames.min())
+    grid = D.comparison_grid(D.to_uint8(video[:, :real]).cpu(), D.to_uint8(recon[:, :real]).cpu())
+    zoom = max(1, round(64 / video.shape[2]))                          # small frames enlarged to ~64 pixels
+    D.write_png(path, grid.repeat(zoom, axis=0).repeat(zoom, axis=1))
+
+
+def check_tokens_path(path):
+    """--encode PATH may replace a tokens file, never anything else (a checkpoint, a video, ...)."""
+    if os.path.exists(path):
+        kind = file_kind(path) if os.path.isfile(path) else "folder"
+        if kind != "coordtok_tokens":
+            raise ValueError(f"--encode {path} exists and is a {kind} file, not a tokens file; writing there "
+                             f"would destroy it. Pass a new path for the tokens file")
+    check_out_dir(os.path.dirname(os.path.abspath(path)), "--encode")
 
 
 @torch.no_grad()
 def encode_dataset(tc: TrainConfig):
     """Write the tokens file (data.save_tokens) with the triplane of one clip per video."""
+    check_tokens_path(tc.encode)
     device = pick_device(tc.device)
     ckpt_path = tc.init_from or os.path.join(tc.out_dir, "tokenizer.pt")
     model, ckpt = load_tokenizer(ckpt_path, device)
     cfg = model.config
-    data_dir = tc.data or ckpt["data"]
+    data_dir = tc.data or ckpt.get("data", "")
+    if not data_dir:
+        raise ValueError(f"{ckpt_path} does not name the data it was trained on; pass --data DIR")
     dataset = D.VideoDataset(data_dir, cfg.img_size, cfg.num_frames, split="all", random_start=False)
     loader = D.make_loader(dataset, tc.batch_size, shuffle=False, num_workers=tc.num_workers,
                            distributed=False, drop_last=False, infinite=False)
@@ -1055,7 +1199,7 @@ def main(argv=None):
         if tc.encode:
             encode_dataset(tc)
         else:
-            train(cfg, tc)
+            train(cfg, tc, explicit_flags(argv))
     except (ValueError, FileNotFoundError, WeightsUnavailable) as e:
         raise SystemExit(f"error: {e}")
 

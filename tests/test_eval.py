@@ -23,15 +23,8 @@ import data as D
 import eval as E
 import tokenizer as T
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-
-# a tokenizer small enough to train in seconds: 8 frames of 16x16, 8x8 triplanes -> 64 + 2*64 = 192 tokens
-MICRO = dict(num_frames=8, img_size=16, enc_patch_t=4, enc_patch_s=8, enc_width=32, enc_heads=2,
-             enc_layers=1, query_layers=1, triplane_rs=8, triplane_rt=8, triplane_c=4,
-             query_patch_s=4, query_patch_t=4, dec_width=32, dec_heads=2, dec_layers=1,
-             dec_patch_t=1, dec_patch_s=4, decode_chunk=8)
-MICRO_TOKENS = 8 * 8 + 2 * 8 * 8
+from conftest import (ENV, LPIPS_SHIFT, LPIPS_SCALE, LPIPS_TAPS, MICRO, MICRO_TOKENS, ROOT, VGG16_FEATURES,
+                      published_lpips_lin, published_vgg16)
 
 
 class StandInI3D(torch.nn.Module):
@@ -73,40 +66,6 @@ def scripted(module, path):
     return str(path)
 
 
-# The published weight layouts, written out here rather than taken from the code under test.
-# torchvision's vgg16 `features`: (index, out channels, in channels) of each 3x3 convolution (padding 1), each
-# followed by a ReLU at the next index; "M" is a 2x2 max-pool. Its classifier must be ignored by LPIPS.
-VGG16_FEATURES = [(0, 64, 3), (2, 64, 64), "M", (5, 128, 64), (7, 128, 128), "M",
-                  (10, 256, 128), (12, 256, 256), (14, 256, 256), "M",
-                  (17, 512, 256), (19, 512, 512), (21, 512, 512), "M",
-                  (24, 512, 512), (26, 512, 512), (28, 512, 512)]
-VGG16_CLASSIFIER = {"classifier.0": (4096, 25088), "classifier.3": (4096, 4096), "classifier.6": (1000, 4096)}
-# LPIPS v0.1 (VGG): the features after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (torchvision indices) and
-# their channels; the input scaling for images in [-1, 1]; `linK.model.1.weight` of shape (1, C, 1, 1).
-LPIPS_TAPS = {3: 64, 8: 128, 15: 256, 22: 512, 29: 512}
-LPIPS_SHIFT, LPIPS_SCALE = (-0.030, -0.088, -0.188), (0.458, 0.448, 0.450)
-
-
-def published_vgg16(seed=0):
-    """Random tensors under the key names and shapes of torchvision's vgg16 state dict. The classifier's are
-    stride-0 views of one zero (the published shapes in next to no memory)."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for layer in VGG16_FEATURES:
-        if layer != "M":
-            index, c_out, c_in = layer
-            state[f"features.{index}.weight"] = torch.randn(c_out, c_in, 3, 3, generator=gen) * (2 / (9 * c_in)) ** 0.5
-            state[f"features.{index}.bias"] = torch.randn(c_out, generator=gen) * 0.1
-    for name, shape in VGG16_CLASSIFIER.items():
-        state[f"{name}.weight"], state[f"{name}.bias"] = torch.zeros(1).expand(shape), torch.zeros(1).expand(shape[0])
-    return state
-
-
-def published_lpips_lin(seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=gen) for k, c in enumerate(LPIPS_TAPS.values())}
-
-
 def reference_lpips(vgg, lin, x, y):
     """LPIPS v0.1 computed the plain way: images (N, 3, H, W) in [-1, 1] -> (N,)."""
     shift, scale = (torch.tensor(v).view(1, 3, 1, 1) for v in (LPIPS_SHIFT, LPIPS_SCALE))
@@ -142,13 +101,6 @@ def weights(tmp_path_factory):
     return {"torch_home": str(hub), "i3d": str(checkpoints / E.I3D_FILE),
             "vgg": str(checkpoints / os.path.basename(T.VGG16_URL)),
             "lin": str(checkpoints / os.path.basename(T.LPIPS_LIN_URL))}
-
-
-@pytest.fixture(scope="module")
-def micro_videos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("videos")
-    D.make_synthetic(str(root), num_classes=2, videos_per_class=3, num_frames=10, size=24, seed=1)
-    return str(root)
 
 
 @pytest.fixture(scope="module")

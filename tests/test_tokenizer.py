@@ -1,40 +1,20 @@
-"""CoordTok: triplane lookup, layout, padding, overfitting, LPIPS layout, presets and the CLI."""
+"""CoordTok: triplane lookup, decoding, padding, overfitting, the training loop's guards, resume, DDP, the
+tokens file, and the errors a user meets at the command line."""
 
 import os
+import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 
 import data as D
 import tokenizer as T
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# a model small enough to train in seconds on 2 cores: 8 frames of 16x16
-MICRO = dict(num_frames=8, img_size=16, enc_patch_t=4, enc_patch_s=8, enc_width=32, enc_heads=2,
-             enc_layers=1, query_layers=1, triplane_rs=8, triplane_rt=8, triplane_c=4,
-             query_patch_s=4, query_patch_t=4, dec_width=32, dec_heads=2, dec_layers=1,
-             dec_patch_t=1, dec_patch_s=4, decode_chunk=8)
-MICRO_FLAGS = [f"--{k}={v}" for k, v in MICRO.items()] + [
-    "--batch_size=2", "--num_samples=32", "--num_workers=0", "--eval_clips=2", "--log_interval=1",
-    "--warmup_iters=2"]
+from conftest import MICRO, MICRO_FLAGS, MICRO_TRAIN_FLAGS, ROOT, run_script
 
 
-def run_cli(*args, nproc=None, timeout=300):
-    cmd = [sys.executable, os.path.join(ROOT, "tokenizer.py"), *args]
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-@pytest.fixture(scope="module")
-def micro_videos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("videos")
-    D.make_synthetic(str(root), num_classes=2, videos_per_class=3, num_frames=10, size=24, seed=1)
-    return str(root)
+def run_cli(*args, **kwargs):
+    return run_script("tokenizer.py", *args, **kwargs)
 
 
 def test_triplane_lookup_matches_hand_computed_bilinear():
@@ -58,6 +38,19 @@ def test_triplane_lookup_matches_hand_computed_bilinear():
     assert feats[0, 2, 0].item() == pytest.approx(51.0, abs=1e-4)
 
 
+def test_triplane_lookup_is_fp32_under_bf16_autocast():
+    # the paper's time axis: 128 temporal patches onto Rt = 32 texels; bf16 coordinates would land up to
+    # 0.06 texel off, so the lookup must ignore autocast and read bf16 planes in fp32
+    gen = torch.Generator().manual_seed(0)
+    planes = tuple(torch.randn(2, 8, r, 16, generator=gen).bfloat16() for r in (16, 32, 32))
+    coords = torch.stack([torch.randint(0, g, (2, 500), generator=gen) for g in (128, 16, 16)], dim=-1)
+    exact = T.lookup_triplane(tuple(z.float() for z in planes), coords, (128, 16, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = T.lookup_triplane(planes, coords, (128, 16, 16))
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, exact, rtol=0, atol=1e-6)
+
+
 class GatherModel(T.CoordTok):
     """decode() returns the true pixels of a known clip at the queried coordinates."""
 
@@ -65,29 +58,51 @@ class GatherModel(T.CoordTok):
         return D.gather_patches(self.clip, coords, self.patch_size)
 
 
-def test_decode_video_puts_every_patch_in_place():
+def test_decode_video_and_decode_frames_put_every_patch_in_place():
     cfg = T.CoordTokConfig(**{**MICRO, "dec_patch_t": 2, "decode_chunk": 3})  # chunks of uneven size
     model = GatherModel(cfg)
     model.clip = torch.rand(2, 8, 16, 16, 3)
     triplane = model.encode(model.clip * 2 - 1)
     assert torch.equal(model.decode_video(triplane), model.clip)
+    frames = [5, 0, 7, 6, 2]                                           # any order, frames of shared patches
+    assert torch.equal(model.decode_frames(triplane, frames), model.clip[:, frames])
 
 
-def test_padded_frames_change_neither_encoding_nor_loss():
+def test_decode_frames_decodes_only_the_patches_of_the_frames_asked_for():
     torch.manual_seed(0)
-    model = T.CoordTok(T.CoordTokConfig(**MICRO))
+    model = T.CoordTok(T.CoordTokConfig(**{**MICRO, "decode_chunk": 1})).eval()  # one frame per decoder call
+    triplane = model.encode(torch.rand(1, 8, 16, 16, 3) * 2 - 1)
+    calls = []
+    decode = model.decode
+    model.decode = lambda z, coords: calls.append(coords) or decode(z, coords)
+    frames = model.decode_frames(triplane, [6, 3])
+    assert sorted(c[0, 0, 0].item() for c in calls) == [3, 6] and all(c.shape[1] == 16 for c in calls)
+    calls.clear()
+    torch.testing.assert_close(frames, model.decode_video(triplane)[:, [6, 3]])
+    assert len(calls) == 8
+
+
+def test_padding_is_invisible_to_the_encoder():
+    # what only padded tokens carry (their positions in the ViT and for the queries, the padded frames)
+    # must not reach the code of a short clip; the unpadded clip is not affected by the mask either
+    torch.manual_seed(0)
+    model = T.CoordTok(T.CoordTokConfig(**MICRO)).eval()                # 2 temporal encoder patches of 4 frames
     video = torch.rand(2, 8, 16, 16, 3) * 2 - 1
-    n_frames = torch.tensor([5, 8])
-    other = video.clone()
-    other[0, 5:] = torch.rand(3, 16, 16, 3)                            # different padding content
-    z_a, z_b = model.encode(video, n_frames), model.encode(other, n_frames)
-    for a, b in zip(z_a, z_b):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    coords, targets = D.sample_patches(video, n_frames, 40, model.patch_size, torch.Generator().manual_seed(0))
-    assert (coords[0, :, 0] < 5).all()                                 # targets only from real frames
-    loss_a, _ = model(video, coords, targets, n_frames)
-    loss_b, _ = model(other, coords, D.gather_patches(other, coords, model.patch_size), n_frames)
-    assert loss_a.item() == pytest.approx(loss_b.item(), abs=1e-7)
+    n_frames = torch.tensor([3, 8])                                     # clip 0: only its first patch is real
+    with torch.no_grad():
+        before = model.encode(video, n_frames)
+        padded = model.real_video_tokens(n_frames)[0].logical_not()     # (Nv,) tokens of clip 0 made of padding
+        assert padded.sum() == 4
+        model.enc_pos[0, padded] += torch.randn(int(padded.sum()), 32)
+        model.cross_pos[0, padded] += torch.randn(int(padded.sum()), 32)
+        other = video.clone()
+        other[0, 3:] = torch.rand(5, 16, 16, 3)
+        after = model.encode(other, n_frames)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-5)       # the short clip: unchanged
+        assert not torch.allclose(a[1], b[1])                           # the full clip sees its changed positions
+    coords, _ = D.sample_patches(video, n_frames, 40, model.patch_size, torch.Generator().manual_seed(0))
+    assert (coords[0, :, 0] < 3).all()                                  # targets only from real frames
 
 
 def test_tiny_model_overfits_one_real_mp4_clip(tmp_path):
@@ -99,7 +114,7 @@ def test_tiny_model_overfits_one_real_mp4_clip(tmp_path):
     D.write_video(path, clip)
     clip, n = D.read_clip(path, 16, 8, start=0)
     assert n == 8
-    video = torch.from_numpy(clip)[None].float() / 127.5 - 1           # (1, 8, 16, 16, 3)
+    video = D.from_uint8(torch.from_numpy(clip)[None])                  # (1, 8, 16, 16, 3)
     torch.manual_seed(0)
     model = T.CoordTok(T.CoordTokConfig(**{**MICRO, "dec_width": 64, "dec_layers": 2}))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -125,121 +140,181 @@ def test_psnr_per_frame_closed_form():
     assert T.psnr_per_frame(pred, target)[0].tolist() == pytest.approx([20.0, 40.0], abs=1e-4)
 
 
-def published_vgg16_features():
-    """Random tensors with the key names and shapes of torchvision's vgg16 features."""
-    shapes, c_in, idx = {}, 3, 0
-    for c in T.VGG16_CHANNELS + ("M",):
-        if c == "M":
-            idx += 1
-            continue
-        shapes[f"features.{idx}.weight"], shapes[f"features.{idx}.bias"] = (c, c_in, 3, 3), (c,)
-        c_in, idx = c, idx + 2
-    assert list(shapes)[-1] == "features.28.bias" and len(shapes) == 26
-    gen = torch.Generator().manual_seed(0)
-    return {k: torch.randn(s, generator=gen) * 0.05 for k, s in shapes.items()}
+def test_optimizer_step_clips_only_when_asked_and_skips_non_finite_steps(tmp_path):
+    weight = torch.nn.Parameter(torch.zeros(2))
+    model = torch.nn.Module()
+    model.weight = weight
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    ckpt = str(tmp_path / "ckpt.pt")
+    for grad_clip, expected in ((0.0, [3.0, 4.0]), (1.0, [0.6, 0.8])):  # |g| = 5: 0 means no clipping
+        weight.data.zero_()
+        weight.grad = torch.tensor([-3.0, -4.0])
+        assert T.optimizer_step(model, optimizer, grad_clip, 0, 2, 3, ckpt) == 0  # stepped, count reset
+        assert weight.tolist() == pytest.approx(expected)
+    weight.grad = torch.tensor([float("nan"), 1.0])
+    with pytest.warns(UserWarning, match="step 7: non-finite"):
+        assert T.optimizer_step(model, optimizer, 1.0, 7, 0, 3, ckpt) == 1
+    assert weight.tolist() == pytest.approx([0.6, 0.8]) and weight.grad is None  # skipped, gradient dropped
+    weight.grad = torch.tensor([float("inf"), 1.0])
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="3 non-finite steps.*no checkpoint was saved"):
+        T.optimizer_step(model, optimizer, 1.0, 8, 2, 3, ckpt)
 
 
-def published_lpips_lin():
-    return {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))}
+def test_weight_decay_falls_on_linear_and_conv_weights_only():
+    model = T.CoordTok(T.CoordTokConfig(**MICRO))
+    optimizer = T.make_optimizer(model, 1e-3, 0.1, (0.9, 0.99), torch.device("cpu"))
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[i] for i in decayed} == {n for n, p in model.named_parameters()
+                                           if n.endswith(".weight") and p.dim() >= 2 and "norm" not in n}
+    for name in ("enc_pos", "cross_pos", "dec_pos", "cls_token", "plane_xy", "ln_dec.weight", "to_pixels.bias"):
+        assert id(dict(model.named_parameters())[name]) not in decayed, name
+    for name in ("patch_embed.weight", "query_embed_xt.weight", "dec_blocks.0.attn.qkv.weight", "to_pixels.weight"):
+        assert id(dict(model.named_parameters())[name]) in decayed, name
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
 
 
-def test_lpips_loads_published_layout_and_is_zero_for_identical(tmp_path):
-    vgg = published_vgg16_features()
-    vgg["classifier.6.bias"] = torch.zeros(1000)  # other keys of the published file are ignored
-    torch.save(vgg, tmp_path / "vgg16.pth")
-    torch.save(published_lpips_lin(), tmp_path / "vgg.pth")
-    lpips = T.LPIPS.from_pretrained(str(tmp_path / "vgg16.pth"), str(tmp_path / "vgg.pth"))
-    torch.testing.assert_close(lpips.features[28].weight, vgg["features.28.weight"])
-    x = torch.rand(3, 3, 32, 32) * 2 - 1
-    y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
-    assert lpips(x, x).abs().max().item() < 1e-6
-    d = lpips(x, y)
-    assert d.shape == (3,) and (d > 0).all()
-    torch.testing.assert_close(d, lpips(y, x))
-    assert not any(p.requires_grad for p in lpips.parameters())
+def test_config_holes_are_clear_errors_naming_the_flag(tmp_path, micro_videos, capsys):
+    cases = [(["--enc_heads=0"], "--enc_heads must be >= 1"), (["--dec_patch_s=0"], "--dec_patch_s must be >= 1"),
+             (["--img_size=30"], "--img_size 30 is not divisible by --enc_patch_s"),
+             (["--num_samples=10000"], "--num_samples"), (["--max_iters=0"], "--max_iters must be >= 1"),
+             (["--max_iters=-3"], "--max_iters must be >= 1"), (["--log_interval=0"], "--log_interval must be >= 1"),
+             (["--ckpt_interval=0"], "--ckpt_interval"), (["--eval_interval=0"], "--eval_interval"),
+             (["--device=tpu"], "--device 'tpu' is not one of"),
+             (["--stage=2"], "--stage 2 fine-tunes a trained tokenizer: pass --init_from")]
+    for flags, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            T.main([*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", f"--out_dir={tmp_path / 'out'}", *flags])
+    assert not (tmp_path / "out" / "tokenizer.pt").exists()                # and nothing claimed to be saved
+    with pytest.raises(SystemExit):                                         # no abbreviations of flags
+        T.main(["--max_it=5"])
+    assert "unrecognized arguments: --max_it=5" in capsys.readouterr().err
 
 
-def test_lpips_missing_weights_say_how_to_supply_them(tmp_path, micro_videos):
+def test_lpips_weights_missing_or_of_another_layout_are_clear_errors(tmp_path, micro_videos, lpips_files):
     with pytest.raises(T.WeightsUnavailable, match=r"vgg16-397923af.pth.*--lpips_vgg PATH"):
         T.LPIPS.from_pretrained(str(tmp_path / "missing.pth"), str(tmp_path / "missing2.pth"))
+    torch.save({"features.0.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(T.WeightsUnavailable, match=r"--lpips_vgg.*features.0.weight is missing or of another"):
+        T.LPIPS.from_pretrained(str(tmp_path / "wrong.pth"), lpips_files["lin"])
     # stage 2 stops before training and also offers to train without LPIPS
-    out = run_cli(*MICRO_FLAGS, f"--data={micro_videos}", "--stage=2", "--max_iters=1", f"--out_dir={tmp_path}",
-                  f"--lpips_vgg={tmp_path / 'missing.pth'}", "--num_frames_stage2=2")
+    stage1 = run_cli(*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=1", f"--out_dir={tmp_path / 's1'}")
+    assert stage1.returncode == 0, stage1.stderr[-2000:]
+    out = run_cli(f"--data={micro_videos}", "--stage=2", "--max_iters=1", f"--out_dir={tmp_path / 's2'}",
+                  f"--init_from={tmp_path / 's1' / 'tokenizer.pt'}", f"--lpips_vgg={tmp_path / 'wrong.pth'}",
+                  "--num_frames_stage2=2")
     assert out.returncode != 0 and "--lpips_weight 0" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_stage_two_fine_tunes_whole_frames_with_lpips(tmp_path, micro_videos):
-    stage1 = run_cli(*MICRO_FLAGS, f"--data={micro_videos}", "--max_iters=2", f"--out_dir={tmp_path / 's1'}")
-    assert stage1.returncode == 0, stage1.stderr
-    torch.save(published_vgg16_features(), tmp_path / "vgg16.pth")
-    torch.save(published_lpips_lin(), tmp_path / "vgg.pth")
-    stage2 = run_cli(*MICRO_FLAGS, f"--data={micro_videos}", "--stage=2", "--max_iters=2", "--num_frames_stage2=2",
-                     f"--init_from={tmp_path / 's1' / 'tokenizer.pt'}", f"--out_dir={tmp_path / 's2'}",
-                     f"--lpips_vgg={tmp_path / 'vgg16.pth'}", f"--lpips_lin={tmp_path / 'vgg.pth'}")
-    assert stage2.returncode == 0, stage2.stderr
+def test_stage_two_fine_tunes_whole_frames_with_lpips_and_resumes_as_stage_two(tmp_path, micro_videos, lpips_files):
+    stage1 = run_cli(*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=2", f"--out_dir={tmp_path / 's1'}")
+    assert stage1.returncode == 0, stage1.stderr[-2000:]
+    stage2 = run_cli(f"--data={micro_videos}", "--stage=2", "--max_iters=2", "--num_frames_stage2=2", "--batch_size=2",
+                     "--num_workers=0", f"--init_from={tmp_path / 's1' / 'tokenizer.pt'}", f"--out_dir={tmp_path / 's2'}",
+                     f"--lpips_vgg={lpips_files['vgg']}", f"--lpips_lin={lpips_files['lin']}")
+    assert stage2.returncode == 0, stage2.stderr[-2000:]
     s1 = torch.load(tmp_path / "s1" / "tokenizer.pt", weights_only=False)
     s2 = torch.load(tmp_path / "s2" / "tokenizer.pt", weights_only=False)
     assert s2["step"] == 2 and s2["train_config"]["stage"] == 2 and s2["model_config"] == s1["model_config"]
     assert any(not torch.equal(s1["model"][k], s2["model"][k]) for k in s1["model"])  # it trained on from stage 1
     assert all(torch.isfinite(v).all() for v in s2["model"].values())
+    # resumed with no flag but the new length: still stage 2, with its LPIPS files and data
+    resumed = run_cli("--resume", f"--out_dir={tmp_path / 's2'}", "--max_iters=3")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    s2 = torch.load(tmp_path / "s2" / "tokenizer.pt", weights_only=False)
+    assert s2["step"] == 3 and s2["train_config"]["stage"] == 2
+    assert s2["train_config"]["lpips_vgg"] == lpips_files["vgg"] and s2["train_config"]["num_frames_stage2"] == 2
 
 
-def test_impossible_configs_name_the_flag():
-    with pytest.raises(ValueError, match="--img_size 30 is not divisible by --enc_patch_s"):
-        T.CoordTok(T.CoordTokConfig(**{**MICRO, "img_size": 30}))
-    tc = T.TrainConfig(num_samples=10_000)
-    with pytest.raises(ValueError, match="--num_samples"):
-        T.validate_config(T.CoordTokConfig(**MICRO), tc)
-
-
-def test_parse_config_flags_and_presets():
-    cfg, tc = T.parse_config((T.CoordTokConfig, T.TrainConfig), T.PRESETS,
-                             ["--preset", "large", "--batch_size=32", "--dec_layers", "2", "--resume"])
+def test_parse_config_flags_presets_and_the_explicit_ones():
+    argv = ["--preset", "large", "--batch_size=32", "--dec_layers", "2", "--resume"]
+    cfg, tc = T.parse_config((T.CoordTokConfig, T.TrainConfig), T.PRESETS, argv)
     assert cfg.num_frames == 128 and cfg.dec_layers == 2 and tc.batch_size == 32 and tc.resume is True
+    assert T.explicit_flags(argv) == {"preset", "batch_size", "dec_layers", "resume"}
+    saved = {"batch_size": 8, "learning_rate": 0.5, "data": "/videos", "resume": False}
+    restored, overrides = T.resumed_config(saved, tc, T.explicit_flags(argv), keep=("resume",))
+    assert (restored.batch_size, restored.learning_rate, restored.data, restored.resume) == (32, 0.5, "/videos", True)
+    assert overrides == ["--batch_size 32 (the checkpoint had 8)"]
     assert T.lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
     assert T.lr_at(100, 1.0, 10, 100, "cosine", 0.1) == pytest.approx(0.1)
     assert T.lr_at(55, 1.0, 10, 100, "cosine", 0.0) == pytest.approx(0.5)
 
 
-def test_non_finite_gradient_skips_the_step_and_stops_after_too_many():
-    weight = torch.nn.Parameter(torch.ones(3))
-    optimizer = torch.optim.SGD([weight], lr=0.5)
-    weight.grad = torch.ones(3)
-    assert T.guarded_step(optimizer, weight.grad.norm(), 0, 1, 3, "advice") == 0      # finite: stepped, count reset
-    assert torch.equal(weight.detach(), torch.full((3,), 0.5)) and weight.grad is None
-    weight.grad = torch.tensor([1.0, float("nan"), 1.0])
-    with pytest.warns(UserWarning, match="step 7: non-finite .* skipped \\(1 in a row\\)"):
-        assert T.guarded_step(optimizer, weight.grad.norm(), 7, 0, 3, "advice") == 1
-    assert torch.equal(weight.detach(), torch.full((3,), 0.5)) and weight.grad is None  # untouched, grads cleared
-    weight.grad = torch.full((3,), float("inf"))
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="3 non-finite steps in a row; lower it"):
-        T.guarded_step(optimizer, weight.grad.norm(), 8, 2, 3, "lower it")
-
-
-def test_resume_gives_the_same_parameters_as_an_unbroken_run(tmp_path, micro_videos):
-    common = MICRO_FLAGS + [f"--data={micro_videos}", "--lr_decay_iters=6", "--eval_interval=100",
-                            "--ckpt_interval=3"]
+def test_resume_restores_the_run_and_equals_an_unbroken_one(tmp_path, micro_videos):
+    # a cosine schedule past its warmup, so that a resumed run on the wrong step or schedule would differ;
+    # the resumed run is given no flag but the new length: everything else comes from the checkpoint
+    common = [*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--lr_schedule=cosine", "--learning_rate=3e-3",
+              "--min_lr=1e-5", "--lr_decay_iters=6", "--num_samples=24", "--batch_size=3", "--ckpt_interval=3"]
     full = run_cli(*common, "--max_iters=6", f"--out_dir={tmp_path / 'full'}")
-    assert full.returncode == 0, full.stderr
+    assert full.returncode == 0, full.stderr[-2000:]
     part = run_cli(*common, "--max_iters=3", f"--out_dir={tmp_path / 'part'}")
-    assert part.returncode == 0, part.stderr
-    resumed = run_cli(*common, "--max_iters=6", "--resume", f"--out_dir={tmp_path / 'part'}")
-    assert resumed.returncode == 0, resumed.stderr
+    assert part.returncode == 0, part.stderr[-2000:]
+    resumed = run_cli("--resume", f"--out_dir={tmp_path / 'part'}", "--max_iters=6")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "override: --max_iters 6 (the checkpoint had 3)" in resumed.stdout
     a = torch.load(tmp_path / "full" / "tokenizer.pt", weights_only=False)
     b = torch.load(tmp_path / "part" / "tokenizer.pt", weights_only=False)
-    assert a["step"] == b["step"] == 6
+    assert a["step"] == b["step"] == 6 and b["train_config"]["data"] == os.path.abspath(micro_videos)
     init = T.CoordTok(T.CoordTokConfig(**MICRO)).state_dict()
     assert any(not torch.equal(init[k], a["model"][k]) for k in init)   # it did train
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
+    # a model flag cannot change under a trained model
+    changed = run_cli("--resume", f"--out_dir={tmp_path / 'part'}", "--max_iters=7", "--dec_layers=3")
+    assert changed.returncode != 0 and "--dec_layers differ" in changed.stderr
+
+
+def test_a_users_checkpoints_are_never_destroyed(tmp_path, micro_videos):
+    out_dir = tmp_path / "run"
+    first = run_cli(*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=1", f"--out_dir={out_dir}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    trained = (out_dir / "tokenizer.pt").read_bytes()
+    assert (out_dir / "tokenizer.png").exists()                            # the picture beside the checkpoint
+    # a fresh run into the same folder is refused, saying how to continue or start over
+    again = run_cli(*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=1", f"--out_dir={out_dir}")
+    assert again.returncode != 0 and "--resume" in again.stderr and "another --out_dir" in again.stderr
+    # a second run writing the same checkpoint is refused while the first is alive (its lock names it)
+    (out_dir / "tokenizer.pt.lock").write_text(f"{os.getpid()} {socket.gethostname()}")
+    concurrent = run_cli("--resume", f"--out_dir={out_dir}", "--max_iters=2")
+    assert concurrent.returncode != 0 and f"process {os.getpid()}" in concurrent.stderr
+    assert (out_dir / "tokenizer.pt").read_bytes() == trained
+    # a lock left by a dead process is taken over
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    (out_dir / "tokenizer.pt.lock").write_text(f"{finished.pid} {socket.gethostname()}")
+    resumed = run_cli("--resume", f"--out_dir={out_dir}", "--max_iters=2")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not (out_dir / "tokenizer.pt.lock").exists() and T.load_tokenizer(str(out_dir / "tokenizer.pt"))[1]["step"] == 2
+    # --encode never writes over anything but a tokens file, and its advice names no such path
+    before = (out_dir / "tokenizer.pt").read_bytes()
+    enc = run_cli(f"--out_dir={out_dir}", f"--encode={out_dir / 'tokenizer.pt'}", "--num_workers=0")
+    assert enc.returncode != 0 and "not a tokens file" in enc.stderr and "Pass a new path" in enc.stderr
+    assert f"tokenizer.py --encode {out_dir}" not in enc.stderr
+    assert (out_dir / "tokenizer.pt").read_bytes() == before
+    # an output folder that cannot be one fails at the start, before any training
+    (tmp_path / "a_file").write_text("")
+    bad = run_cli(*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=1", f"--out_dir={tmp_path / 'a_file'}")
+    assert bad.returncode != 0 and "--out_dir: cannot write into" in bad.stderr and "it/s" not in bad.stderr
+
+
+def test_atomic_save_keeps_the_last_good_file_and_no_temporary(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    D.atomic_save({"step": 1}, path)
+
+    def killed_mid_write(obj, f):
+        open(f, "wb").write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        D.atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 def test_two_process_ddp_keeps_ranks_identical(tmp_path, micro_videos):
-    worker = os.path.join(ROOT, "tests", "ddp_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
-           *MICRO_FLAGS, f"--data={micro_videos}", "--max_iters=4", f"--out_dir={tmp_path}", "--eval_interval=100"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    out = run_script("tests/ddp_worker.py", "tokenizer", *MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=4",
+                     f"--out_dir={tmp_path}", "--eval_interval=100", nproc=2)
     assert out.returncode == 0, out.stderr[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
@@ -253,12 +328,12 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path, micro_videos):
 
 
 def test_encode_writes_a_tokens_file(tmp_path, micro_videos):
-    out = run_cli(*MICRO_FLAGS, f"--data={micro_videos}", "--max_iters=2", f"--out_dir={tmp_path}")
-    assert out.returncode == 0, out.stderr
+    out = run_cli(*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=2", f"--out_dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
     assert "held-out full-clip PSNR" in out.stdout + out.stderr
     tokens_path = str(tmp_path / "tokens.pt")
     enc = run_cli(f"--out_dir={tmp_path}", f"--encode={tokens_path}", "--num_workers=0", "--batch_size=4")
-    assert enc.returncode == 0, enc.stderr
+    assert enc.returncode == 0, enc.stderr[-2000:]
     tokens = D.load_tokens(tokens_path)
     n = len(D.find_videos(micro_videos))
     assert tokens["z_xy"].shape == (n, 4, 8, 8) and tokens["z_xt"].shape == (n, 4, 8, 8)
@@ -268,8 +343,11 @@ def test_encode_writes_a_tokens_file(tmp_path, micro_videos):
     model, _ = T.load_tokenizer(tokens["tokenizer_ckpt"])
     clip, _ = D.read_clip(D.find_videos(micro_videos)[0][0], 16, 8, start=0)
     with torch.no_grad():
-        z = model.encode(torch.from_numpy(clip)[None].float() / 127.5 - 1)
+        z = model.encode(D.from_uint8(torch.from_numpy(clip)[None]))
     torch.testing.assert_close(z[0][0], tokens["z_xy"][0], rtol=1e-4, atol=1e-4)
+    # a tokens file may be written again
+    again = run_cli(f"--out_dir={tmp_path}", f"--encode={tokens_path}", "--num_workers=0", "--batch_size=4")
+    assert again.returncode == 0, again.stderr[-2000:]
 
 
 def test_wrong_or_missing_checkpoint_is_a_clear_error(tmp_path):
