@@ -277,7 +277,8 @@ def write_png(path, image):
 # preparing a data set: every video resized and cropped once, stored losslessly at img_size
 
 # codec of the prepared copies -> their container. Read path at 128x128 on a 2-core CPU: rawvideo ~48,000
-# frames/s (49 KB a frame on disk), huffyuv ~6,000 (~20 KB), the MPEG-4 source ~4,700 (~2.5 KB).
+# frames/s (49 KB a frame on disk), huffyuv ~6,000 (~20 KB), the MPEG-4 source ~4,700 (~2.5 KB). For
+# UCF-101's ~2.5M frames that is ~120 GB raw or ~50 GB huffyuv, against 6.5 GB of source.
 PREPARED_FORMATS = {"rawvideo": ".mov", "huffyuv": ".avi"}
 
 
