@@ -1,25 +1,34 @@
 """
-Video data for CoordTok: reading clips with PyAV, writing mp4, the built-in synthetic set,
-the patch/coordinate helpers of the training step, and the tokens file read by dit.py.
+Video data for CoordTok: reading clips with PyAV, writing videos, preparing a data set for fast
+reading, the built-in synthetic set, the patch/coordinate helpers of the training step, and the
+tokens file read by dit.py.
 
   python data.py --synthetic data/synthetic     # write the synthetic set (mp4, a few classes)
+  python data.py --prepare UCF-101 ucf128 --img_size 128   # a copy resized once: --data ucf128 reads
+                                                            # clips ~10x faster, bit for bit the same
 
-The file reads top to bottom: finding and decoding videos, writing them, the dataset and its
-loader, the synthetic set, the patch helpers (run on the training device, vectorised), and
-the tokens file.
+The file reads top to bottom: finding and decoding videos, writing them, preparing a resized
+copy of a data set, the dataset and its loader, the synthetic set, the patch helpers (run on the
+training device, vectorised), and the tokens file.
 """
 
 import argparse
+import contextlib
+import itertools
 import math
+import multiprocessing
 import os
+import re
 import struct
+import time
 import warnings
 import zlib
 
 import av
 import numpy as np
 import torch
-from einops import rearrange
+from av.video.reformatter import VideoReformatter
+from einops import rearrange, repeat
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 
@@ -85,15 +94,41 @@ def probe_video(path):
     return max(n_total, 1)
 
 
-def _to_rgb_square(frame, img_size):
+# PyAV >= 17 scales with a thread per core unless told otherwise: at these frame sizes one thread is
+# faster, and a loader already runs a process per core
+_SCALER_THREADS = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
+
+
+def _to_rgb_square(frame, img_size, scaler):
     """A decoded frame of any pixel format and size -> (img_size, img_size, 3) uint8: the shorter side
-    resized (area averaging, i.e. antialiased when shrinking), then the centre cropped."""
+    resized (area averaging, i.e. antialiased when shrinking), then the centre cropped. A frame that is
+    already img_size square (a prepared copy) is only converted to RGB, not resampled.
+
+    scaler is a VideoReformatter kept for the whole video: it keeps FFmpeg's scaler between frames,
+    where frame.reformat would set one up for every frame (3x the cost of the resize itself)."""
     w, h = frame.width, frame.height
     scale = img_size / min(w, h)
     new_w, new_h = max(img_size, round(w * scale)), max(img_size, round(h * scale))
-    rgb = frame.reformat(width=new_w, height=new_h, format="rgb24", interpolation="AREA").to_ndarray()
+    rgb = scaler.reformat(frame, width=new_w, height=new_h, format="rgb24", interpolation="AREA",
+                          **_SCALER_THREADS).to_ndarray()
     top, left = (new_h - img_size) // 2, (new_w - img_size) // 2
     return rgb[top:top + img_size, left:left + img_size]
+
+
+def _square_frames(path, container, stream, img_size, start=0):
+    """The frames of an open video from index start on, each through _to_rgb_square; frames before start
+    are decoded but not converted. No seeking: keyframe seeks are not frame-exact. A decoding error ends
+    the frames (a truncated file keeps those that decoded), or is VideoReadError if none came out."""
+    scaler = VideoReformatter()
+    converted = 0
+    try:
+        for i, frame in enumerate(container.decode(stream)):
+            if i >= start:
+                yield _to_rgb_square(frame, img_size, scaler)
+                converted += 1
+    except (av.FFmpegError, OSError) as e:
+        if not converted:
+            raise VideoReadError(f"{path}: cannot decode ({e})") from e
 
 
 def read_clip(path, img_size, num_frames, start=None, rng=None, n_total=None):
@@ -101,66 +136,99 @@ def read_clip(path, img_size, num_frames, start=None, rng=None, n_total=None):
     of them are real (a video shorter than the clip is padded with zero frames).
 
     start=None draws the first frame at random (training, with rng); an int fixes it (evaluation).
-    Decoding stops at the clip's last frame; frames before the start are decoded but not converted.
+    Decoding starts at the first frame and stops at the clip's last one.
     """
+    clip = np.zeros((num_frames, img_size, img_size, 3), dtype=np.uint8)
+    n_real = 0
     container, stream = _open_video(path)
-    frames = []
     try:
         if n_total is None:
             n_total = _frame_count(stream, container)
         if start is None:
             rng = rng if rng is not None else np.random.default_rng()
             start = int(rng.integers(0, max(n_total - num_frames, 0) + 1))
-        for i, frame in enumerate(container.decode(stream)):
-            if i >= start:
-                frames.append(_to_rgb_square(frame, img_size))
-                if len(frames) == num_frames:
-                    break
-        if not frames and start > 0:  # the header overstated the length: take the clip from the start
-            container.seek(0)
-            for frame in container.decode(stream):
-                frames.append(_to_rgb_square(frame, img_size))
-                if len(frames) == num_frames:
-                    break
-    except (av.FFmpegError, OSError) as e:
-        if not frames:
-            raise VideoReadError(f"{path}: cannot decode ({e})") from e
-        # a truncated file: keep the frames that decoded
+        frames = itertools.islice(_square_frames(path, container, stream, img_size, start), num_frames)
+        for n_real, image in enumerate(frames, 1):
+            clip[n_real - 1] = image
     finally:
         container.close()
-    if not frames:
+    if n_real == 0 and start > 0:  # the header overstated the length: take the clip from the start
+        return read_clip(path, img_size, num_frames, start=0)
+    if n_real == 0:
         raise VideoReadError(f"{path}: no frames")
-    clip = np.zeros((num_frames, img_size, img_size, 3), dtype=np.uint8)
-    clip[:len(frames)] = np.stack(frames)
-    return clip, len(frames)
+    return clip, n_real
+
+
+def measure_read_speed(path, img_size, num_frames, clips=8, seed=0):
+    """How fast this process reads one video file: {"frames_per_s", "clips_per_s"} of the training read
+    path (read_clip at random starts, as VideoDataset reads; real frames counted), and "decode_frames_per_s",
+    decoding alone (the first num_frames frames, nothing converted): the most a read path can reach."""
+    n_total = probe_video(path)
+    read_clip(path, img_size, num_frames, 0, n_total=n_total)  # untimed: the file into the page cache
+    rng = np.random.default_rng(seed)
+    frames, begin = 0, time.perf_counter()
+    for _ in range(clips):
+        frames += read_clip(path, img_size, num_frames, rng=rng, n_total=n_total)[1]
+    read_seconds = time.perf_counter() - begin
+    decoded, begin = 0, time.perf_counter()
+    for _ in range(clips):
+        container, stream = _open_video(path)
+        try:
+            decoded += sum(1 for _ in itertools.islice(container.decode(stream), num_frames))
+        finally:
+            container.close()
+    decode_seconds = time.perf_counter() - begin
+    return {"frames_per_s": frames / read_seconds, "clips_per_s": clips / read_seconds,
+            "decode_frames_per_s": decoded / decode_seconds}
 
 
 # -----------------------------------------------------------------------------
 # writing videos
 
 
-def write_video(path, frames, fps=8, crf=12, lossless=False):
-    """(T, H, W, 3) uint8 frames -> a video file.
+# codec -> the pixel format it stores
+VIDEO_CODECS = {
+    "libx264": "yuv420p",  # H.264, what every player reads; crf sets the quality
+    "mpeg4": "yuv420p",    # MPEG-4 part 2 in .avi, UCF-101's format, at about its bit rate
+    "ffv1": "bgr0",        # lossless and compact (.mkv): clips a metric must see as they were made
+    "huffyuv": "rgb24",    # lossless (.avi), ~1.5x FFV1's size, 4x faster to decode: prepared data sets
+    "rawvideo": "rgb24",   # uncompressed (.mov): nothing to decode, the fastest prepared data sets
+}
 
-    Default: H.264 (yuv420p, the format every player reads) at quality crf; odd heights/widths are padded
-    by one edge row/column because yuv420p needs even sizes. lossless=True: FFV1 in RGB (use a .mkv
-    path), which reads back bit-exact, for clips that a metric must see as they were generated."""
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"write_video needs uint8 frames of shape (T, H, W, 3), got {frames.dtype} {frames.shape}")
-    if not lossless:
-        _, h, w, _ = frames.shape
-        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    codec, pix_fmt, options = ("ffv1", "bgr0", {}) if lossless else ("libx264", "yuv420p", {"crf": str(crf)})
+
+def write_video(path, frames, fps=8, crf=12, lossless=False, codec=None):
+    """(T, H, W, 3) uint8 frames, or any iterable of (H, W, 3) uint8 frames (encoded as they come, so a
+    long video never sits in memory) -> a video file.
+
+    codec: one of VIDEO_CODECS; by default H.264 (yuv420p) at quality crf, or FFV1 in RGB with
+    lossless=True (use a .mkv path), which reads back bit-exact. The yuv420p codecs need even sizes: odd
+    heights/widths are padded by one edge row/column. "mpeg4" aims at 0.25 bits per pixel, about
+    UCF-101's rate (~500 kb/s at 320x240, 25 fps)."""
+    codec = codec or ("ffv1" if lossless else "libx264")
+    if codec not in VIDEO_CODECS:
+        raise ValueError(f"write_video: unknown codec {codec!r}; use one of {', '.join(VIDEO_CODECS)}")
+    pix_fmt = VIDEO_CODECS[codec]
+    scaler = VideoReformatter()  # one colour converter for the whole video (see _to_rgb_square)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with av.open(path, mode="w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = pix_fmt
-        stream.options = options
+        stream = None
         for image in frames:
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format=pix_fmt)
+            image = np.asarray(image)
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+                raise ValueError(f"write_video needs uint8 frames of shape (H, W, 3), as a (T, H, W, 3) array or "
+                                 f"a sequence; got a frame of {image.dtype} {image.shape}")
+            if pix_fmt == "yuv420p":
+                image = np.pad(image, ((0, image.shape[0] % 2), (0, image.shape[1] % 2), (0, 0)), mode="edge")
+            if stream is None:  # sized by the first frame
+                stream = container.add_stream(codec, rate=fps)
+                stream.height, stream.width = image.shape[:2]
+                stream.pix_fmt = pix_fmt
+                options = {"libx264": {"crf": str(crf)}, "mpeg4": {"b": str(int(0.25 * image[..., 0].size * fps))}}
+                stream.options = options.get(codec, {})
+            frame = scaler.reformat(av.VideoFrame.from_ndarray(image, format="rgb24"), format=pix_fmt)
             container.mux(stream.encode(frame))
+        if stream is None:
+            raise ValueError(f"write_video: no frames to write to {path}")
         container.mux(stream.encode())  # flush the encoder
 
 
@@ -217,55 +285,176 @@ def comparison_grid(inputs, recons, num_columns=8, error_gain=4):
 
 
 # -----------------------------------------------------------------------------
+# preparing a data set: every video resized and cropped once, stored losslessly at img_size
+
+# codec of the prepared copies -> their container. Read path at 128x128 on a 2-core CPU: rawvideo ~48,000
+# frames/s (49 KB a frame on disk), huffyuv ~6,000 (~20 KB), the MPEG-4 source ~4,700 (~2.5 KB). For
+# UCF-101's ~2.5M frames that is ~120 GB raw or ~50 GB huffyuv, against 6.5 GB of source.
+PREPARED_FORMATS = {"rawvideo": ".mov", "huffyuv": ".avi"}
+
+
+def _prepare_one(job):
+    """Write one prepared video; returns (source, what happened): "written", "exists" or the read error."""
+    source, target, img_size, codec = job
+    if os.path.exists(target):
+        return source, "exists"
+    # a hidden temporary name that find_videos skips: a killed run never leaves a file that looks complete
+    stem, extension = os.path.splitext(os.path.basename(target))
+    partial = os.path.join(os.path.dirname(target), f".{stem}.partial{extension}")
+    try:
+        probe_video(source)
+        container, stream = _open_video(source)
+        try:
+            fps = stream.average_rate or 25  # for playback only: frames are stored one for one
+            write_video(partial, _square_frames(source, container, stream, img_size), fps=fps, codec=codec)
+        finally:
+            container.close()
+        os.replace(partial, target)
+        return source, "written"
+    except VideoReadError as e:  # only reading is skipped: a failed write (disk full) stops the run
+        return source, str(e)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def prepare_videos(source_root, target_root, img_size, workers=1, codec="rawvideo"):
+    """A copy of source_root with every video at img_size x img_size (shorter side resized, centre
+    cropped, by the same code as read_clip), in the same folders and under the same names, stored
+    losslessly (codec: one of PREPARED_FORMATS): frame i of a copy is frame i of read_clip on its source,
+    bit for bit, and read_clip reads the copy without resizing it, several times faster.
+
+    Runs in `workers` processes; skips outputs that exist (a re-run resumes) and unreadable sources (a
+    warning names each). Returns {"written", "exists", "unreadable"} counts."""
+    if os.path.abspath(target_root).startswith(os.path.join(os.path.abspath(source_root), "")):
+        raise ValueError(f"--prepare: put the copy {target_root!r} outside {source_root!r}, or the source folder "
+                         f"would hold every video twice")
+    jobs, targets = [], {}
+    for path, _ in find_videos(source_root):
+        relative = os.path.splitext(os.path.relpath(path, source_root))[0] + PREPARED_FORMATS[codec]
+        if relative in targets:
+            raise ValueError(f"{path} and {targets[relative]} would both be prepared as {relative}; "
+                             f"rename one of them")
+        targets[relative] = path
+        jobs.append((path, os.path.join(target_root, relative), img_size, codec))
+    counts = {"written": 0, "exists": 0, "unreadable": 0}
+    with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        outcomes = pool.imap_unordered(_prepare_one, jobs, chunksize=4) if pool else map(_prepare_one, jobs)
+        for source, outcome in outcomes:
+            if outcome not in counts:
+                warnings.warn(f"skipping unreadable video {outcome}")
+                outcome = "unreadable"
+            counts[outcome] += 1
+    return counts
+
+
+# -----------------------------------------------------------------------------
 # the dataset and its loader
 
 
-def _split_files(videos, split, val_fraction):
-    """Deterministic split by file: in each class, files ordered by a hash of their name; the first
-    round(val_fraction * n) of them (at least one when the class has two or more) are held out."""
+# UCF-101 names clips v_<Class>_g<group>_c<clip>; the clips of one group share actor and scene
+UCF_CLIP_NAME = re.compile(r"(v_.+_g\d+)_c\d+")
+
+
+def _video_key(path):
+    """(class folder, file name without extension), lower case: how a split list names a video, whatever
+    the container (a prepared .avi copy of an .mp4 still matches)."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.basename(os.path.dirname(path)).lower(), stem.lower()
+
+
+def _held_out_by_group(videos, val_fraction):
+    """The held-out paths of a deterministic split by group: in each class, the groups (UCF-101's
+    v_<Class>_gNN, otherwise each file on its own) ordered by a hash of their name; the first
+    round(val_fraction * n) groups (at least one when the class has two or more) are held out."""
+    groups_by_class = {}
+    for path, name in videos:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        group = UCF_CLIP_NAME.fullmatch(stem)
+        groups_by_class.setdefault(name, {}).setdefault(group[1] if group else stem, []).append(path)
+    held_out = set()
+    for groups in groups_by_class.values():
+        order = sorted(groups, key=lambda g: (zlib.crc32(g.encode()), g))
+        n_val = round(val_fraction * len(order))
+        if val_fraction > 0 and len(order) >= 2:
+            n_val = max(n_val, 1)
+        held_out.update(path for g in order[:n_val] for path in groups[g])
+    return held_out
+
+
+def _held_out_by_list(videos, split_file):
+    """The held-out paths of an official split list (UCF-101's trainlist01.txt / testlist01.txt: one
+    `Class/v_Class_gNN_cNN.avi [label]` per line). A list whose name contains "test" names the held-out
+    videos; any other list names the training videos, and the rest are held out."""
+    if not os.path.isfile(split_file):
+        raise FileNotFoundError(f"split_file {split_file!r} does not exist; give a list like UCF-101's "
+                                f"trainlist01.txt or testlist01.txt, or leave it empty to split by a hash of the names")
+    path_of = {_video_key(path): path for path, _ in videos}
+    listed, unmatched = set(), []
+    with open(split_file) as f:
+        for entry in (line.split()[0] for line in f if line.strip()):
+            key = _video_key(entry.replace("\\", "/"))
+            if key in path_of:
+                listed.add(path_of[key])
+            else:
+                unmatched.append(entry)
+    if unmatched:
+        warnings.warn(f"{len(unmatched)} entries of {split_file} match no video in the data folder (e.g. "
+                      f"{unmatched[0]}); they are ignored. Is the folder the whole data set?")
+    is_test_list = "test" in os.path.basename(split_file).lower()
+    return listed if is_test_list else {path for path, _ in videos} - listed
+
+
+def _split_files(videos, split, val_fraction, split_file=""):
+    """The (path, class) pairs of one split: "all", or "train" / "val" by split_file if given, otherwise
+    by a hash of the group names (_held_out_by_group)."""
     if split == "all":
         return videos
-    by_class = {}
-    for path, name in videos:
-        by_class.setdefault(name, []).append(path)
-    chosen = []
-    for name, paths in by_class.items():
-        paths = sorted(paths, key=lambda p: (zlib.crc32(os.path.basename(p).encode()), p))
-        n_val = round(val_fraction * len(paths))
-        if val_fraction > 0 and len(paths) >= 2:
-            n_val = max(n_val, 1)
-        keep = paths[:n_val] if split == "val" else paths[n_val:]
-        chosen += [(p, name) for p in keep]
-    return sorted(chosen)
+    held_out = (_held_out_by_list(videos, split_file) if split_file
+                else _held_out_by_group(videos, val_fraction))
+    return sorted((path, name) for path, name in videos if (path in held_out) == (split == "val"))
 
 
 class VideoDataset(torch.utils.data.Dataset):
     """Clips of num_frames frames at img_size x img_size from a folder of videos (class = parent folder).
 
-    split: "train", "val" (held-out files, never seen in training) or "all". An item is
-    {"video": uint8 (T, S, S, 3), "n_frames": real frames, "label": class index}. The index may be an int,
-    or (index, seed) from make_loader's sampler, which fixes the random start so a resumed run reads the
-    same clips. Unreadable files are skipped with a warning when the dataset is built.
+    split: "train", "val" (held-out videos, never seen in training) or "all". The held-out videos:
+    split_file, a list such as UCF-101's (a "test" list names them; a train list names the training
+    videos, and the rest are held out), or else about val_fraction of each class's groups, chosen by a
+    hash of their names (a UCF-101 group, v_<Class>_gNN, is one actor and scene: its clips stay together;
+    other files are each their own group). An item is {"video": uint8 (T, S, S, 3), "n_frames": real
+    frames, "label": class index}. The index may be an int, or (index, seed) from make_loader's sampler,
+    which fixes the random start so a resumed run reads the same clips. Unreadable files are skipped with
+    a warning when the dataset is built.
     """
 
-    def __init__(self, root, img_size, num_frames, split="train", random_start=True, val_fraction=0.1):
+    def __init__(self, root, img_size, num_frames, split="train", random_start=True, val_fraction=0.1,
+                 split_file=""):
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be train, val or all, not {split!r}")
         videos = find_videos(root)
+        if not videos:
+            raise FileNotFoundError(f"no readable video in {root!r} (searched recursively for "
+                                    f"{', '.join(VIDEO_EXTENSIONS)}); put videos in class sub-folders")
         self.class_names = sorted({name for _, name in videos})
         self.img_size, self.num_frames, self.random_start = img_size, num_frames, random_start
-        self.files, self.frame_counts = [], []
-        chosen = _split_files(videos, split, val_fraction)
+        self.files, self.frame_counts, unreadable = [], [], []
+        chosen = _split_files(videos, split, val_fraction, split_file)
         for path, name in chosen:
             try:
                 self.frame_counts.append(probe_video(path))
             except VideoReadError as e:
                 warnings.warn(f"skipping unreadable video {e}")
+                unreadable.append(os.path.basename(path))
                 continue
             self.files.append((path, self.class_names.index(name)))
-        if not videos or (chosen and not self.files):
-            raise FileNotFoundError(f"no readable video in {root!r} (searched recursively for "
-                                    f"{', '.join(VIDEO_EXTENSIONS)}); put videos in class sub-folders")
+        if chosen and not self.files:
+            others = (f"; the other {len(videos) - len(chosen)} videos of the folder are in the other split"
+                      if split != "all" else "")
+            raise FileNotFoundError(
+                f"no readable video in the {split!r} split of {root!r}: all {len(chosen)} videos chosen for it "
+                f"failed to read (e.g. {', '.join(unreadable[:2])}; the warnings above say why){others}. Replace "
+                f"or remove the unreadable files, or choose the split differently (val_fraction, split_file)")
 
     def __len__(self):
         return len(self.files)
@@ -401,6 +590,18 @@ def make_synthetic(out_dir, num_classes=4, videos_per_class=48, num_frames=32, s
     return out_dir
 
 
+def make_ucf_like_video(path, num_frames=175, seed=0):
+    """Write a video in UCF-101's format, for read-speed measurements without a download: 320x240,
+    25 fps, MPEG-4 part 2 in .avi at about its bit rate (7 s, as its clips last on average). The content:
+    a synthetic clip rendered at 160x160, doubled and cropped, with a camera-like grain so the encoder
+    spends the bits that real footage costs."""
+    rng = np.random.default_rng(seed)
+    video = repeat(_render_video(rng, "stars", num_frames, 160), "t h w c -> t (h 2) (w 2) c")[:, 40:280]
+    grain = rng.integers(-6, 7, video.shape)                                # (T, 240, 320, 3)
+    write_video(path, np.clip(video + grain, 0, 255).astype(np.uint8), fps=25, codec="mpeg4")
+    return path
+
+
 def ensure_synthetic(out_dir="data/synthetic"):
     """The synthetic set's folder, written first if it has no videos yet."""
     if not (os.path.isdir(out_dir) and find_videos(out_dir)):
@@ -469,12 +670,15 @@ def sample_patches(video, n_frames, num_samples, patch_size, generator=None):
 
 def sample_frames(video, n_frames, num_frames_k, patch_size, generator=None):
     """Every patch of K distinct random real temporal patches ("whole frames") per clip, frame-major
-    within each: coords (B, K*gh*gw, 3), targets (B, K*gh*gw, pt*ph*pw*3)."""
+    within each: coords (B, K*gh*gw, 3), targets (B, K*gh*gw, pt*ph*pw*3). A clip with fewer than K real
+    temporal patches repeats its real ones, as sample_patches does."""
     gt, gh, gw = _grid_size(video, patch_size)
     keys = torch.rand(video.shape[0], gt, device=video.device, generator=generator)  # (B, gt)
-    real_t = (n_frames // patch_size[0]).clamp_min(1)
-    keys = keys.masked_fill(torch.arange(gt, device=video.device)[None] >= real_t[:, None], float("inf"))
-    frames = keys.topk(num_frames_k, dim=1, largest=False).indices         # (B, K)
+    real_t = (n_frames // patch_size[0]).clamp_min(1)[:, None]             # (B, 1)
+    keys = keys.masked_fill(torch.arange(gt, device=video.device)[None] >= real_t, float("inf"))
+    frames = keys.topk(num_frames_k, dim=1, largest=False).indices         # (B, K) real frames first
+    slot = torch.arange(num_frames_k, device=video.device)[None]           # (1, K)
+    frames = frames.gather(1, torch.where(slot < real_t, slot, slot % real_t))  # (B, K)
     frame_grid = full_grid((1, gh, gw), video.device)                       # (gh*gw, 3) with t = 0
     coords = frame_grid[None, None] + torch.stack(
         [frames, torch.zeros_like(frames), torch.zeros_like(frames)], -1)[:, :, None]  # (B, K, gh*gw, 3)
@@ -521,14 +725,30 @@ def load_tokens(path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Write the built-in synthetic video set.")
-    parser.add_argument("--synthetic", required=True, metavar="DIR", help="folder to write the mp4s to")
+    parser = argparse.ArgumentParser(description="Write the built-in synthetic video set, or prepare a copy of a "
+                                                 "data set resized once for fast reading.")
+    task = parser.add_mutually_exclusive_group(required=True)
+    task.add_argument("--synthetic", metavar="DIR", help="folder to write the synthetic set's mp4s to")
+    task.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"),
+                      help="write every video of SRC at --img_size to DST, same folders (then train with --data DST)")
+    parser.add_argument("--codec", default="rawvideo", choices=PREPARED_FORMATS,
+                        help="--prepare: rawvideo reads fastest; huffyuv takes 2.5x less disk, reads ~8x slower")
     parser.add_argument("--num_classes", type=int, default=4)
     parser.add_argument("--videos_per_class", type=int, default=48)
     parser.add_argument("--num_frames", type=int, default=32)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--img_size", type=int, default=128, help="--prepare: the training clips' size")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="--prepare: processes")
     args = parser.parse_args()
+    if args.prepare:
+        source, target = args.prepare
+        begin = time.perf_counter()
+        counts = prepare_videos(source, target, args.img_size, args.workers, args.codec)
+        print(f"prepared {source} at {args.img_size}x{args.img_size} in {target}/ in "
+              f"{time.perf_counter() - begin:.0f} s: {counts['written']} written, {counts['exists']} already "
+              f"there, {counts['unreadable']} unreadable (skipped, named above)")
+        return
     make_synthetic(args.synthetic, args.num_classes, args.videos_per_class, args.num_frames, args.size, args.seed)
     print(f"wrote {args.num_classes * args.videos_per_class} videos to {args.synthetic}/")
 

@@ -1,6 +1,7 @@
 """data.py: reading and writing real video files, bad input, the split, the sampler, the patch helpers
 and the tokens file."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -55,6 +56,16 @@ def test_lossless_video_reads_back_bit_exact(tmp_path):
     D.write_video(path, frames, lossless=True)
     clip, n = D.read_clip(path, 24, 6, start=0)
     assert n == 6 and np.array_equal(clip, frames)
+
+
+@pytest.mark.parametrize("codec,extension", [("rawvideo", ".mov"), ("huffyuv", ".avi")])
+def test_prepared_formats_read_back_bit_exact_without_resampling(tmp_path, codec, extension):
+    # noise: any resampling or colour round trip would change it
+    frames = np.random.default_rng(1).integers(0, 256, (5, 20, 20, 3), dtype=np.uint8)
+    path = str(tmp_path / ("clip" + extension))
+    D.write_video(path, iter(frames), fps=25, codec=codec)   # frames one by one, as --prepare writes them
+    clip, n = D.read_clip(path, 20, 5, start=0)
+    assert n == 5 and np.array_equal(clip, frames)
 
 
 def test_mp4_round_trip_matches(tmp_path):
@@ -182,6 +193,66 @@ def test_held_out_files_never_appear_in_training(tmp_path):
     assert {p for p, _ in D.VideoDataset(root, 16, 4, split="val", val_fraction=0.2).files} == val_files
 
 
+def test_clips_of_one_ucf_group_stay_on_one_side_of_the_split(tmp_path):
+    root = str(tmp_path / "set")
+    names = [f"{c}/v_{c}_g{g:02d}_c{k:02d}.avi" for c in ("Run", "Jump") for g in range(1, 7) for k in range(1, 4)]
+    names += [f"other/clip{i}.mp4" for i in range(6)]                   # no group in the name: by file
+    write_set(root, names)
+    train = {os.path.basename(p) for p, _ in D.VideoDataset(root, 16, 4, split="train", val_fraction=0.34).files}
+    val = {os.path.basename(p) for p, _ in D.VideoDataset(root, 16, 4, split="val", val_fraction=0.34).files}
+    assert not train & val and len(train | val) == len(names)
+    group = lambda name: name.rsplit("_c", 1)[0]
+    for c in ("Run", "Jump"):
+        val_groups = {group(n) for n in val if n.startswith(f"v_{c}_")}
+        train_groups = {group(n) for n in train if n.startswith(f"v_{c}_")}
+        assert not val_groups & train_groups and len(val_groups) == 2    # round(0.34 * 6) whole groups held out
+        assert sum(n.startswith(f"v_{c}_") for n in val) == 6
+    assert sum(n.startswith("clip") for n in val) == 2                   # round(0.34 * 6) single files
+
+
+def write_list(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def test_split_file_names_train_or_test_videos_whatever_the_extension(tmp_path):
+    root = str(tmp_path / "set")
+    # the lists name .avi files (UCF-101's), the folder holds .mp4 copies: matched by folder and stem
+    write_set(root, [f"{c}/v_{c}_g01_c0{k}.mp4" for c in ("Run", "Jump") for k in range(1, 4)])
+    trainlist = write_list(tmp_path / "trainlist01.txt", ["Run/v_Run_g01_c01.avi 1", "Run/v_Run_g01_c02.avi 1",
+                                                          "Jump/v_Jump_g01_c03.avi 2"])
+    testlist = write_list(tmp_path / "testlist01.txt", ["Run/v_Run_g01_c03.avi", "Jump/v_Jump_g01_c01.avi", ""])
+    names = lambda dataset: sorted(os.path.basename(p) for p, _ in dataset.files)
+    listed_for_training = ["v_Jump_g01_c03.mp4", "v_Run_g01_c01.mp4", "v_Run_g01_c02.mp4"]
+    assert names(D.VideoDataset(root, 16, 4, split="train", split_file=trainlist)) == listed_for_training
+    assert names(D.VideoDataset(root, 16, 4, split="val", split_file=trainlist)) == [
+        "v_Jump_g01_c01.mp4", "v_Jump_g01_c02.mp4", "v_Run_g01_c03.mp4"]
+    # a test list names the held-out videos; the rest train
+    assert names(D.VideoDataset(root, 16, 4, split="val", split_file=testlist)) == [
+        "v_Jump_g01_c01.mp4", "v_Run_g01_c03.mp4"]
+    assert len(D.VideoDataset(root, 16, 4, split="train", split_file=testlist)) == 4
+    # entries without a video: one warning with the count and an example
+    partial = write_list(tmp_path / "trainlist02.txt", ["Run/v_Run_g01_c01.avi 1", "Swim/v_Swim_g01_c01.avi 3",
+                                                        "Swim/v_Swim_g01_c02.avi 3"])
+    with pytest.warns(UserWarning, match=r"2 entries .*v_Swim_g01_c01\.avi"):
+        assert names(D.VideoDataset(root, 16, 4, split="train", split_file=partial)) == ["v_Run_g01_c01.mp4"]
+    with pytest.raises(FileNotFoundError, match="trainlist09.txt"):
+        D.VideoDataset(root, 16, 4, split_file=str(tmp_path / "trainlist09.txt"))
+
+
+def test_a_split_whose_files_all_fail_says_so(tmp_path):
+    root = tmp_path / "set"
+    write_set(str(root), ["a/good0.mp4", "a/good1.mp4"])
+    (root / "a" / "broken.mp4").write_bytes(os.urandom(3000))
+    testlist = write_list(tmp_path / "testlist.txt", ["a/broken.mp4"])
+    with pytest.warns(UserWarning, match="broken.mp4"), pytest.raises(FileNotFoundError) as error:
+        D.VideoDataset(str(root), 16, 4, split="val", split_file=testlist)
+    message = str(error.value)
+    assert "'val' split" in message and "all 1 videos chosen for it failed" in message and "broken.mp4" in message
+    assert "other 2 videos" in message
+    assert len(D.VideoDataset(str(root), 16, 4, split="train", split_file=testlist)) == 2
+
+
 def test_sampler_resumes_exactly_and_splits_ranks():
     first = D.ClipSampler(10, shuffle=True, seed=3, rank=0, world_size=1)
     stream = [next(s) for s in [iter(first)] for _ in range(35)]
@@ -255,6 +326,15 @@ def test_sample_frames_gives_whole_distinct_real_frames():
     assert torch.equal(targets, D.gather_patches(video, coords, (1, 4, 4)))
 
 
+def test_sample_frames_repeats_the_real_frames_of_a_short_clip():
+    video = torch.randn(2, 8, 4, 4, 3)
+    coords, targets = D.sample_frames(video, torch.tensor([8, 2]), 4, (1, 2, 2), torch.Generator().manual_seed(0))
+    frames = coords.view(2, 4, 4, 3)[:, :, 0, 0]                          # (B, K) the frame of each
+    assert len(set(frames[0].tolist())) == 4
+    assert sorted(frames[1].tolist()) == [0, 0, 1, 1]                     # both real frames twice, no padding
+    assert torch.equal(targets, D.gather_patches(video, coords, (1, 2, 2)))
+
+
 def test_synthetic_set_moves_and_is_not_flat(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--synthetic", str(tmp_path / "syn"),
                           "--num_classes", "4", "--videos_per_class", "2", "--num_frames", "12", "--size", "32"],
@@ -285,3 +365,61 @@ def test_tokens_file_round_trip_and_errors(tmp_path):
     torch.save({"kind": "coordtok_tokenizer"}, tmp_path / "ckpt.pt")
     with pytest.raises(ValueError, match="not a tokens file"):
         D.load_tokens(str(tmp_path / "ckpt.pt"))
+
+
+def test_prepared_copy_holds_the_clips_read_from_its_source(tmp_path):
+    source, target = tmp_path / "src", tmp_path / "dst"
+    (source / "wide").mkdir(parents=True)
+    encode(str(source / "wide" / "wide.avi"), smooth_clip(12, 30, 80), "mpeg4", "yuv420p")  # odd aspect ratio
+    D.write_video(str(source / "tall" / "tall.mp4"), smooth_clip(12, 70, 36, seed=1))
+    D.write_video(str(source / "tall" / "short.mp4"), smooth_clip(3, 40, 40, seed=2))    # shorter than a clip
+    (source / "tall" / "broken.mp4").write_bytes(os.urandom(2000))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--prepare", str(source), str(target),
+                          "--img_size", "16", "--workers", "2"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "broken.mp4" in out.stderr and "3 written, 0 already there, 1 unreadable" in out.stdout
+    copies = {"wide/wide.mov": "wide/wide.avi", "tall/tall.mov": "tall/tall.mp4", "tall/short.mov": "tall/short.mp4"}
+    assert sorted(os.path.relpath(p, target) for p, _ in D.find_videos(str(target))) == sorted(copies)
+    for copy_name, source_name in copies.items():
+        for start, num_frames in ((0, 8), (3, 8), (0, 12)):
+            copy, n_copy = D.read_clip(str(target / copy_name), 16, num_frames, start=start)
+            clip, n_clip = D.read_clip(str(source / source_name), 16, num_frames, start=start)
+            assert n_copy == n_clip and np.array_equal(copy, clip)
+    assert D.probe_video(str(target / "tall" / "short.mov")) == 3
+
+    # a re-run writes only what is missing and leaves no temporary file
+    os.remove(target / "wide" / "wide.mov")
+    kept = os.path.getmtime(target / "tall" / "tall.mov")
+    with pytest.warns(UserWarning, match="broken.mp4"):
+        counts = D.prepare_videos(str(source), str(target), 16)
+    assert counts == {"written": 1, "exists": 2, "unreadable": 1}
+    assert os.path.getmtime(target / "tall" / "tall.mov") == kept
+    assert sorted(os.listdir(target / "wide")) == ["wide.mov"]
+
+
+def test_a_prepare_that_fails_mid_write_leaves_no_file(tmp_path, monkeypatch):
+    D.write_video(str(tmp_path / "src" / "a" / "v.mp4"), smooth_clip(6, 32, 32))
+    write_video, seen_mid_write = D.write_video, []
+
+    def write_two_frames_then_fail(path, frames, **options):   # the disk fills up mid-video
+        write_video(path, itertools.islice(frames, 2), **options)
+        seen_mid_write.append(D.find_videos(str(tmp_path / "dst")))   # what a kill now would leave
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(D, "write_video", write_two_frames_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        D.prepare_videos(str(tmp_path / "src"), str(tmp_path / "dst"), 16)
+    assert seen_mid_write == [[]]                                        # the partial file is not a video yet
+    assert os.listdir(tmp_path / "dst" / "a") == []                     # and an error removes it
+
+
+def test_read_speed_of_a_ucf_like_video(tmp_path):
+    path = D.make_ucf_like_video(str(tmp_path / "v_Run_g01_c01.avi"), num_frames=12)
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        assert (stream.codec_context.name, stream.width, stream.height, stream.average_rate) == ("mpeg4", 320, 240, 25)
+    clip, _ = D.read_clip(path, 32, 12, start=0)
+    assert np.abs(np.diff(clip.astype(np.float64), axis=0)).mean() > 1      # it moves
+    speed = D.measure_read_speed(path, 32, 4, clips=3)
+    assert all(np.isfinite(v) and v > 0 for v in speed.values())
+    assert speed["frames_per_s"] == pytest.approx(4 * speed["clips_per_s"])  # clips of 4 real frames
