@@ -429,7 +429,7 @@ class VideoDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root, img_size, num_frames, split="train", random_start=True, val_fraction=0.1,
-                 split_file=""):
+                 split_file="", clip_stride=0):
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be train, val or all, not {split!r}")
         videos = find_videos(root)
@@ -448,6 +448,9 @@ class VideoDataset(torch.utils.data.Dataset):
                 unreadable.append(os.path.basename(path))
                 continue
             self.files.append((path, self.class_names.index(name)))
+        # the items: one clip per video (random or first start), or every window of clip_stride frames
+        self.clips = [(i, start) for i, n in enumerate(self.frame_counts)
+                      for start in (window_starts(n, num_frames, clip_stride) if clip_stride > 0 else [None])]
         if chosen and not self.files:
             others = (f"; the other {len(videos) - len(chosen)} videos of the folder are in the other split"
                       if split != "all" else "")
@@ -457,14 +460,15 @@ class VideoDataset(torch.utils.data.Dataset):
                 f"or remove the unreadable files, or choose the split differently (val_fraction, split_file)")
 
     def __len__(self):
-        return len(self.files)
+        return len(self.clips)
 
     def __getitem__(self, index):
         index, seed = index if isinstance(index, (tuple, list)) else (index, index)
-        for attempt in range(len(self.files)):  # a file that fails now (not when probed): take the next one
-            i = (index + attempt) % len(self.files)
+        for attempt in range(len(self.clips)):  # a file that fails now (not when probed): take the next clip
+            i, start = self.clips[(index + attempt) % len(self.clips)]
             path, label = self.files[i]
-            start = None if self.random_start else 0
+            if start is None:
+                start = None if self.random_start else 0
             try:
                 clip, n_frames = read_clip(path, self.img_size, self.num_frames, start,
                                            np.random.default_rng(seed), self.frame_counts[i])
@@ -472,36 +476,46 @@ class VideoDataset(torch.utils.data.Dataset):
                 warnings.warn(f"skipping unreadable video {e}")
                 continue
             return {"video": torch.from_numpy(clip), "n_frames": torch.tensor(n_frames),
-                    "label": torch.tensor(label)}
+                    "label": torch.tensor(label), "video_index": torch.tensor(i), "start": torch.tensor(start or 0)}
         raise VideoReadError(f"none of the {len(self.files)} videos could be read")
+
+
+def window_starts(n_total, num_frames, stride):
+    """First frames of the clips that cover a video of n_total frames: every `stride` frames from 0, and one
+    more ending at the video's last frame; one clip from frame 0 when the video is no longer than a clip."""
+    if n_total <= num_frames:
+        return [0]
+    starts = list(range(0, n_total - num_frames + 1, stride))
+    return starts if starts[-1] == n_total - num_frames else starts + [n_total - num_frames]
 
 
 class ClipSampler(torch.utils.data.Sampler):
     """An endless, deterministic stream of (index, seed) pairs for one process.
 
-    Like DistributedSampler, each epoch is a permutation (seeded by seed + epoch) split across the
-    ranks, padded by wrapping around so every rank gets as many clips; unlike it, the stream can start
-    at any position (a resumed run skips what it already read without decoding it) and each clip
-    carries a seed for its random start, so the data of a resumed run is exactly the unbroken run's.
+    The global stream is one permutation of the clips per epoch (seeded by seed + epoch), one after
+    another; it is cut into global batches of batch_size x world_size clips and rank r takes rows
+    r * batch_size ... (r + 1) * batch_size of each. So the ranks read different clips, and together
+    exactly what one process with the global batch reads. The stream can start at any position (a resumed
+    run skips what it already read without decoding it), and each clip carries a seed for its random
+    start, so the data of a resumed run is exactly the unbroken run's.
     """
 
-    def __init__(self, num_items, shuffle, seed, rank, world_size, start=0):
+    def __init__(self, num_items, shuffle, seed, rank, world_size, batch_size, start=0):
         self.num_items, self.shuffle, self.seed = num_items, shuffle, seed
-        self.rank, self.world_size, self.start = rank, world_size, start
+        self.rank, self.world_size, self.batch_size, self.start = rank, world_size, batch_size, start
 
     def __iter__(self):
-        per_rank = math.ceil(self.num_items / self.world_size)
-        epoch, offset = divmod(self.start, per_rank)
-        while True:
-            if self.shuffle:
-                order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch))
-            else:
-                order = torch.arange(self.num_items)
-            order = order.repeat(math.ceil(per_rank * self.world_size / self.num_items))[:per_rank * self.world_size]
-            mine = order[self.rank::self.world_size].tolist()
-            for index in mine[offset:]:
-                yield index, (self.seed * 1_000_003 + epoch) * 1_000_003 + index
-            epoch, offset = epoch + 1, 0
+        orders = {}
+        for k in itertools.count(self.start):                              # this rank's k-th clip
+            batch, row = divmod(k, self.batch_size)
+            position = (batch * self.world_size + self.rank) * self.batch_size + row  # in the global stream
+            epoch, i = divmod(position, self.num_items)
+            if epoch not in orders:
+                generator = torch.Generator().manual_seed(self.seed + epoch)
+                orders = {epoch: torch.randperm(self.num_items, generator=generator).tolist() if self.shuffle
+                          else list(range(self.num_items))}
+            index = orders[epoch][i]
+            yield index, (self.seed * 1_000_003 + epoch) * 1_000_003 + index
 
 
 def make_loader(dataset, batch_size, shuffle, num_workers, distributed, seed=0, start_step=0,
@@ -522,7 +536,7 @@ def make_loader(dataset, batch_size, shuffle, num_workers, distributed, seed=0, 
     rank, world = 0, 1
     if distributed:
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    sampler = ClipSampler(len(dataset), shuffle, seed, rank, world, start=start_step * batch_size)
+    sampler = ClipSampler(len(dataset), shuffle, seed, rank, world, batch_size, start=start_step * batch_size)
     return iter(torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, **options))
 
 
@@ -646,17 +660,25 @@ def _grid_size(video, patch_size):
     return t // patch_size[0], h // patch_size[1], w // patch_size[2]
 
 
-def sample_patches(video, n_frames, num_samples, patch_size, generator=None):
+def random_keys(batch, n, generator, device, share=(0, 1)):
+    """Uniform random keys (batch, n) for this process's rows of a global batch: share = (rank, world_size);
+    all ranks draw the same world_size x batch rows and keep their own, so the draws do not depend on the
+    number of processes."""
+    rank, world = share
+    return torch.rand(batch * world, n, device=device, generator=generator)[rank * batch:(rank + 1) * batch]
+
+
+def sample_patches(video, n_frames, num_samples, patch_size, generator=None, share=(0, 1)):
     """num_samples distinct random patches per clip, only from temporal patches made of real frames
     (a temporal patch with at least one real frame counts as real when it is the clip's only one).
 
     video (B, T, H, W, 3), n_frames (B,) -> coords (B, N, 3) long, targets (B, N, pt*ph*pw*3).
     Random keys, +inf on padded patches, and the N smallest: uniform sampling without replacement,
-    batched, with no loop over clips or patches.
+    batched, with no loop over clips or patches. share: see random_keys.
     """
     gt, gh, gw = _grid_size(video, patch_size)
     grid = full_grid((gt, gh, gw), video.device)                            # (P, 3)
-    keys = torch.rand(video.shape[0], grid.shape[0], device=video.device, generator=generator)  # (B, P)
+    keys = random_keys(video.shape[0], grid.shape[0], generator, video.device, share)  # (B, P)
     real_t = (n_frames // patch_size[0]).clamp_min(1)                      # (B,) real temporal patches
     keys = keys.masked_fill(grid[None, :, 0] >= real_t[:, None], float("inf"))
     chosen = keys.topk(num_samples, dim=1, largest=False).indices           # (B, N) real patches first
@@ -668,12 +690,12 @@ def sample_patches(video, n_frames, num_samples, patch_size, generator=None):
     return coords, gather_patches(video, coords, patch_size)
 
 
-def sample_frames(video, n_frames, num_frames_k, patch_size, generator=None):
+def sample_frames(video, n_frames, num_frames_k, patch_size, generator=None, share=(0, 1)):
     """Every patch of K distinct random real temporal patches ("whole frames") per clip, frame-major
     within each: coords (B, K*gh*gw, 3), targets (B, K*gh*gw, pt*ph*pw*3). A clip with fewer than K real
     temporal patches repeats its real ones, as sample_patches does."""
     gt, gh, gw = _grid_size(video, patch_size)
-    keys = torch.rand(video.shape[0], gt, device=video.device, generator=generator)  # (B, gt)
+    keys = random_keys(video.shape[0], gt, generator, video.device, share)  # (B, gt)
     real_t = (n_frames // patch_size[0]).clamp_min(1)[:, None]             # (B, 1)
     keys = keys.masked_fill(torch.arange(gt, device=video.device)[None] >= real_t, float("inf"))
     frames = keys.topk(num_frames_k, dim=1, largest=False).indices         # (B, K) real frames first
@@ -692,12 +714,15 @@ def sample_frames(video, n_frames, num_frames_k, patch_size, generator=None):
 PLANES = ("z_xy", "z_xt", "z_yt")
 
 
-def save_tokens(path, planes, labels, class_names, n_frames, tokenizer_ckpt, tokenizer_config):
+def save_tokens(path, planes, labels, class_names, n_frames, tokenizer_ckpt, tokenizer_config, videos=(),
+                video_index=None, start=None):
     """Write the three stacked planes (N, C, ., .) with labels, class names, per-plane per-channel mean and
-    std (over clips and positions), n_frames, and the tokenizer that made them. Atomic: temp file + rename."""
+    std (over clips and positions), n_frames, where each clip comes from (videos: the video files;
+    video_index, start (N,): a clip's video and first frame), and the tokenizer that made them. Atomic."""
     tokens = {"kind": "coordtok_tokens", "labels": labels.long(), "class_names": list(class_names),
               "n_frames": n_frames.long(), "tokenizer_ckpt": tokenizer_ckpt,
-              "tokenizer_config": dict(tokenizer_config), "mean": {}, "std": {}}
+              "tokenizer_config": dict(tokenizer_config), "mean": {}, "std": {}, "videos": list(videos),
+              "video_index": video_index, "start": start}
     for name, plane in zip(PLANES, planes):
         plane = plane.float()
         tokens[name] = plane

@@ -242,9 +242,9 @@ def i3d_features(detector, clips, device, i3d_batch=1):
 
 
 def clip_loader(folder, img_size, num_frames, split="all", random_start=False, val_fraction=0.1, num_clips=0,
-                batch_size=8, num_workers=0):
+                batch_size=8, num_workers=0, split_file=""):
     """The first num_clips clips (0: all) of a split of a folder of videos, in order, once."""
-    dataset = D.VideoDataset(folder, img_size, num_frames, split, random_start, val_fraction)
+    dataset = D.VideoDataset(folder, img_size, num_frames, split, random_start, val_fraction, split_file)
     if len(dataset) == 0:
         raise ValueError(f"the {split!r} split of {folder} has no clips (val_fraction {val_fraction}); "
                          f"add videos, or pass --split all")
@@ -424,7 +424,6 @@ def report(result, metrics, preview, out_dir):
             ("encode + decode", f"{result['encode_decode_clips_per_s']:.2f} clips/s on {result['device']}")]
     step = "" if result["step"] is None else f" (step {result['step']})"
     print_table(f"CoordTok evaluation of {result['checkpoint']}{step}", rows)
-    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)
     write_previews(out_dir, *preview)
@@ -433,14 +432,11 @@ def report(result, metrics, preview, out_dir):
 
 def write_previews(out_dir, inputs, recons, n_frames):
     """inputs, recons: uint8 (K, T, H, W, 3) of the first clips -> recon.mp4 (clips stacked, input | recon)
-    and recon.png (top row: input frames, bottom row: their reconstructions, first clip)."""
+    and recon.png (per clip three rows of frames: input, reconstruction, error; data.comparison_grid)."""
     real = int(n_frames.min())                                        # frames real in every previewed clip
     pairs = torch.cat([inputs[:, :real], recons[:, :real]], dim=3)    # (K, T, H, 2W, 3)
     D.write_video(os.path.join(out_dir, "recon.mp4"), rearrange(pairs, "k t h w c -> t (k h) w c").numpy())
-    n = int(n_frames[0])
-    picks = np.unique(np.linspace(0, n - 1, min(PREVIEW_FRAMES, n)).round().astype(int))
-    strip = torch.stack([inputs[0, picks], recons[0, picks]])        # (2, F, H, W, 3)
-    D.write_png(os.path.join(out_dir, "recon.png"), rearrange(strip, "r f h w c -> (r h) (f w) c").numpy())
+    D.write_png(os.path.join(out_dir, "recon.png"), D.comparison_grid(inputs[:, :real], recons[:, :real], PREVIEW_FRAMES))
 
 
 # -----------------------------------------------------------------------------
@@ -492,7 +488,6 @@ def fvd_command(args, device):
     result = dict(fvd=fvd, real=os.path.abspath(args.real), fake=os.path.abspath(args.fake),
                   real_clips=len(real), fake_clips=len(fake), num_frames=num_frames, img_size=img_size,
                   date=datetime.datetime.now().isoformat(timespec="seconds"), device=describe(device))
-    os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "fvd.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
@@ -523,9 +518,9 @@ def evaluate_command(args, device):
                  else f"{args.ckpt} does not name the videos it was trained on")
         raise FileNotFoundError(f"{found}; pass --data DIR with the videos to evaluate on")
     split = args.split or ("val" if train_config is not None else "all")
-    val_fraction = (train_config or {}).get("val_fraction", 0.1)  # the held-out files of training
-    loader = clip_loader(data_dir, cfg.img_size, num_frames, split, val_fraction=val_fraction,
-                         num_clips=args.num_clips, batch_size=args.batch_size, num_workers=args.num_workers)
+    held_out = {k: (train_config or {}).get(k, default) for k, default in (("val_fraction", 0.1), ("split_file", ""))}
+    loader = clip_loader(data_dir, cfg.img_size, num_frames, split, num_clips=args.num_clips,
+                         batch_size=args.batch_size, num_workers=args.num_workers, **held_out)  # training's split
     lpips, lpips_reason = load_lpips(args.lpips_vgg, args.lpips_lin, device)
     detector, i3d_reason = load_i3d(args.i3d, device)
     metrics = frame_metrics(lpips)
@@ -553,6 +548,7 @@ def main(argv=None):
         if args.tokens:
             return tokens_command(args, model_flags)
         device = T.pick_device(args.device)
+        T.check_out_dir(args.out_dir)  # before any work, not after it
         if args.fvd:
             return fvd_command(args, device)
         return evaluate_command(args, device)

@@ -97,6 +97,8 @@ class TrainConfig:
     init_from: str = ""          # checkpoint whose weights start the run (stage 2)
     resume: bool = False         # continue out_dir/tokenizer.pt exactly where it stopped
     encode: str = ""             # write the tokens file of every clip to this path, then exit
+    encode_stride: int = 0       # --encode: a clip every this many frames (0: the clip length, back to back)
+    split_file: str = ""         # a list of videos (UCF-101's trainlist01.txt / testlist01.txt) that sets the split
     max_iters: int = 2500
     batch_size: int = 8          # clips per step on each process
     grad_accum: int = 1
@@ -1034,10 +1036,9 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
     if dist.ddp:
         torch.distributed.barrier()
     tc = dataclasses.replace(tc, data=os.path.abspath(data_dir))  # saved, so that --resume reads the same folder
-    train_set = D.VideoDataset(tc.data, cfg.img_size, cfg.num_frames, split="train",
-                               random_start=True, val_fraction=tc.val_fraction)
-    val_set = D.VideoDataset(tc.data, cfg.img_size, cfg.num_frames, split="val",
-                             random_start=False, val_fraction=tc.val_fraction)
+    train_set, val_set = (D.VideoDataset(tc.data, cfg.img_size, cfg.num_frames, split=split, random_start=split == "train",
+                                         val_fraction=tc.val_fraction, split_file=tc.split_file)
+                          for split in ("train", "val"))
     batches = D.make_loader(train_set, tc.batch_size, shuffle=True, num_workers=tc.num_workers,
                             distributed=dist.ddp, seed=tc.seed, start_step=start_step * tc.grad_accum)
 
@@ -1087,8 +1088,10 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
             lr = lr_at(step, tc.learning_rate, tc.warmup_iters, decay_iters, tc.lr_schedule, tc.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # patch sampling is seeded by (seed, step, rank) so a resumed run draws the same patches
-            gen = torch.Generator(device).manual_seed(tc.seed * 1_000_003 + step * dist.world_size + dist.rank)
+            # patches are drawn for the global batch, seeded by (seed, step): a resumed run draws the same,
+            # and so does a run on any number of processes
+            gen = torch.Generator(device).manual_seed(tc.seed * 1_000_003 + step)
+            share = (dist.rank, dist.world_size)
             loss_sum = torch.zeros((), device=device)
             for micro in range(tc.grad_accum):
                 batch = next(batches)
@@ -1098,9 +1101,10 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
                 video = D.from_uint8(batch["video"].to(device, non_blocking=True))  # (B, T, H, W, 3)
                 n_frames = n_frames_cpu.to(device, non_blocking=True)
                 if tc.stage == 1:
-                    coords, targets = D.sample_patches(video, n_frames, tc.num_samples, raw_model.patch_size, gen)
+                    coords, targets = D.sample_patches(video, n_frames, tc.num_samples, raw_model.patch_size, gen, share)
                 else:
-                    coords, targets = D.sample_frames(video, n_frames, tc.num_frames_stage2, raw_model.patch_size, gen)
+                    coords, targets = D.sample_frames(video, n_frames, tc.num_frames_stage2, raw_model.patch_size, gen,
+                                                     share)
                 sync = nullcontext() if not dist.ddp or micro == tc.grad_accum - 1 else model.no_sync()
                 with sync:
                     with autocast(device):
@@ -1167,30 +1171,51 @@ def check_tokens_path(path):
 
 @torch.no_grad()
 def encode_dataset(tc: TrainConfig):
-    """Write the tokens file (data.save_tokens) with the triplane of one clip per video."""
-    check_tokens_path(tc.encode)
-    device = pick_device(tc.device)
+    """Write the tokens file (data.save_tokens): the triplane of every clip of every video, a clip of the
+    model's length every --encode_stride frames (default: back to back, the last one ending at the video's
+    end). Under torchrun each rank encodes every world_size-th clip and rank 0 writes the one file, the same
+    as a single process writes."""
+    dist = setup_distributed(tc.device)
+    device = dist.device
+    if dist.is_main:
+        check_tokens_path(tc.encode)
     ckpt_path = tc.init_from or os.path.join(tc.out_dir, "tokenizer.pt")
     model, ckpt = load_tokenizer(ckpt_path, device)
     cfg = model.config
     data_dir = tc.data or ckpt.get("data", "")
     if not data_dir:
         raise ValueError(f"{ckpt_path} does not name the data it was trained on; pass --data DIR")
-    dataset = D.VideoDataset(data_dir, cfg.img_size, cfg.num_frames, split="all", random_start=False)
-    loader = D.make_loader(dataset, tc.batch_size, shuffle=False, num_workers=tc.num_workers,
-                           distributed=False, drop_last=False, infinite=False)
-    planes, labels, n_frames = [[], [], []], [], []
-    for batch in tqdm(loader, desc=f"encoding {len(dataset)} clips"):
-        video = D.from_uint8(batch["video"].to(device))
+    dataset = D.VideoDataset(data_dir, cfg.img_size, cfg.num_frames, split="all", random_start=False,
+                             clip_stride=tc.encode_stride or cfg.num_frames)
+    mine = list(range(dist.rank, len(dataset), dist.world_size))            # this rank's clips
+    loader = D.make_loader(torch.utils.data.Subset(dataset, mine), tc.batch_size, shuffle=False,
+                           num_workers=tc.num_workers, distributed=False, drop_last=False, infinite=False)
+    fields = ("z_xy", "z_xt", "z_yt", "label", "n_frames", "video_index", "start")
+    encoded = {k: [] for k in fields}
+    for batch in tqdm(loader, desc=f"encoding {len(mine)} of {len(dataset)} clips", disable=not dist.is_main):
         with autocast(device):
-            triplane = model.encode(video, batch["n_frames"].to(device))
-        for store, z in zip(planes, triplane):
-            store.append(z.float().cpu())
-        labels.append(batch["label"])
-        n_frames.append(batch["n_frames"])
-    D.save_tokens(tc.encode, tuple(torch.cat(p) for p in planes), torch.cat(labels), dataset.class_names,
-                  torch.cat(n_frames), tokenizer_ckpt=os.path.abspath(ckpt_path), tokenizer_config=asdict(cfg))
-    print(f"wrote {tc.encode}: {len(dataset)} clips x {model.num_tokens()} tokens of {cfg.triplane_c} channels")
+            triplane = model.encode(D.from_uint8(batch["video"].to(device)), batch["n_frames"].to(device))
+        for name, z in zip(fields, triplane):
+            encoded[name].append(z.float().cpu())
+        for name in fields[3:]:
+            encoded[name].append(batch[name])
+    encoded = {k: torch.cat(v) if v else torch.empty(0) for k, v in encoded.items()}
+    encoded["clip"] = torch.tensor(mine, dtype=torch.long)
+    shares = [encoded]
+    if dist.ddp:  # every rank's clips to rank 0
+        shares = [None] * dist.world_size if dist.is_main else None
+        torch.distributed.gather_object(encoded, shares, dst=0)
+    if dist.is_main:
+        merged = {k: torch.cat([s[k] for s in shares if len(s["clip"])]) for k in encoded}
+        order = merged["clip"].argsort()                                     # the clips in dataset order
+        merged = {k: v[order] for k, v in merged.items()}
+        D.save_tokens(tc.encode, tuple(merged[k] for k in D.PLANES), merged["label"], dataset.class_names,
+                      merged["n_frames"], tokenizer_ckpt=os.path.abspath(ckpt_path), tokenizer_config=asdict(cfg),
+                      videos=[os.path.relpath(p, data_dir) for p, _ in dataset.files],
+                      video_index=merged["video_index"], start=merged["start"])
+        print(f"wrote {tc.encode}: {len(dataset)} clips of {cfg.num_frames} frames from {len(dataset.files)} videos "
+              f"x {model.num_tokens()} tokens of {cfg.triplane_c} channels")
+    cleanup_distributed(dist)
 
 
 def main(argv=None):

@@ -253,17 +253,20 @@ def test_a_split_whose_files_all_fail_says_so(tmp_path):
     assert len(D.VideoDataset(str(root), 16, 4, split="train", split_file=testlist)) == 2
 
 
-def test_sampler_resumes_exactly_and_splits_ranks():
-    first = D.ClipSampler(10, shuffle=True, seed=3, rank=0, world_size=1)
+def test_sampler_resumes_exactly_and_splits_ranks_like_one_process():
+    first = D.ClipSampler(10, shuffle=True, seed=3, rank=0, world_size=1, batch_size=4)
     stream = [next(s) for s in [iter(first)] for _ in range(35)]
-    resumed = D.ClipSampler(10, shuffle=True, seed=3, rank=0, world_size=1, start=17)
+    resumed = D.ClipSampler(10, shuffle=True, seed=3, rank=0, world_size=1, batch_size=4, start=17)
     assert [next(s) for s in [iter(resumed)] for _ in range(18)] == stream[17:]
     assert sorted(i for i, _ in stream[:10]) == list(range(10))       # an epoch is a permutation
     assert [i for i, _ in stream[:10]] != [i for i, _ in stream[10:20]]  # reshuffled per epoch
-    # two ranks: disjoint shares of each epoch that together cover it (7 items: one wraps around)
-    ranks = [iter(D.ClipSampler(7, shuffle=True, seed=0, rank=r, world_size=2)) for r in range(2)]
-    shares = [[next(it) for _ in range(4)] for it in ranks]
-    assert {i for i, _ in shares[0] + shares[1]} == set(range(7))
+    # two ranks with batches of 2: rank r takes rows 2r, 2r+1 of each global batch of 4, so the ranks'
+    # batches, side by side, are the batches of one process with batch 4 (across epoch ends too)
+    ranks = [iter(D.ClipSampler(10, shuffle=True, seed=3, rank=r, world_size=2, batch_size=2)) for r in range(2)]
+    shares = [[next(it) for _ in range(16)] for it in ranks]
+    merged = [pair for b in range(8) for r in range(2) for pair in shares[r][2 * b:2 * b + 2]]
+    assert merged == stream[:32]
+    assert {i for i, _ in shares[0][:2] + shares[1][:2]}.isdisjoint({i for i, _ in shares[0][2:4]})
 
 
 def test_loader_yields_batches_and_resumes(tmp_path):

@@ -322,3 +322,56 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k                                            # the ranks agree exactly
         torch.testing.assert_close(r0[k], one[k], rtol=0, atol=1e-5)                  # and equal one process
+
+
+def read_clips(folder, size, frames):
+    """The clips sample.py wrote to folder, read back: {file name: uint8 (T, H, W, 3)}."""
+    return {name: D.read_clip(os.path.join(folder, name), size, frames, start=0)[0]
+            for name in sorted(os.listdir(folder)) if name.endswith((".mkv", ".mp4"))}
+
+
+def test_tokenizer_dit_sample_pipeline_samples_what_the_checkpoint_says(tmp_path, micro_videos):
+    tok = run_script("tokenizer.py", *MICRO_TRAIN_FLAGS, f"--data={micro_videos}", f"--out_dir={tmp_path}",
+                     "--max_iters=2")
+    assert tok.returncode == 0, tok.stderr[-3000:]
+    tokens = str(tmp_path / "tokens.pt")
+    enc = run_script("tokenizer.py", f"--out_dir={tmp_path}", f"--encode={tokens}", "--num_workers=0")
+    assert enc.returncode == 0, enc.stderr[-3000:]
+    # an EMA that lags the model by far, so that sampling from the wrong weights shows
+    train = run_script("dit.py", f"--tokens={tokens}", f"--out_dir={tmp_path}", *MICRO_SIT_FLAGS, "--max_iters=3",
+                       "--batch_size=2", "--warmup_iters=1", "--ema_warmup=false", "--ema_decay=0.99",
+                       "--learning_rate=0.03")
+    assert train.returncode == 0, train.stderr[-3000:]
+    common = [f"--ckpt={tmp_path / 'dit.pt'}", "--num_samples=3", "--steps=4", "--seed=7", "--cfg_scale=2",
+              "--format=lossless"]
+    for name, batch in (("a", 2), ("b", 3)):
+        out = run_script("sample.py", *common, f"--out_dir={tmp_path / name}", f"--batch_size={batch}")
+        assert out.returncode == 0, out.stderr[-3000:]
+    a, b = read_clips(tmp_path / "a", 16, 8), read_clips(tmp_path / "b", 16, 8)
+    assert list(a) == ["000_discs.mkv", "001_squares.mkv", "002_discs.mkv"] == list(b)
+    for name in a:  # sample k is the same clip whatever the batch it was drawn in (up to float rounding)
+        assert np.abs(a[name].astype(int) - b[name].astype(int)).max() <= 1, name
+    # the same clips by hand: the EMA weights, sample k's own generator, the tokens' statistics, the tokenizer
+    ckpt = torch.load(tmp_path / "dit.pt", weights_only=False)
+    tokenizer, _ = T.load_tokenizer(ckpt["tokenizer_ckpt"])
+
+    def by_hand(weights="ema", denormalize=True):
+        model = dit.SiT(dit.SiTConfig(**ckpt["model_config"]), ckpt["plane_shapes"], ckpt["num_classes"]).eval()
+        model.load_state_dict(ckpt[weights])
+        generators = [torch.Generator().manual_seed(7 * 1_000_003 + k) for k in range(3)]
+        planes = dit.sample_planes(model, torch.tensor([0, 1, 0]), 2.0, "sde", 4, generators)
+        if denormalize:
+            planes = dit.denormalize(planes, ckpt["mean"], ckpt["std"])
+        return D.to_uint8(tokenizer.decode_video(planes)).numpy()
+
+    expected = by_hand()
+    for k, name in enumerate(a):
+        assert np.abs(a[name].astype(int) - expected[k].astype(int)).max() <= 1, name
+    for wrong in (by_hand(weights="model"), by_hand(denormalize=False)):                   # the test can tell
+        assert np.abs(wrong.astype(int) - expected.astype(int)).mean() > 3
+    # random access: frames 2..4 of each clip only; and the default mp4 output with its frame grid
+    out = run_script("sample.py", *common[:-1], f"--out_dir={tmp_path / 'c'}", "--frames=2:5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    with av.open(str(tmp_path / "c" / "000_discs.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 3 and frames[0].shape == (16, 16, 3) and (tmp_path / "c" / "grid.png").exists()

@@ -392,11 +392,13 @@ def test_python_eval_py_end_to_end(tmp_path, checkpoint, micro_videos, weights):
     assert len(frames) == 8 and frames[0].shape == (2 * 16, 2 * 16, 3)
     left = frames[0][:16, :16].astype(float)
     assert np.abs(left - reals[0][0]).mean() < 12                             # the left half is the input
-    strip = skimage.io.imread(str(tmp_path / "out" / "recon.png"))
-    assert strip.shape == (2 * 16, 8 * 16, 3)
-    np.testing.assert_array_equal(strip[:16, :16], reals[0][0])
+    grid = skimage.io.imread(str(tmp_path / "out" / "recon.png"))      # per clip: input, reconstruction, error
+    assert grid.shape == (2 * 3 * 16, 8 * 16, 3)
+    np.testing.assert_array_equal(grid[:16, :16], reals[0][0])
     # (the reconstruction may differ by one level where batching changes the float rounding)
-    assert np.abs(strip[16:, :16].astype(int) - recons[0][0].astype(int)).max() <= 1
+    assert np.abs(grid[16:32, :16].astype(int) - recons[0][0].astype(int)).max() <= 1
+    error = np.abs(reals[0][0].astype(int) - recons[0][0].astype(int)) * 4
+    assert np.abs(grid[32:48, :16].astype(int) - np.clip(error, 0, 255)).max() <= 4
 
 
 def test_unavailable_metrics_are_null_with_a_reason_and_the_rest_still_runs(tmp_path, checkpoint):

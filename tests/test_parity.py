@@ -392,3 +392,30 @@ def test_released_file_formats_load_and_anything_else_is_refused(fixture, tmp_pa
     # load_tokenizer and load_dit recognise the released formats (here at the paper's size, on meta tensors)
     with pytest.raises(ValueError, match="neither a tokenizer checkpoint of ours nor the authors'"):
         T.load_tokenizer(str(tmp_path / "SiT.pt"))
+
+
+def test_the_command_lines_take_the_released_files(fixture, tmp_path, micro_videos, monkeypatch):
+    # the released files hold the paper's models; here the fixture's micro models stand in for them, under
+    # their own layouts and file formats, with the paper's arguments replaced by the fixture's
+    import eval as E
+    import sample as S
+    tok, sit = fixture["tokenizer"], fixture["sit"]
+    monkeypatch.setattr(T, "OFFICIAL_PAPER_KWARGS", {**T.OFFICIAL_PAPER_KWARGS, **tok["official_kwargs"]})
+    monkeypatch.setattr(dit, "OFFICIAL_SIT_PAPER_KWARGS", {**dit.OFFICIAL_SIT_PAPER_KWARGS, **sit["official_kwargs"]})
+    released_tokenizer, released_sit = str(tmp_path / "CoordTok_UCF101_1M_50K.pth"), str(tmp_path / "SiT_L_2.pt")
+    torch.save({"epoch": 1, "model": {f"module.{k}": v for k, v in tok["state_dict"].items()}}, released_tokenizer)
+    torch.save({"model": sit["state_dict"], "ema": sit["state_dict"], "opt": {}, "args": argparse.Namespace()},
+               released_sit)
+    tokens = str(tmp_path / "tokens.pt")
+    T.main(["--encode", tokens, "--init_from", released_tokenizer, "--data", micro_videos, "--num_workers=0"])
+    assert T.load_tokenizer(released_tokenizer)[1]["kind"] == "official"
+    assert torch.load(tokens, weights_only=False)["z_xt"].shape[1:] == (4, 16, 8)
+    with pytest.raises(SystemExit, match="no token statistics; pass --tokens"):
+        S.main(["--ckpt", released_sit, "--tokenizer", released_tokenizer, f"--out_dir={tmp_path / 'samples'}"])
+    S.main(["--ckpt", released_sit, "--tokenizer", released_tokenizer, "--tokens", tokens, "--num_samples=2",
+            "--steps=3", f"--out_dir={tmp_path / 'samples'}"])
+    assert sorted(os.listdir(tmp_path / "samples")) == ["000_sample.mp4", "001_sample.mp4", "grid.png"]
+    missing = str(tmp_path / "missing")
+    result = E.main(["--ckpt", released_tokenizer, "--data", micro_videos, "--num_workers=0", "--i3d", missing,
+                     "--lpips_vgg", missing, "--lpips_lin", missing, f"--out_dir={tmp_path / 'eval'}"])
+    assert result["split"] == "all" and result["clips"] == 6 and result["psnr"] > 0

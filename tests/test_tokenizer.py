@@ -312,42 +312,60 @@ def test_atomic_save_keeps_the_last_good_file_and_no_temporary(tmp_path, monkeyp
     assert torch.load(path)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
-def test_two_process_ddp_keeps_ranks_identical(tmp_path, micro_videos):
-    out = run_script("tests/ddp_worker.py", "tokenizer", *MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=4",
-                     f"--out_dir={tmp_path}", "--eval_interval=100", nproc=2)
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path, micro_videos):
+    flags = [*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=3", "--grad_accum=2", "--eval_interval=100"]
+    out = run_script("tests/ddp_worker.py", "tokenizer", *flags, "--batch_size=2", f"--out_dir={tmp_path / 'ddp'}",
+                     nproc=2)
     assert out.returncode == 0, out.stderr[-3000:]
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
-    # the sampler hands each rank its own share of every epoch: (index, clip seed) pairs never repeat
-    # across ranks, and together the ranks read every training video (2 classes x 2 after the split)
+    one = run_cli(*flags, "--batch_size=4", f"--out_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    # each rank reads its own clips ((index, clip seed) pairs never repeat across ranks), together all of
+    # the training videos (2 classes x 2 after the split)
     assert r0["seen"] and r1["seen"] and r0["seen"].isdisjoint(r1["seen"])
     assert {index for index, _ in r0["seen"] | r1["seen"]} == set(range(4))
+    single = torch.load(tmp_path / "one" / "tokenizer.pt", weights_only=False)["model"]
+    init = T.CoordTok(T.CoordTokConfig(**MICRO)).state_dict()
+    assert any(not torch.allclose(init[k], single[k]) for k in init)       # it trained
     for k in r0["params"]:
-        assert torch.equal(r0["params"][k], r1["params"][k]), k
-    assert torch.load(tmp_path / "tokenizer.pt", weights_only=False)["step"] == 4
+        assert torch.equal(r0["params"][k], r1["params"][k]), k           # the ranks agree exactly
+        torch.testing.assert_close(r0["params"][k], single[k], rtol=0, atol=1e-5)  # and equal one process
+    assert torch.load(tmp_path / "ddp" / "tokenizer.pt", weights_only=False)["step"] == 3
 
 
-def test_encode_writes_a_tokens_file(tmp_path, micro_videos):
+def test_encode_covers_every_window_of_every_video_on_any_number_of_processes(tmp_path, micro_videos):
     out = run_cli(*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=2", f"--out_dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "held-out full-clip PSNR" in out.stdout + out.stderr
-    tokens_path = str(tmp_path / "tokens.pt")
-    enc = run_cli(f"--out_dir={tmp_path}", f"--encode={tokens_path}", "--num_workers=0", "--batch_size=4")
+    one, two = str(tmp_path / "tokens.pt"), str(tmp_path / "tokens_ddp.pt")
+    enc = run_cli(f"--out_dir={tmp_path}", f"--encode={one}", "--num_workers=0", "--batch_size=4")
     assert enc.returncode == 0, enc.stderr[-2000:]
-    tokens = D.load_tokens(tokens_path)
-    n = len(D.find_videos(micro_videos))
-    assert tokens["z_xy"].shape == (n, 4, 8, 8) and tokens["z_xt"].shape == (n, 4, 8, 8)
-    assert tokens["labels"].tolist() == sorted(tokens["labels"].tolist()) and len(tokens["class_names"]) == 2
-    assert tokens["tokenizer_config"]["num_frames"] == 8
-    # the stored triplanes are the model's encoding of the clips
+    tokens = D.load_tokens(one)
+    # 10-frame videos, 8-frame clips: by default back to back, the last one ending at the video's end
+    videos = D.find_videos(micro_videos)
+    assert D.window_starts(10, 8, 8) == [0, 2] and D.window_starts(5, 8, 8) == [0] and D.window_starts(20, 8, 5) == [0, 5, 10, 12]
+    assert tokens["start"].tolist() == [0, 2] * len(videos) and tokens["video_index"].tolist() == \
+        [v for v in range(len(videos)) for _ in range(2)]
+    assert tokens["videos"] == [os.path.relpath(p, micro_videos) for p, _ in videos]
+    assert tokens["z_xy"].shape == (2 * len(videos), 4, 8, 8) and tokens["z_xt"].shape == (2 * len(videos), 4, 8, 8)
+    assert tokens["labels"].tolist() == [0] * 6 + [1] * 6 and len(tokens["class_names"]) == 2
+    # the stored triplanes are the model's encoding of those clips
     model, _ = T.load_tokenizer(tokens["tokenizer_ckpt"])
-    clip, _ = D.read_clip(D.find_videos(micro_videos)[0][0], 16, 8, start=0)
+    clip, _ = D.read_clip(videos[1][0], 16, 8, start=2)
     with torch.no_grad():
         z = model.encode(D.from_uint8(torch.from_numpy(clip)[None]))
-    torch.testing.assert_close(z[0][0], tokens["z_xy"][0], rtol=1e-4, atol=1e-4)
-    # a tokens file may be written again
-    again = run_cli(f"--out_dir={tmp_path}", f"--encode={tokens_path}", "--num_workers=0", "--batch_size=4")
-    assert again.returncode == 0, again.stderr[-2000:]
+    torch.testing.assert_close(z[1][0], tokens["z_xt"][3], rtol=1e-4, atol=1e-4)
+    # two processes write the same file, with a stride of one frame; and a tokens file may be written again
+    for path in (one, two):
+        enc = run_cli(f"--out_dir={tmp_path}", f"--encode={path}", "--encode_stride=1", "--num_workers=0",
+                      "--batch_size=2", nproc=2 if path == two else None)
+        assert enc.returncode == 0, enc.stderr[-2000:]
+    a, b = D.load_tokens(one), D.load_tokens(two)
+    assert a["start"].tolist() == [0, 1, 2] * len(videos)
+    for k in ("labels", "n_frames", "video_index", "start"):
+        assert torch.equal(a[k], b[k]), k
+    for k in D.PLANES:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
 
 
 def test_wrong_or_missing_checkpoint_is_a_clear_error(tmp_path):
