@@ -727,7 +727,8 @@ def save_tokens(path, planes, labels, class_names, n_frames, tokenizer_ckpt, tok
         plane = plane.float()
         tokens[name] = plane
         tokens["mean"][name] = plane.mean(dim=(0, 2, 3))                    # (C,)
-        tokens["std"][name] = plane.std(dim=(0, 2, 3), unbiased=False).clamp_min(1e-6)  # (C,) population, as the authors
+        # (C,): the population std, as the authors compute it
+        tokens["std"][name] = plane.std(dim=(0, 2, 3), unbiased=False).clamp_min(1e-6)
     atomic_save(tokens, path)
 
 

@@ -43,8 +43,8 @@ from tqdm import tqdm
 
 import data as D
 from tokenizer import (MLP, Attention, autocast, check_out_dir, cleanup_distributed, configure_torch, explicit_flags,
-                       load_checkpoint, load_official, lr_at, make_optimizer, mfu_text, official_state_dict,
-                       optimizer_step, parse_config, read_torch_file, resumed_config, run_lock, setup_distributed,
+                       load_checkpoint, load_model_file, load_official, lr_at, make_optimizer, mfu_text,
+                       official_state_dict, optimizer_step, parse_config, resumed_config, run_lock, setup_distributed,
                        time_is_up, use_compile)
 
 # -----------------------------------------------------------------------------
@@ -60,7 +60,7 @@ class SiTConfig:
     mlp_ratio: float = 4.0
     conditional: bool = False    # condition on the tokens file's classes (the paper's UCF-101 generator does not)
     class_dropout: float = 0.0   # fraction of labels replaced by the null class in training (for guidance)
-    learn_sigma: bool = True     # the authors' heads also output a variance half that nothing reads; kept so their weights load
+    learn_sigma: bool = True     # the authors' heads also output an unused variance half (kept: their weights load)
     time_shift: float = 1.0      # > 1: more training times and sampler steps near the noise end (1: SiT's uniform)
 
 
@@ -250,7 +250,7 @@ class SiT(nn.Module):
             nn.init.normal_(layer.weight, std=0.02)
         # adaLN-Zero: every block's modulation and every output head start at zero, so the
         # untrained network is the identity on its tokens and predicts zero velocity
-        for m in [b.modulation for b in self.blocks] + [h.modulation for h in self.heads] + [h.proj for h in self.heads]:
+        for m in [b.modulation for b in self.blocks] + [m for h in self.heads for m in (h.modulation, h.proj)]:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
@@ -267,7 +267,7 @@ class SiT(nn.Module):
                                                              self.grids, self.plane_shapes):
             patches = head(x_plane, c)                                                  # (B, gh*gw, p*p*C')
             plane = rearrange(patches, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=gh, w=gw, p1=p, p2=p)
-            out.append(plane[:, :channels])                                             # learn_sigma: drop the variance half
+            out.append(plane[:, :channels])                                   # learn_sigma: the variance half goes
         return tuple(out)
 
     def flops_per_sample(self):
@@ -481,19 +481,14 @@ def load_dit(path, device="cpu"):
     """The EMA weights of a SiT (eval mode) and its checkpoint dict (mean, std, class_names, num_classes,
     tokenizer_ckpt, tokenizer_config, ...). Also takes the authors' released SiT (the paper's SiT-L/2); its
     dict says kind "official" and has no token statistics, class names or tokenizer: those must be given."""
-    ckpt = read_torch_file(path)
-    if isinstance(ckpt, dict) and ckpt.get("kind") is None:
-        try:
-            model = SiT.from_official(ckpt)
-        except ValueError:
-            raise ValueError(f"{path} is neither a SiT checkpoint of ours nor the authors' released SiT "
-                             f"(keys: {sorted(ckpt)[:6]})") from None
-        ckpt = {"kind": "official", "model_config": asdict(model.config), "plane_shapes": model.plane_shapes,
-                "num_classes": model.num_classes, "class_names": [], "source": os.path.abspath(path)}
-    else:
-        ckpt = load_checkpoint(path, "coordtok_dit")
+    def build(ckpt):
         model = SiT(SiTConfig(**ckpt["model_config"]), ckpt["plane_shapes"], ckpt["num_classes"])
         model.load_state_dict(ckpt["ema"])
+        return model
+
+    model, ckpt = load_model_file(path, "coordtok_dit", SiT, build, "SiT")
+    if ckpt["kind"] == "official":
+        ckpt.update(plane_shapes=model.plane_shapes, num_classes=model.num_classes, class_names=[])
     return model.to(device).eval().requires_grad_(False), ckpt
 
 
@@ -508,9 +503,9 @@ def load_token_planes(path):
     if missing:
         raise ValueError(f"tokens file {path!r} lacks {', '.join(missing)}; re-create it with "
                          f"`python tokenizer.py --encode {path}`")
-    bad = {k: int((~torch.isfinite(tokens[k])).sum()) for k in D.PLANES}
-    if any(bad.values()):
-        raise ValueError(f"tokens file {path!r} holds non-finite values ({', '.join(f'{n} in {k}' for k, n in bad.items() if n)}): "
+    bad = ", ".join(f"{n} in {k}" for k in D.PLANES if (n := int((~torch.isfinite(tokens[k])).sum())))
+    if bad:
+        raise ValueError(f"tokens file {path!r} holds non-finite values ({bad}): "
                          f"the tokenizer that wrote it ({tokens.get('tokenizer_ckpt', '?')}) diverged or the file "
                          f"is damaged; check that tokenizer's held-out PSNR and encode again")
     planes = normalize(tuple(tokens[k].float() for k in D.PLANES), tokens["mean"], tokens["std"])

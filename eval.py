@@ -436,7 +436,8 @@ def write_previews(out_dir, inputs, recons, n_frames):
     real = int(n_frames.min())                                        # frames real in every previewed clip
     pairs = torch.cat([inputs[:, :real], recons[:, :real]], dim=3)    # (K, T, H, 2W, 3)
     D.write_video(os.path.join(out_dir, "recon.mp4"), rearrange(pairs, "k t h w c -> t (k h) w c").numpy())
-    D.write_png(os.path.join(out_dir, "recon.png"), D.comparison_grid(inputs[:, :real], recons[:, :real], PREVIEW_FRAMES))
+    grid = D.comparison_grid(inputs[:, :real], recons[:, :real], PREVIEW_FRAMES)
+    D.write_png(os.path.join(out_dir, "recon.png"), grid)
 
 
 # -----------------------------------------------------------------------------

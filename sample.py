@@ -112,8 +112,9 @@ def load_models(sc, device):
     differs = [k for k in trained_on if current.get(k) != trained_on[k]]
     c, rs, rt = tokenizer.config.triplane_c, tokenizer.config.triplane_rs, tokenizer.config.triplane_rt
     if differs or [tuple(s) for s in model.plane_shapes] != [(c, rs, rs), (c, rt, rs), (c, rt, rs)]:
-        raise ValueError(f"{tokenizer_path} is not the tokenizer {sc.ckpt} was trained on "
-                         f"({', '.join(differs) or 'triplane shapes'} differ); pass the right one with --tokenizer PATH")
+        what = ", ".join(differs) or "triplane shapes"
+        raise ValueError(f"{tokenizer_path} is not the tokenizer {sc.ckpt} was trained on ({what} differ); "
+                         f"pass the right one with --tokenizer PATH")
     return model, stats, list(ckpt.get("class_names", [])), tokenizer
 
 

@@ -64,7 +64,7 @@ class CoordTokConfig:
     dec_patch_s: int = 4
     decode_chunk: int = 16       # temporal patches decoded together by decode_frames / decode_video
     mlp_ratio: float = 4.0
-    block_eps: float = 1e-6      # LayerNorm eps in the ViT and decoder blocks: timm's Block (1e-6 in timm 1.0, 1e-5 before)
+    block_eps: float = 1e-6      # LayerNorm eps of the ViT and decoder blocks (timm 1.0's Block; 1e-5 in older timm)
     # departures from the paper, off in its presets (README, "Departures from the paper")
     pooled_queries: bool = False  # start each query from the video tokens pooled over its plane's missing axis
     factorised_dec_pos: bool = False  # decoder positions: one table per axis, summed, instead of one row per patch
@@ -137,8 +137,8 @@ def validate_config(cfg, train=None):
                 "triplane_rt", "triplane_c", "query_patch_s", "query_patch_t", "dec_width", "dec_heads",
                 "dec_patch_t", "dec_patch_s", "decode_chunk")
     problems += [f"--{name} must be >= 1, got {getattr(cfg, name)}" for name in positive if getattr(cfg, name) < 1]
-    problems += [f"--{name} must be >= 0, got {getattr(cfg, name)}" for name in ("enc_layers", "query_layers",
-                                                                                 "dec_layers") if getattr(cfg, name) < 0]
+    problems += [f"--{name} must be >= 0, got {getattr(cfg, name)}"
+                 for name in ("enc_layers", "query_layers", "dec_layers") if getattr(cfg, name) < 0]
     if cfg.mlp_ratio <= 0 or cfg.block_eps <= 0:
         problems.append(f"--mlp_ratio and --block_eps must be > 0, got {cfg.mlp_ratio} and {cfg.block_eps}")
     if not problems:  # divisibility only means something for positive sizes
@@ -241,8 +241,9 @@ class QueryBlock(nn.Module):
 
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
-        self.norm1, self.cross_attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads, qkv_bias=False, proj_bias=False)
-        self.norm2, self.self_attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads, qkv_bias=False, proj_bias=False)
+        unbiased = dict(qkv_bias=False, proj_bias=False)
+        self.norm1, self.cross_attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads, **unbiased)
+        self.norm2, self.self_attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads, **unbiased)
         self.norm3, self.mlp = nn.LayerNorm(dim, eps=1e-6), MLP(dim, mlp_ratio)
         for attn in (self.cross_attn, self.self_attn):  # torch's MultiheadAttention initialises its in_proj so
             nn.init.xavier_uniform_(attn.qkv.weight)
@@ -512,7 +513,8 @@ OFFICIAL_TOKENIZER_NAMES = [
     (r"^encoder\.encoder\.norm\.", "ln_enc."),
     (r"^encoder\.cross_pos_emb$", "cross_pos"),
     (r"^weight_tokens_xy$", "plane_xy"), (r"^weight_tokens_yt$", "plane_xt"), (r"^weight_tokens_xt$", "plane_yt"),
-    (r"^encoder\.patch_embeds_xy\.proj\.", "query_embed_xy."), (r"^encoder\.patch_embeds_yt\.proj\.", "query_embed_xt."),
+    (r"^encoder\.patch_embeds_xy\.proj\.", "query_embed_xy."),
+    (r"^encoder\.patch_embeds_yt\.proj\.", "query_embed_xt."),
     (r"^encoder\.patch_embeds_xt\.proj\.", "query_embed_yt."),
     (r"^encoder\.transformer\.layers\.", "query_blocks."),
     (r"^encoder\.transformer\.norm\.", "ln_query."),
@@ -886,6 +888,21 @@ def load_checkpoint(path, kind):
     return ckpt
 
 
+def load_model_file(path, kind, model_class, build, what):
+    """A model and its checkpoint dict, from a checkpoint of ours of that kind (build(ckpt) makes the model)
+    or from the authors' released weights (model_class.from_official; the dict then says kind "official")."""
+    ckpt = read_torch_file(path)
+    if isinstance(ckpt, dict) and ckpt.get("kind") is None:
+        try:
+            model = model_class.from_official(ckpt)
+        except ValueError:
+            raise ValueError(f"{path} is neither a {what} checkpoint of ours nor the authors' released {what} "
+                             f"(keys: {sorted(ckpt)[:6]})") from None
+        return model, {"kind": "official", "model_config": asdict(model.config), "source": os.path.abspath(path)}
+    ckpt = load_checkpoint(path, kind)
+    return build(ckpt), ckpt
+
+
 def _parse_bool(s):
     if s.lower() in ("1", "true", "yes", "on"):
         return True
@@ -946,18 +963,12 @@ def load_tokenizer(path, device="cpu"):
     """A trained CoordTok (eval mode) and its checkpoint dict. Takes our checkpoints and the authors' released
     tokenizer (CoordTok_UCF101_1M_50K.pth, the paper's configuration); the latter's dict says kind "official"
     and carries no training metadata (data folder, split, step)."""
-    ckpt = read_torch_file(path)
-    if isinstance(ckpt, dict) and ckpt.get("kind") is None:
-        try:
-            model = CoordTok.from_official(ckpt)
-        except ValueError:
-            raise ValueError(f"{path} is neither a tokenizer checkpoint of ours nor the authors' released "
-                             f"tokenizer (keys: {sorted(ckpt)[:6]})") from None
-        ckpt = {"kind": "official", "model_config": asdict(model.config), "source": os.path.abspath(path)}
-        return model.to(device).eval(), ckpt
-    ckpt = load_checkpoint(path, "coordtok_tokenizer")
-    model = CoordTok(CoordTokConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    def build(ckpt):
+        model = CoordTok(CoordTokConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        return model
+
+    model, ckpt = load_model_file(path, "coordtok_tokenizer", CoordTok, build, "tokenizer")
     return model.to(device).eval(), ckpt
 
 
@@ -1036,7 +1047,7 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
     if dist.ddp:
         torch.distributed.barrier()
     tc = dataclasses.replace(tc, data=os.path.abspath(data_dir))  # saved, so that --resume reads the same folder
-    train_set, val_set = (D.VideoDataset(tc.data, cfg.img_size, cfg.num_frames, split=split, random_start=split == "train",
+    train_set, val_set = (D.VideoDataset(tc.data, cfg.img_size, cfg.num_frames, split, random_start=split == "train",
                                          val_fraction=tc.val_fraction, split_file=tc.split_file)
                           for split in ("train", "val"))
     batches = D.make_loader(train_set, tc.batch_size, shuffle=True, num_workers=tc.num_workers,
@@ -1101,7 +1112,8 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
                 video = D.from_uint8(batch["video"].to(device, non_blocking=True))  # (B, T, H, W, 3)
                 n_frames = n_frames_cpu.to(device, non_blocking=True)
                 if tc.stage == 1:
-                    coords, targets = D.sample_patches(video, n_frames, tc.num_samples, raw_model.patch_size, gen, share)
+                    coords, targets = D.sample_patches(video, n_frames, tc.num_samples, raw_model.patch_size, gen,
+                                                       share)
                 else:
                     coords, targets = D.sample_frames(video, n_frames, tc.num_frames_stage2, raw_model.patch_size, gen,
                                                      share)
