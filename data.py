@@ -243,17 +243,25 @@ def from_uint8(video):
     return video.float() / 127.5 - 1
 
 
-def atomic_save(obj, path):
-    """torch.save to path + ".tmp", then rename: a kill mid-save never destroys the last good file, and
-    leaves at most one temporary file (the next save overwrites it)."""
+@contextlib.contextmanager
+def atomic_path(path, temporary=None):
+    """The temporary path to write `path` through (default path + ".tmp"): renamed to path when the block
+    ends without error, removed otherwise. A kill mid-write never leaves a truncated file under path, nor
+    more than one temporary file (the next write reuses its name)."""
+    temporary = temporary or f"{path}.tmp"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        yield temporary
+        os.replace(temporary, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def atomic_save(obj, path):
+    """torch.save that never destroys the last good file (atomic_path)."""
+    with atomic_path(path) as temporary:
+        torch.save(obj, temporary)
 
 
 def write_png(path, image):
@@ -306,16 +314,13 @@ def _prepare_one(job):
         container, stream = _open_video(source)
         try:
             fps = stream.average_rate or 25  # for playback only: frames are stored one for one
-            write_video(partial, _square_frames(source, container, stream, img_size), fps=fps, codec=codec)
+            with atomic_path(target, partial) as temporary:
+                write_video(temporary, _square_frames(source, container, stream, img_size), fps=fps, codec=codec)
         finally:
             container.close()
-        os.replace(partial, target)
         return source, "written"
     except VideoReadError as e:  # only reading is skipped: a failed write (disk full) stops the run
         return source, str(e)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
 
 
 def prepare_videos(source_root, target_root, img_size, workers=1, codec="rawvideo"):
