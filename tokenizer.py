@@ -67,7 +67,7 @@ class CoordTokConfig:
     block_eps: float = 1e-6      # LayerNorm eps of the ViT and decoder blocks (timm 1.0's Block; 1e-5 in older timm)
     # departures from the paper, off in its presets (README, "Departures from the paper")
     pooled_queries: bool = False  # start each query from the video tokens pooled over its plane's missing axis
-    factorised_dec_pos: bool = False  # decoder positions: one table per axis, summed, instead of one row per patch
+    table_init_std: float = 0.0   # > 0: the learned tables (positions, CLS, planes) start at N(0, std^2), not N(0, 1)
 
 
 def _paper(**kw):
@@ -311,15 +311,15 @@ class CoordTok(nn.Module):
         gt, gh, gw = self.grid_size
         Wd = cfg.dec_width
         self.dec_embed = nn.Linear(3 * C, Wd)
-        if cfg.factorised_dec_pos:  # gt + gh + gw rows, summed
-            self.dec_pos_t, self.dec_pos_y, self.dec_pos_x = (nn.Parameter(Wd ** -0.5 * torch.randn(n, Wd))
-                                                              for n in (gt, gh, gw))
-        else:  # the paper's: one row per patch of the clip (33.5M parameters at `large`)
-            self.dec_pos = nn.Parameter(Wd ** -0.5 * torch.randn(gt, gh, gw, Wd))
+        self.dec_pos = nn.Parameter(Wd ** -0.5 * torch.randn(gt, gh, gw, Wd))  # a row per patch (33.5M at `large`)
         self.dec_blocks = nn.ModuleList(Block(Wd, cfg.dec_heads, cfg.mlp_ratio, qkv_bias=True, eps=cfg.block_eps)
                                         for _ in range(cfg.dec_layers))
         self.ln_dec = nn.LayerNorm(Wd)
         self.to_pixels = nn.Linear(Wd, math.prod(self.patch_size) * 3)
+        if cfg.table_init_std > 0:  # the clip's content, not the tables, dominates the first steps
+            for table in (self.cls_token, self.enc_pos, self.cross_pos, self.plane_xy, self.plane_xt, self.plane_yt,
+                          self.dec_pos):
+                nn.init.trunc_normal_(table, std=cfg.table_init_std)
 
     @property
     def patch_size(self):  # decoder patch (pt, ph, pw)
@@ -408,16 +408,11 @@ class CoordTok(nn.Module):
                   F.adaptive_avg_pool2d(yt, (rt_q, rs_q))]
         return torch.cat([rearrange(p, "b c h w -> b (h w) c") for p in pooled], dim=1)
 
-    def decoder_positions(self, coords):  # coords (B, N, 3) long -> (B, N, Wd)
-        t, y, x = coords.unbind(-1)
-        if self.config.factorised_dec_pos:
-            return self.dec_pos_t[t] + self.dec_pos_y[y] + self.dec_pos_x[x]
-        return self.dec_pos[t, y, x]
-
     def decode(self, triplane, coords):
         """coords (B, N, 3) integer (t, y, x) patch indices -> patch pixels (B, N, pt*ph*pw*3), in (pt, row,
         col, rgb) order. The coordinates of one clip attend to each other, so decode them together."""
-        x = self.dec_embed(lookup_triplane(triplane, coords, self.grid_size)) + self.decoder_positions(coords)
+        t, y, x = coords.unbind(-1)
+        x = self.dec_embed(lookup_triplane(triplane, coords, self.grid_size)) + self.dec_pos[t, y, x]  # (B, N, Wd)
         for block in self.dec_blocks:
             x = block(x)                                                # (B, N, Wd)
         return self.to_pixels(self.ln_dec(x))
