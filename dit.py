@@ -1,9 +1,11 @@
 """
 SiT on CoordTok's triplanes: a diffusion transformer trained with flow matching on the three
 normalised planes (z_xy, z_xt, z_yt) of the tokens file that `tokenizer.py --encode` writes.
+The presets S/2 to XL/2 are the authors' SiT (L/2: the paper's generator); SiT.from_official
+loads their released weights.
 
   python dit.py --tokens out/tokens.pt                         # CPU-sized model, a few minutes
-  python dit.py --tokens out/tokens.pt --resume                # continue out/dit.pt exactly
+  python dit.py --resume --max_iters 6000                      # continue out/dit.pt, flags from its checkpoint
   torchrun --nproc_per_node=8 dit.py --tokens out/tokens.pt --preset L/2 \
       --learning_rate 1e-4 --lr_schedule constant --warmup_iters 0 --batch_size 8 --max_iters 600000
                                                                # the paper: SiT-L/2, batch 64, 600K steps
@@ -12,18 +14,19 @@ Then `python sample.py` draws clips from out/dit.pt and decodes them with the to
 
 Conventions (SiT's linear path with velocity prediction):
   t = 0 is noise, t = 1 is data;  x_t = (1 - t) * noise + t * x1;  the model predicts v = x1 - noise.
-  Sampling integrates dx/dt = v(x, t) from t = 0 to t = 1 (Euler or Heun), or the SDE with the same
+  Sampling integrates dx/dt = v(x, t) from t = 0 to t = 1 (Euler or Heun), or SiT's SDE with the same
   marginals (Euler-Maruyama, see `integrate`).
 
-The three planes are cut into 2x2 patches, each plane with its own patch embedding, fixed 2D sin-cos
-position embedding and a learned plane-type embedding; their tokens form one sequence (the paper:
-64 + 128 + 128 = 320 tokens) through adaLN-Zero blocks; one output head per plane maps tokens back.
+Each plane is cut into 2x2 patches by its own conv; the xy plane gets a fixed 2D sin-cos position
+table, the two time planes share one learned table, every plane adds a learned type vector; their
+tokens form one sequence (the paper: 64 + 128 + 128 = 320 tokens) through adaLN-Zero blocks; one
+output head per plane maps tokens back.
 
-The tokens file of the built-in synthetic set holds only 64 clips: the default run partly memorises
+The tokens file of the built-in synthetic set holds one clip per video: the default run partly memorises
 them, which is what a short CPU run can do. Its samples should look like training clips.
 
-The file reads top to bottom: configuration and presets, the model, flow matching, guidance and
-the samplers, EMA, the training loop, main().
+The file reads top to bottom: configuration and presets, the model and the conversion of the authors'
+weights, flow matching, guidance and the samplers, EMA and loading, the training loop, main().
 """
 
 import copy

@@ -1,16 +1,20 @@
 """
 CoordTok: a video tokenizer that encodes a clip into a factorized triplane and learns to
 reconstruct the patches at (t, y, x) coordinates sampled at random, so the cost of training
-does not grow with the length of the clip.
+does not grow with the length of the clip. The presets small, base and large are the authors'
+models, layer for layer; CoordTok.from_official loads their released weights.
 
   python tokenizer.py                                    # tiny model on the synthetic set, CPU, minutes
   torchrun --nproc_per_node=8 tokenizer.py --preset large --data DIR
   python tokenizer.py --stage 2 --init_from out/tokenizer.pt --out_dir out/stage2 --data DIR
-  python tokenizer.py --encode out/tokens.pt            # triplanes of every clip, for dit.py
+  python tokenizer.py --resume --out_dir out/stage2 --max_iters 60000   # continue a run, flags from its checkpoint
+  python tokenizer.py --encode out/tokens.pt            # the triplane of every clip, for dit.py
+  torchrun --nproc_per_node=8 tokenizer.py --encode out/tokens.pt --init_from CoordTok_UCF101_1M_50K.pth --data DIR
 
 The file reads top to bottom: configuration and presets, the model (encoder, triplane lookup,
-decoder), the LPIPS loss of stage 2, the training infrastructure shared with dit.py
-(distributed set-up, flags, checkpoints), then the training loop and the encode command.
+decoder) and the conversion of the authors' weights, the LPIPS loss of stage 2, the training
+plumbing shared with dit.py (processes, optimizer step, flags, checkpoints and their safety),
+then the training loop and the encode command.
 """
 
 import argparse
