@@ -145,8 +145,7 @@ def read_clip(path, img_size, num_frames, start=None, rng=None, n_total=None):
         if n_total is None:
             n_total = _frame_count(stream, container)
         if start is None:
-            rng = rng if rng is not None else np.random.default_rng()
-            start = int(rng.integers(0, max(n_total - num_frames, 0) + 1))
+            start = random_start(n_total, num_frames, rng)
         frames = itertools.islice(_square_frames(path, container, stream, img_size, start), num_frames)
         for n_real, image in enumerate(frames, 1):
             clip[n_real - 1] = image
@@ -157,6 +156,21 @@ def read_clip(path, img_size, num_frames, start=None, rng=None, n_total=None):
     if n_real == 0:
         raise VideoReadError(f"{path}: no frames")
     return clip, n_real
+
+
+def random_start(n_total, num_frames, rng=None):
+    """A clip's first frame drawn uniformly among those that keep the clip inside the video (0 if shorter)."""
+    rng = rng if rng is not None else np.random.default_rng()
+    return int(rng.integers(0, max(n_total - num_frames, 0) + 1))
+
+
+def clip_from(frames, num_frames, start=None, rng=None):
+    """The clip read_clip gives, cut from a video already decoded (T, S, S, 3): zero-padded, and its real frames."""
+    start = random_start(len(frames), num_frames, rng) if start is None else start
+    clip = np.zeros((num_frames, *frames.shape[1:]), dtype=np.uint8)
+    window = frames[start:start + num_frames]
+    clip[:len(window)] = window
+    return clip, len(window)
 
 
 def measure_read_speed(path, img_size, num_frames, clips=8, seed=0):
@@ -420,6 +434,18 @@ def _split_files(videos, split, val_fraction, split_file=""):
     return sorted((path, name) for path, name in videos if (path in held_out) == (split == "val"))
 
 
+IN_MEMORY_BYTES = 2 ** 29  # a data set whose frames, decoded at the clip size, fit in this is kept in memory
+
+
+def _read_all(path, img_size):
+    """Every frame of a video at img_size, in order."""
+    container, stream = _open_video(path)
+    try:
+        yield from _square_frames(path, container, stream, img_size, 0)
+    finally:
+        container.close()
+
+
 class VideoDataset(torch.utils.data.Dataset):
     """Clips of num_frames frames at img_size x img_size from a folder of videos (class = parent folder).
 
@@ -453,6 +479,11 @@ class VideoDataset(torch.utils.data.Dataset):
                 unreadable.append(os.path.basename(path))
                 continue
             self.files.append((path, self.class_names.index(name)))
+        # a data set this small (the synthetic one) is decoded once, here: afterwards a clip is a slice of it
+        self.decoded = None
+        if sum(self.frame_counts) * img_size ** 2 * 3 <= IN_MEMORY_BYTES:
+            self.decoded = [np.stack(list(_read_all(path, img_size))) for path, _ in self.files]
+            self.frame_counts = [len(frames) for frames in self.decoded]
         # the items: one clip per video (random or first start), or every window of clip_stride frames
         self.clips = [(i, start) for i, n in enumerate(self.frame_counts)
                       for start in (window_starts(n, num_frames, clip_stride) if clip_stride > 0 else [None])]
@@ -475,8 +506,11 @@ class VideoDataset(torch.utils.data.Dataset):
             if start is None:
                 start = None if self.random_start else 0
             try:
-                clip, n_frames = read_clip(path, self.img_size, self.num_frames, start,
-                                           np.random.default_rng(seed), self.frame_counts[i])
+                if self.decoded is not None:
+                    clip, n_frames = clip_from(self.decoded[i], self.num_frames, start, np.random.default_rng(seed))
+                else:
+                    clip, n_frames = read_clip(path, self.img_size, self.num_frames, start,
+                                               np.random.default_rng(seed), self.frame_counts[i])
             except VideoReadError as e:
                 warnings.warn(f"skipping unreadable video {e}")
                 continue

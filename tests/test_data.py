@@ -426,3 +426,18 @@ def test_read_speed_of_a_ucf_like_video(tmp_path):
     speed = D.measure_read_speed(path, 32, 4, clips=3)
     assert all(np.isfinite(v) and v > 0 for v in speed.values())
     assert speed["frames_per_s"] == pytest.approx(4 * speed["clips_per_s"])  # clips of 4 real frames
+
+
+def test_a_small_data_set_is_decoded_once_and_gives_the_same_clips(tmp_path, monkeypatch):
+    root = str(tmp_path / "set")
+    write_set(root, ["a/v0.mp4", "a/v1.mp4", "b/v2.mp4"])
+    kept = D.VideoDataset(root, 16, 4, split="all", random_start=True)
+    assert kept.decoded is not None and [len(v) for v in kept.decoded] == kept.frame_counts
+    monkeypatch.setattr(D, "IN_MEMORY_BYTES", 0)                      # too big to keep: read from the files
+    read = D.VideoDataset(root, 16, 4, split="all", random_start=True)
+    assert read.decoded is None
+    for index in [(0, 11), (1, 12), (2, 13), 2]:                       # random starts, seeded alike
+        a, b = kept[index], read[index]
+        assert torch.equal(a["video"], b["video"]) and a["n_frames"] == b["n_frames"]
+    long = D.VideoDataset(root, 16, 100, split="all", random_start=False)  # longer than the videos: padded
+    assert long[0]["n_frames"] == long.frame_counts[0] and not long[0]["video"][long.frame_counts[0]:].any()
