@@ -117,6 +117,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     num_samples: int = 128       # stage 1: patches reconstructed per clip (the paper: 1024 of 32768)
     num_frames_stage2: int = 4   # stage 2: whole frames (temporal patches) reconstructed per clip
+    flip: bool = False           # mirror half the training clips left-right (a departure: the paper does not)
     lpips_weight: float = 1.0    # stage 2
     lpips_vgg: str = ""          # path of torchvision's vgg16 state dict (default: fetched to the hub cache)
     lpips_lin: str = ""          # path of LPIPS v0.1 vgg.pth (default: fetched to the hub cache)
@@ -1109,6 +1110,9 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
                 # padding mask only when a clip is short (checked on the CPU tensor: no device sync)
                 short = bool((n_frames_cpu < cfg.num_frames).any())
                 video = D.from_uint8(batch["video"].to(device, non_blocking=True))  # (B, T, H, W, 3)
+                if tc.flip:  # which clips are mirrored: drawn for the global batch, as the patches are
+                    mirrored = D.random_keys(video.shape[0], 1, gen, device, share)[:, :, None, None, None] < 0.5
+                    video = torch.where(mirrored, video.flip(3), video)
                 n_frames = n_frames_cpu.to(device, non_blocking=True)
                 if tc.stage == 1:
                     coords, targets = D.sample_patches(video, n_frames, tc.num_samples, raw_model.patch_size, gen,
