@@ -45,7 +45,7 @@ import data as D
 @dataclass
 class CoordTokConfig:
     # the clip
-    num_frames: int = 16
+    num_frames: int = 32
     img_size: int = 32
     # encoder: 3D patches of the clip -> ViT (with a CLS token) -> learned triplane queries cross-attend to it
     enc_patch_t: int = 4
@@ -83,7 +83,8 @@ def _paper(**kw):
 
 
 PRESETS = {
-    "tiny": CoordTokConfig(),  # sized for a 2-core CPU: 16 frames of 32x32, 320 tokens of 16 channels
+    # sized for a 2-core CPU: 32 frames of 32x32 (the whole synthetic video), 320 tokens of 16 channels
+    "tiny": CoordTokConfig(pooled_queries=True),
     "small": _paper(enc_width=512, enc_heads=8, enc_layers=8, query_layers=8,
                     dec_width=512, dec_heads=8, dec_layers=8),
     "base": _paper(enc_width=768, enc_heads=12, enc_layers=8, query_layers=12,
@@ -103,7 +104,7 @@ class TrainConfig:
     encode: str = ""             # write the tokens file of every clip to this path, then exit
     encode_stride: int = 0       # --encode: a clip every this many frames (0: the clip length, back to back)
     split_file: str = ""         # a list of videos (UCF-101's trainlist01.txt / testlist01.txt) that sets the split
-    max_iters: int = 2500
+    max_iters: int = 3000
     batch_size: int = 8          # clips per step on each process
     grad_accum: int = 1
     learning_rate: float = 1e-3
@@ -117,7 +118,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     num_samples: int = 128       # stage 1: patches reconstructed per clip (the paper: 1024 of 32768)
     num_frames_stage2: int = 4   # stage 2: whole frames (temporal patches) reconstructed per clip
-    flip: bool = False           # mirror half the training clips left-right (a departure: the paper does not)
+    flip: bool = True            # mirror half the training clips left-right (a departure: the paper does not)
     lpips_weight: float = 1.0    # stage 2
     lpips_vgg: str = ""          # path of torchvision's vgg16 state dict (default: fetched to the hub cache)
     lpips_lin: str = ""          # path of LPIPS v0.1 vgg.pth (default: fetched to the hub cache)
