@@ -707,6 +707,13 @@ def random_keys(batch, n, generator, device, share=(0, 1)):
     return torch.rand(batch * world, n, device=device, generator=generator)[rank * batch:(rank + 1) * batch]
 
 
+def random_flips(video, generator=None, share=(0, 1)):
+    """Each clip (B, T, H, W, 3) mirrored left-right with probability 1/2 (which ones: drawn for the global
+    batch, see random_keys). A mirrored clip of moving objects is as likely a clip as the original."""
+    mirrored = random_keys(video.shape[0], 1, generator, video.device, share)[:, :, None, None, None] < 0.5
+    return torch.where(mirrored, video.flip(3), video)
+
+
 def sample_patches(video, n_frames, num_samples, patch_size, generator=None, share=(0, 1)):
     """num_samples distinct random patches per clip, only from temporal patches made of real frames
     (a temporal patch with at least one real frame counts as real when it is the clip's only one).

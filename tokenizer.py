@@ -71,7 +71,6 @@ class CoordTokConfig:
     block_eps: float = 1e-6      # LayerNorm eps of the ViT and decoder blocks (timm 1.0's Block; 1e-5 in older timm)
     # departures from the paper, off in its presets (README, "Departures from the paper")
     pooled_queries: bool = False  # start each query from the video tokens pooled over its plane's missing axis
-    table_init_std: float = 0.0   # > 0: the learned tables (positions, CLS, planes) start at N(0, std^2), not N(0, 1)
 
 
 def _paper(**kw):
@@ -322,10 +321,6 @@ class CoordTok(nn.Module):
                                         for _ in range(cfg.dec_layers))
         self.ln_dec = nn.LayerNorm(Wd)
         self.to_pixels = nn.Linear(Wd, math.prod(self.patch_size) * 3)
-        if cfg.table_init_std > 0:  # the clip's content, not the tables, dominates the first steps
-            for table in (self.cls_token, self.enc_pos, self.cross_pos, self.plane_xy, self.plane_xt, self.plane_yt,
-                          self.dec_pos):
-                nn.init.trunc_normal_(table, std=cfg.table_init_std)
 
     @property
     def patch_size(self):  # decoder patch (pt, ph, pw)
@@ -1111,9 +1106,8 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
                 # padding mask only when a clip is short (checked on the CPU tensor: no device sync)
                 short = bool((n_frames_cpu < cfg.num_frames).any())
                 video = D.from_uint8(batch["video"].to(device, non_blocking=True))  # (B, T, H, W, 3)
-                if tc.flip:  # which clips are mirrored: drawn for the global batch, as the patches are
-                    mirrored = D.random_keys(video.shape[0], 1, gen, device, share)[:, :, None, None, None] < 0.5
-                    video = torch.where(mirrored, video.flip(3), video)
+                if tc.flip:
+                    video = D.random_flips(video, gen, share)
                 n_frames = n_frames_cpu.to(device, non_blocking=True)
                 if tc.stage == 1:
                     coords, targets = D.sample_patches(video, n_frames, tc.num_samples, raw_model.patch_size, gen,

@@ -64,7 +64,7 @@ def test_the_gpu_check_runs_end_to_end_in_its_dry_run(tmp_path):
     results = json.loads(out.read_text())
     gpu, loader = results["gpu"], results["loader"]
     assert results["device"] == "cpu" and results["dry_run"]
-    assert gpu["num_samples"] == 32  # 1/32 of the tiny clip's 16 x 8 x 8 patches
+    assert gpu["num_samples"] == math.prod(B.shape_model(PRESETS["tiny"]).grid_size) // 32  # 1/32 of the tiny clip's patches
     assert gpu["largest_batch"] == 4  # the dry run's bound: no CPU runs out of memory at these sizes
     assert gpu["compiled_graphs"] == 1  # batches 2 and 4 share one compiled graph
     assert all(gpu[key]["seconds"] > 0 for key in ("step", "decode", "sample"))

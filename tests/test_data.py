@@ -441,3 +441,14 @@ def test_a_small_data_set_is_decoded_once_and_gives_the_same_clips(tmp_path, mon
         assert torch.equal(a["video"], b["video"]) and a["n_frames"] == b["n_frames"]
     long = D.VideoDataset(root, 16, 100, split="all", random_start=False)  # longer than the videos: padded
     assert long[0]["n_frames"] == long.frame_counts[0] and not long[0]["video"][long.frame_counts[0]:].any()
+
+
+def test_random_flips_mirror_about_half_of_the_clips_and_nothing_else():
+    video = torch.rand(400, 2, 3, 5, 3)
+    flipped = D.random_flips(video, torch.Generator().manual_seed(0))
+    mirrored = torch.tensor([torch.equal(f, v.flip(2)) for f, v in zip(flipped, video)])
+    kept = torch.tensor([torch.equal(f, v) for f, v in zip(flipped, video)])
+    assert (mirrored ^ kept).all() and 160 < mirrored.sum() < 240
+    # two processes with half the batch each mirror the clips one process mirrors
+    halves = [D.random_flips(video[r * 200:(r + 1) * 200], torch.Generator().manual_seed(0), (r, 2)) for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), flipped)

@@ -362,7 +362,7 @@ def test_the_paper_presets_are_the_authors_models():
         cfg = T.PRESETS[name]
         assert (cfg.enc_width, cfg.enc_heads, cfg.enc_layers, cfg.query_layers) == sizes
         assert (cfg.dec_width, cfg.dec_heads, cfg.dec_layers) == (sizes[0], sizes[1], sizes[3])
-        assert not cfg.pooled_queries and cfg.table_init_std == 0
+        assert not cfg.pooled_queries
 
 
 def test_released_file_formats_load_and_anything_else_is_refused(fixture, tmp_path):
