@@ -103,7 +103,7 @@ class TrainConfig:
     encode: str = ""             # write the tokens file of every clip to this path, then exit
     encode_stride: int = 0       # --encode: a clip every this many frames (0: the clip length, back to back)
     split_file: str = ""         # a list of videos (UCF-101's trainlist01.txt / testlist01.txt) that sets the split
-    max_iters: int = 3000
+    max_iters: int = 3500
     batch_size: int = 8          # clips per step on each process
     grad_accum: int = 1
     learning_rate: float = 1e-3
@@ -1028,8 +1028,12 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
         cfg, tc, overrides = continue_run(cfg, tc, resume_ckpt, explicit, ckpt_path)
         start_step = resume_ckpt["step"]
     elif tc.init_from:  # ours or the authors' released weights
-        init_model, _ = load_tokenizer(tc.init_from)
+        init_model, init_ckpt = load_tokenizer(tc.init_from)
         cfg = init_model.config
+        # stage 2 goes on with the data and held-out split of the run it starts from, unless told otherwise
+        inherited = {k: v for k, v in init_ckpt.get("train_config", {}).items()
+                     if k in ("data", "split_file", "val_fraction") and k not in explicit}
+        tc = dataclasses.replace(tc, **inherited)
     elif tc.stage == 2:
         raise ValueError("--stage 2 fine-tunes a trained tokenizer: pass --init_from PATH (its stage-1 checkpoint)")
     validate_config(cfg, tc)

@@ -209,13 +209,14 @@ def test_lpips_weights_missing_or_of_another_layout_are_clear_errors(tmp_path, m
 def test_stage_two_fine_tunes_whole_frames_with_lpips_and_resumes_as_stage_two(tmp_path, micro_videos, lpips_files):
     stage1 = run_cli(*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=2", f"--out_dir={tmp_path / 's1'}")
     assert stage1.returncode == 0, stage1.stderr[-2000:]
-    stage2 = run_cli(f"--data={micro_videos}", "--stage=2", "--max_iters=2", "--num_frames_stage2=2", "--batch_size=2",
+    stage2 = run_cli("--stage=2", "--max_iters=2", "--num_frames_stage2=2", "--batch_size=2",
                      "--num_workers=0", f"--init_from={tmp_path / 's1' / 'tokenizer.pt'}", f"--out_dir={tmp_path / 's2'}",
                      f"--lpips_vgg={lpips_files['vgg']}", f"--lpips_lin={lpips_files['lin']}")
     assert stage2.returncode == 0, stage2.stderr[-2000:]
     s1 = torch.load(tmp_path / "s1" / "tokenizer.pt", weights_only=False)
     s2 = torch.load(tmp_path / "s2" / "tokenizer.pt", weights_only=False)
     assert s2["step"] == 2 and s2["train_config"]["stage"] == 2 and s2["model_config"] == s1["model_config"]
+    assert s2["train_config"]["data"] == s1["train_config"]["data"]  # stage 1's data and split, not the synthetic set
     assert any(not torch.equal(s1["model"][k], s2["model"][k]) for k in s1["model"])  # it trained on from stage 1
     assert all(torch.isfinite(v).all() for v in s2["model"].values())
     # resumed with no flag but the new length: still stage 2, with its LPIPS files and data
