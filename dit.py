@@ -645,8 +645,7 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
                 if device.type == "cuda":
                     post["mfu"] = mfu_text(bar, start_step, flops_per_step, tc.peak_flops)
                 bar.set_postfix(post)
-            out_of_time = (tc.max_time > 0 and step % tc.log_interval == 0
-                           and time_is_up(t_start, tc.max_time, device, dist.ddp))
+            out_of_time = time_is_up(tc, step, t_start, device, dist.ddp)
             done = step == tc.max_iters or out_of_time
             if dist.is_main and (step % tc.ckpt_interval == 0 or done):
                 save(step)

@@ -795,10 +795,12 @@ def mfu_text(bar, start_step, flops_per_step, peak_flops):
     return f"{flops_per_step / seconds_per_step / peak_flops:.1%}"
 
 
-def time_is_up(t_start, max_time, device, ddp):
-    """True once max_time minutes have passed since t_start. Rank 0's clock decides and is broadcast, so
-    that every rank stops at the same step; call it at the same steps on every rank."""
-    flag = torch.tensor(float(time.time() - t_start > max_time * 60), device=device)
+def time_is_up(tc, step, t_start, device, ddp):
+    """True once --max_time minutes (tc.max_time > 0) have passed since t_start, looked at every log_interval
+    steps. Rank 0's clock decides and is broadcast, so that every rank stops at the same step."""
+    if tc.max_time <= 0 or step % tc.log_interval:
+        return False
+    flag = torch.tensor(float(time.time() - t_start > tc.max_time * 60), device=device)
     if ddp:
         torch.distributed.broadcast(flag, 0)
     return bool(flag)
@@ -1140,8 +1142,7 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
                 if device.type == "cuda":
                     post["mfu"] = mfu_text(bar, start_step, flops_per_step, tc.peak_flops)
                 bar.set_postfix(post)
-            out_of_time = (tc.max_time > 0 and step % tc.log_interval == 0
-                           and time_is_up(t_start, tc.max_time, device, dist.ddp))
+            out_of_time = time_is_up(tc, step, t_start, device, dist.ddp)
             done = step == tc.max_iters or out_of_time
             if dist.is_main and (step % tc.eval_interval == 0 or done) and len(val_set) > 0:
                 raw_model.eval()

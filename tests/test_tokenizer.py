@@ -227,6 +227,14 @@ def test_stage_two_fine_tunes_whole_frames_with_lpips_and_resumes_as_stage_two(t
     assert s2["train_config"]["lpips_vgg"] == lpips_files["vgg"] and s2["train_config"]["num_frames_stage2"] == 2
 
 
+def test_max_time_stops_at_a_log_step_and_saves(tmp_path, micro_videos):
+    out = run_cli(*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=1000", "--max_time=1e-6",
+                  "--log_interval=2", f"--out_dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "stopping after 1e-06 minutes (--max_time) at step 2" in out.stdout + out.stderr
+    assert torch.load(tmp_path / "tokenizer.pt", weights_only=False)["step"] == 2
+
+
 def test_parse_config_flags_presets_and_the_explicit_ones():
     argv = ["--preset", "large", "--batch_size=32", "--dec_layers", "2", "--resume"]
     cfg, tc = T.parse_config((T.CoordTokConfig, T.TrainConfig), T.PRESETS, argv)
