@@ -19,7 +19,6 @@ import json
 import math
 import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -61,9 +60,16 @@ def measure(fn, device, repeats=3, budget_s=10.0):
         sync()
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated(device) if cuda else None if multiprocessing.parent_process() is None
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss in KiB
+            else resident_peak_bytes())
     return {"seconds": statistics.median(times[1:]), "first_seconds": times[0], "held_bytes": held,
             "peak_bytes": None if peak is None else peak - held}
+
+
+def resident_peak_bytes():
+    """This process's peak resident memory (Linux: VmHWM). Not getrusage's ru_maxrss, which a process started by
+    fork and exec inherits from its parent: a child of a large process would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))  # in KiB
 
 
 def run_alone(device, fn, *args):

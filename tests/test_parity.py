@@ -34,10 +34,12 @@ def fixture():
 def tokenizer_layout(k):
     """Their CoordTok's state dict: name -> shape, for constructor arguments k."""
     (T_, H, W), D, Dd, C = k["video_shape"], k["enc_embed_dim"], k["dec_embed_dim"], k["latent_n_features"]
-    rs, rt, ps, pt = k["latent_resolution_xy"], k["latent_resolution_t"], k["latent_patch_size_xy"], k["latent_patch_size_t"]
+    rs, rt = k["latent_resolution_xy"], k["latent_resolution_t"]
+    ps, pt = k["latent_patch_size_xy"], k["latent_patch_size_t"]
     n_video = (T_ // k["enc_patch_size_t"]) * (H // k["enc_patch_size_xy"]) * (W // k["enc_patch_size_xy"])
     dpt, dps = k["dec_patch_size_t"], k["dec_patch_size_xy"]
-    shapes = {"weight_tokens_xy": (1, rs, rs, C), "weight_tokens_yt": (1, rt, rs, C), "weight_tokens_xt": (1, rt, rs, C),
+    shapes = {"weight_tokens_xy": (1, rs, rs, C), "weight_tokens_yt": (1, rt, rs, C),
+              "weight_tokens_xt": (1, rt, rs, C),
               "encoder.cross_pos_emb": (1, n_video, D), "encoder.encoder.cls_token": (1, 1, D),
               "encoder.encoder.pos_emb": (1, n_video, D),
               "encoder.encoder.patch_embed.proj.weight": (D, 3, k["enc_patch_size_t"], k["enc_patch_size_xy"],
@@ -125,7 +127,8 @@ def timm_block(x, sd, prefix, heads, eps=1e-6):
     h = norm(x, sd, f"{prefix}.norm1", eps)
     q, k, v = F.linear(h, sd[f"{prefix}.attn.qkv.weight"], sd.get(f"{prefix}.attn.qkv.bias")).chunk(3, dim=-1)
     x = x + F.linear(attend(q, k, v, heads), sd[f"{prefix}.attn.proj.weight"], sd[f"{prefix}.attn.proj.bias"])
-    h = F.gelu(F.linear(norm(x, sd, f"{prefix}.norm2", eps), sd[f"{prefix}.mlp.fc1.weight"], sd[f"{prefix}.mlp.fc1.bias"]))
+    h = F.gelu(F.linear(norm(x, sd, f"{prefix}.norm2", eps), sd[f"{prefix}.mlp.fc1.weight"],
+                        sd[f"{prefix}.mlp.fc1.bias"]))
     return x + F.linear(h, sd[f"{prefix}.mlp.fc2.weight"], sd[f"{prefix}.mlp.fc2.bias"])
 
 
@@ -223,15 +226,18 @@ def reference_sit(sd, k, planes, t, y):
     for i in range(k["depth"]):
         b = f"blocks.{i}"
         mod = F.linear(F.silu(c), sd[f"{b}.adaLN_modulation.1.weight"], sd[f"{b}.adaLN_modulation.1.bias"]).chunk(6, 1)
-        q, kk, v = F.linear(modulated(x, mod[0], mod[1]), sd[f"{b}.attn.qkv.weight"], sd[f"{b}.attn.qkv.bias"]).chunk(3, -1)
-        x = x + mod[2][:, None] * F.linear(attend(q, kk, v, heads), sd[f"{b}.attn.proj.weight"], sd[f"{b}.attn.proj.bias"])
+        qkv = F.linear(modulated(x, mod[0], mod[1]), sd[f"{b}.attn.qkv.weight"], sd[f"{b}.attn.qkv.bias"])
+        q, kk, v = qkv.chunk(3, -1)
+        attended = F.linear(attend(q, kk, v, heads), sd[f"{b}.attn.proj.weight"], sd[f"{b}.attn.proj.bias"])
+        x = x + mod[2][:, None] * attended
         h = F.gelu(F.linear(modulated(x, mod[3], mod[4]), sd[f"{b}.mlp.fc1.weight"], sd[f"{b}.mlp.fc1.bias"]),
                    approximate="tanh")
         x = x + mod[5][:, None] * F.linear(h, sd[f"{b}.mlp.fc2.weight"], sd[f"{b}.mlp.fc2.bias"])
     out = []
     for name, x_plane, z in zip(("xy", "yt", "xt"), x.split(counts, dim=1), planes):
         f = f"final_layer_{name}"
-        shift, scale = F.linear(F.silu(c), sd[f"{f}.adaLN_modulation.1.weight"], sd[f"{f}.adaLN_modulation.1.bias"]).chunk(2, 1)
+        modulation = F.linear(F.silu(c), sd[f"{f}.adaLN_modulation.1.weight"], sd[f"{f}.adaLN_modulation.1.bias"])
+        shift, scale = modulation.chunk(2, 1)
         x_plane = F.linear(modulated(x_plane, shift, scale), sd[f"{f}.linear.weight"], sd[f"{f}.linear.bias"])
         B, _, rows, cols = z.shape
         c_out = x_plane.shape[-1] // p ** 2

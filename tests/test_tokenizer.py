@@ -210,7 +210,8 @@ def test_stage_two_fine_tunes_whole_frames_with_lpips_and_resumes_as_stage_two(t
     stage1 = run_cli(*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=2", f"--out_dir={tmp_path / 's1'}")
     assert stage1.returncode == 0, stage1.stderr[-2000:]
     stage2 = run_cli("--stage=2", "--max_iters=2", "--num_frames_stage2=2", "--batch_size=2",
-                     "--num_workers=0", f"--init_from={tmp_path / 's1' / 'tokenizer.pt'}", f"--out_dir={tmp_path / 's2'}",
+                     "--num_workers=0", f"--init_from={tmp_path / 's1' / 'tokenizer.pt'}",
+                     f"--out_dir={tmp_path / 's2'}",
                      f"--lpips_vgg={lpips_files['vgg']}", f"--lpips_lin={lpips_files['lin']}")
     assert stage2.returncode == 0, stage2.stderr[-2000:]
     s1 = torch.load(tmp_path / "s1" / "tokenizer.pt", weights_only=False)
@@ -293,7 +294,8 @@ def test_a_users_checkpoints_are_never_destroyed(tmp_path, micro_videos):
     (out_dir / "tokenizer.pt.lock").write_text(f"{finished.pid} {socket.gethostname()}")
     resumed = run_cli("--resume", f"--out_dir={out_dir}", "--max_iters=2")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert not (out_dir / "tokenizer.pt.lock").exists() and T.load_tokenizer(str(out_dir / "tokenizer.pt"))[1]["step"] == 2
+    assert not (out_dir / "tokenizer.pt.lock").exists()
+    assert T.load_tokenizer(str(out_dir / "tokenizer.pt"))[1]["step"] == 2
     # --encode never writes over anything but a tokens file, and its advice names no such path
     before = (out_dir / "tokenizer.pt").read_bytes()
     enc = run_cli(f"--out_dir={out_dir}", f"--encode={out_dir / 'tokenizer.pt'}", "--num_workers=0")
@@ -352,7 +354,8 @@ def test_encode_covers_every_window_of_every_video_on_any_number_of_processes(tm
     tokens = D.load_tokens(one)
     # 10-frame videos, 8-frame clips: by default back to back, the last one ending at the video's end
     videos = D.find_videos(micro_videos)
-    assert D.window_starts(10, 8, 8) == [0, 2] and D.window_starts(5, 8, 8) == [0] and D.window_starts(20, 8, 5) == [0, 5, 10, 12]
+    assert D.window_starts(10, 8, 8) == [0, 2] and D.window_starts(5, 8, 8) == [0]
+    assert D.window_starts(20, 8, 5) == [0, 5, 10, 12]
     assert tokens["start"].tolist() == [0, 2] * len(videos) and tokens["video_index"].tolist() == \
         [v for v in range(len(videos)) for _ in range(2)]
     assert tokens["videos"] == [os.path.relpath(p, micro_videos) for p, _ in videos]
