@@ -88,7 +88,8 @@ def parse_args(argv=None):
     parser.add_argument("--split", default=None, choices=("val", "train", "all"),
                         help="val: the clips held out from training (same split as training), the default; "
                              "all: every clip, the default for a checkpoint that carries no training split")
-    parser.add_argument("--num_clips", type=int, default=0, help="evaluate the first N clips (0: all)")
+    parser.add_argument("--num_clips", type=int, default=0,
+                        help="N clips spread evenly over the data, every class (0: all); --fvd: of each folder")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--i3d_batch", type=int, default=1,
                         help="clips per I3D call (StyleGAN-V: 1; a 128-frame clip at 224x224 is large)")
@@ -243,13 +244,15 @@ def i3d_features(detector, clips, device, i3d_batch=1):
 
 def clip_loader(folder, img_size, num_frames, split="all", random_start=False, val_fraction=0.1, num_clips=0,
                 batch_size=8, num_workers=0, split_file=""):
-    """The first num_clips clips (0: all) of a split of a folder of videos, in order, once."""
+    """num_clips clips (0: all) of a split of a folder of videos, spread evenly over it (the files are sorted
+    by class: the first N would be the first classes only), in order, once."""
     dataset = D.VideoDataset(folder, img_size, num_frames, split, random_start, val_fraction, split_file)
     if len(dataset) == 0:
         raise ValueError(f"the {split!r} split of {folder} has no clips (val_fraction {val_fraction}); "
                          f"add videos, or pass --split all")
-    if num_clips:
-        dataset = torch.utils.data.Subset(dataset, range(min(num_clips, len(dataset))))
+    if 0 < num_clips < len(dataset):
+        spread = torch.linspace(0, len(dataset) - 1, num_clips).round().long()  # distinct, first and last included
+        dataset = torch.utils.data.Subset(dataset, spread.tolist())
     return D.make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, distributed=False,
                          infinite=False, drop_last=False)
 

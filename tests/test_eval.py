@@ -261,6 +261,14 @@ def test_missing_lpips_weights_say_how_to_supply_them(weights, tmp_path):
 # FVD between folders, and the detector's plumbing
 
 
+def test_num_clips_spreads_over_the_folder_not_its_first_class(micro_videos):
+    # six videos sorted by class, three per class: the first three would all be class 0
+    labels = torch.cat([b["label"] for b in E.clip_loader(micro_videos, 24, 10, num_clips=3, batch_size=2)])
+    assert sorted(labels.tolist()) == [0, 0, 1] or sorted(labels.tolist()) == [0, 1, 1]
+    every = torch.cat([b["label"] for b in E.clip_loader(micro_videos, 24, 10, num_clips=99)])
+    assert every.tolist() == [0, 0, 0, 1, 1, 1]
+
+
 def test_fvd_between_folders_with_a_stand_in_detector(tmp_path, micro_videos, weights):
     # fakes: the real videos with noise, plus one video shorter than the clip (left out, as in StyleGAN-V)
     real_paths = [p for p, _ in D.find_videos(micro_videos)]
