@@ -321,7 +321,8 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
     assert any(not torch.allclose(one[k], init[k]) for k in one)                     # it trained
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k                                            # the ranks agree exactly
-        torch.testing.assert_close(r0[k], one[k], rtol=0, atol=1e-5)                  # and equal one process
+        # and equal one process, to well below the lr = 1e-3 a step that other clips or noise would move a weight
+        torch.testing.assert_close(r0[k], one[k], rtol=0, atol=1e-4)
 
 
 def read_clips(folder, size, frames):

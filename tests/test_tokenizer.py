@@ -340,7 +340,9 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path,
     assert any(not torch.allclose(init[k], single[k]) for k in init)       # it trained
     for k in r0["params"]:
         assert torch.equal(r0["params"][k], r1["params"][k]), k           # the ranks agree exactly
-        torch.testing.assert_close(r0["params"][k], single[k], rtol=0, atol=1e-5)  # and equal one process
+        # and equal one process: Adam moves a weight by up to lr = 1e-3 a step, so other clips or patches show at
+        # that scale; the order of the gradient sums alone gives ~1e-5 (Adam divides tiny gradients by tiny norms)
+        torch.testing.assert_close(r0["params"][k], single[k], rtol=0, atol=1e-4)
     assert torch.load(tmp_path / "ddp" / "tokenizer.pt", weights_only=False)["step"] == 3
 
 
