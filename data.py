@@ -437,15 +437,6 @@ def _split_files(videos, split, val_fraction, split_file=""):
 IN_MEMORY_BYTES = 2 ** 29  # a data set whose frames, decoded at the clip size, fit in this is kept in memory
 
 
-def _read_all(path, img_size):
-    """Every frame of a video at img_size, in order."""
-    container, stream = _open_video(path)
-    try:
-        yield from _square_frames(path, container, stream, img_size, 0)
-    finally:
-        container.close()
-
-
 class VideoDataset(torch.utils.data.Dataset):
     """Clips of num_frames frames at img_size x img_size from a folder of videos (class = parent folder).
 
@@ -482,7 +473,9 @@ class VideoDataset(torch.utils.data.Dataset):
         # a data set this small (the synthetic one) is decoded once, here: afterwards a clip is a slice of it
         self.decoded = None
         if sum(self.frame_counts) * img_size ** 2 * 3 <= IN_MEMORY_BYTES:
-            self.decoded = [np.stack(list(_read_all(path, img_size))) for path, _ in self.files]
+            whole = [read_clip(path, img_size, n, start=0, n_total=n)  # each video as one clip of all its frames
+                     for (path, _), n in zip(self.files, self.frame_counts)]
+            self.decoded = [clip[:n_real] for clip, n_real in whole]
             self.frame_counts = [len(frames) for frames in self.decoded]
         # the items: one clip per video (random or first start), or every window of clip_stride frames
         self.clips = [(i, start) for i, n in enumerate(self.frame_counts)
