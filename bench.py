@@ -29,14 +29,17 @@ from contextlib import nullcontext
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import data as D
+import data
 import dit
 import eval as evaluation
-from tokenizer import PRESETS, CoordTok, autocast, configure_torch, make_optimizer, pick_device
+import harness as H
+from tokenizer import (PRESETS, CoordTok, TrainConfig, full_grid, gather_patches,
+                       reconstruction_loss, sample_patches)
 
 PARTS = ("scaling", "compile", "throughput", "dit", "gpu", "loader")  # in the order they run
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM: MFU's denominator
 ASSUMED_MFU = 0.4         # what a `large` step reaches on an H100, for the loader when no GPU measured it
+PAPER_STAGE1 = TrainConfig(learning_rate=1e-4, weight_decay=1e-3)  # the optimizer of the paper's stage 1
 
 
 def measure(fn, device, repeats=3, budget_s=10.0):
@@ -93,14 +96,12 @@ def random_clip(cfg, batch_size, device):  # (B, T, H, W, 3) in [-1, 1]: a step'
     return torch.rand(batch_size, cfg.num_frames, cfg.img_size, cfg.img_size, 3, device=device) * 2 - 1
 
 
-def optimizer_step(model, optimizer, loss, device):  # a training step as tokenizer.py and dit.py take it
+def train_step(model, optimizer, loss, device):  # a step as the loops take it: guarded, clipped
     def step():
-        with autocast(device):
+        with H.autocast(device):
             value = loss()
         value.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        H.optimizer_step(model, optimizer, 1.0)
     return step
 
 
@@ -112,19 +113,18 @@ def training_step(model, optimizer, forward, video, num_samples):
 
     def loss():
         if num_samples:
-            coords, targets = D.sample_patches(video, n_frames, num_samples, model.patch_size)
+            coords, targets = sample_patches(video, n_frames, num_samples, model.patch_size)
         else:
-            coords = D.full_grid(model.grid_size, device).expand(B, -1, -1)         # (B, P, 3)
-            targets = D.gather_patches(video, coords, model.patch_size)            # (B, P, pt*ph*pw*3)
-        return forward(video, coords, targets)[0]
-    return optimizer_step(model, optimizer, loss, device)
+            coords = full_grid(model.grid_size, device).expand(B, -1, -1)         # (B, P, 3)
+            targets = gather_patches(video, coords, model.patch_size)            # (B, P, D)
+        return reconstruction_loss(forward(video, coords), targets)
+    return train_step(model, optimizer, loss, device)
 
 
 def tokenizer_step(cfg, batch_size, num_samples, device, compiled=False, math_attention=False):
     """measure() of training_step on a new model, and the patches it decodes per clip."""
-    configure_torch(device)
     model = CoordTok(cfg).to(device)
-    optimizer = make_optimizer(model, 1e-4, 1e-3, (0.9, 0.999), device)  # the paper's stage 1
+    optimizer = H.make_optimizer(model, PAPER_STAGE1, device)
     forward = torch.compile(model) if compiled else model
     step = training_step(model, optimizer, forward, random_clip(cfg, batch_size, device), num_samples)
     with sdpa_kernel(SDPBackend.MATH) if math_attention else nullcontext():  # the backward follows the forward
@@ -140,7 +140,8 @@ class GridDiT(dit.SiT):
         channels, frames, height, width = grid_shape
         super().__init__(config, [(channels, frames * height, width)] * 3)
         del self.embeds[1:], self.heads[1:]
-        self.pos_t, self.plane_shapes, self.grids = None, self.plane_shapes[:1], self.grids[:1]
+        self.pos_t = torch.nn.Parameter(self.pos_t[:, :0])                     # no time planes
+        self.plane_shapes, self.grids = self.plane_shapes[:1], self.grids[:1]
 
 
 def latents(cfg):
@@ -155,12 +156,11 @@ def latents(cfg):
 
 def dit_step(sit_cfg, latent, shapes, batch_size, device):
     """measure() of a DiT's flow-matching step on latents()' "triplane" (dit.SiT) or "grid" (GridDiT)."""
-    configure_torch(device)
     model = (dit.SiT(sit_cfg, shapes) if latent == "triplane" else GridDiT(sit_cfg, shapes[0])).to(device)
     planes = tuple(torch.randn(batch_size, *s, device=device) for s in model.plane_shapes)  # (B, C, H, W) each
     labels = torch.zeros(batch_size, dtype=torch.long, device=device)
-    optimizer = make_optimizer(model, 1e-4, 0.0, (0.9, 0.999), device)
-    step = optimizer_step(model, optimizer, lambda: dit.flow_matching_loss(model, planes, labels), device)
+    optimizer = H.make_optimizer(model, dit.DiTTrainConfig(learning_rate=1e-4), device)
+    step = train_step(model, optimizer, lambda: dit.flow_matching_loss(model, planes, labels), device)
     return {**measure(step, device), "dit_tokens": sum(h * w for h, w in model.grids)}
 
 
@@ -227,7 +227,7 @@ def part_throughput(cfg, batch_size, device):
           "decode_video / this")
     model = CoordTok(cfg).to(device).eval()
     video, rows = random_clip(cfg, batch_size, device), {}
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad(), H.autocast(device):
         triplane = model.encode(video)
         for name, call, frames in (("encode", lambda: model.encode(video), cfg.num_frames),
                                    ("decode_video", lambda: model.decode_video(triplane), cfg.num_frames),
@@ -266,7 +266,7 @@ def part_gpu(cfg, device, dry_run):
     table(f"GPU check: CoordTok {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M on {cfg.num_frames}x"
           f"{cfg.img_size}x{cfg.img_size} clips; bf16 autocast on CUDA, torch.compile ({backend}), SDPA, AdamW",
           "measurement", "time", "clips/s", "MFU", "peak memory, total")
-    optimizer = make_optimizer(model, 1e-4, 1e-3, (0.9, 0.999), device)
+    optimizer = H.make_optimizer(model, PAPER_STAGE1, device)
     compiled, num_samples = torch.compile(model, backend=backend), math.prod(model.grid_size) // 32  # 1024 of 32768
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
@@ -298,7 +298,7 @@ def part_gpu(cfg, device, dry_run):
         size(total(step)))
     del forward, compiled, optimizer  # the training state: decoding and sampling hold only weights
     gc.collect()
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad(), H.autocast(device):
         triplane = model.eval().encode(random_clip(cfg, 1, device))
         decode = out["decode"] = measure(lambda: model.decode_video(triplane), device)
         row(f"decode_video, one {cfg.num_frames}-frame clip", seconds(decode["seconds"]), "", "", size(total(decode)))
@@ -321,12 +321,12 @@ def part_loader(cfg, needed_clips_per_s, needed_from):
     with tempfile.TemporaryDirectory() as folder:
         clip = os.path.join("Bench", "v_Bench_g01_c01")  # UCF-101's layout: class folder, clip
         paths = {"source: MPEG-4 .avi, 320x240 (UCF-101's format)":
-                 D.make_ucf_like_video(os.path.join(folder, "source", clip + ".avi"))}
-        for codec, extension in D.PREPARED_FORMATS.items():
-            D.prepare_videos(os.path.join(folder, "source"), os.path.join(folder, codec), cfg.img_size, codec=codec)
+                 data.make_ucf_like_video(os.path.join(folder, "source", clip + ".avi"))}
+        for codec, extension in data.PREPARED_FORMATS.items():
+            data.prepare_videos(os.path.join(folder, "source"), os.path.join(folder, codec), cfg.img_size, codec=codec)
             paths[f"prepared: {codec} {extension}"] = os.path.join(folder, codec, clip + extension)
         for name, path in paths.items():
-            r = rows[name] = D.measure_read_speed(path, cfg.img_size, cfg.num_frames)
+            r = rows[name] = data.measure_read_speed(path, cfg.img_size, cfg.num_frames)
             r["processes_per_gpu"] = math.ceil(needed_clips_per_s / r["clips_per_s"])  # the fewest that feed one GPU
             row(name, f"{r['frames_per_s']:,.0f}", f"{r['clips_per_s']:,.1f}", f"{r['decode_frames_per_s']:,.0f}",
                 r["processes_per_gpu"])
@@ -347,10 +347,9 @@ def main(argv=None):
     if args.batch_size < 1:
         parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
     try:
-        device = pick_device("cpu" if args.dry_run else args.device)
+        device = H.pick_device("cpu" if args.dry_run else args.device)
     except ValueError as e:
-        raise SystemExit(f"error: {e}, or rehearse the GPU check on the CPU with --dry_run") from None
-    configure_torch(device)
+        raise SystemExit(f"error: {str(e)[:-1]}, or rehearse the GPU check on the CPU with --dry_run.") from None
     frames = sorted(set(args.frames))
     configs = [dataclasses.replace(PRESETS[args.preset], num_frames=n) for n in frames]
     try:

@@ -1,21 +1,21 @@
 """
-Video data for CoordTok: reading clips with PyAV, writing videos, preparing a data set for fast
-reading, the built-in synthetic set, the patch/coordinate helpers of the training step, and the
-tokens file read by dit.py.
+Video data for CoordTok: reading clips with PyAV (any file FFmpeg reads, any length, any frame
+shape), writing videos, a resized copy of a data set for fast reading, the train / held-out
+split, the built-in synthetic set, and the tokens file that dit.py reads.
 
-  python data.py --synthetic data/synthetic     # write the synthetic set (mp4, a few classes)
-  python data.py --prepare UCF-101 ucf128 --img_size 128   # a copy resized once: --data ucf128 reads
-                                                            # clips ~10x faster, bit for bit the same
+  python data.py --synthetic data/synthetic                # write the synthetic set
+  python data.py --prepare UCF-101 ucf128 --img_size 128   # a copy resized once, read ~10x faster
 
-The file reads top to bottom: finding and decoding videos, writing them, preparing a resized
-copy of a data set, the dataset and its loader, the synthetic set, the patch helpers (run on the
-training device, vectorised), and the tokens file.
+Reading order: probing and reading videos, writing them, preparing a copy, the dataset and its
+loader, the split, the synthetic set, the tokens file.
 """
 
 import argparse
+import bisect
+import collections
 import contextlib
+import hashlib
 import itertools
-import math
 import multiprocessing
 import os
 import re
@@ -30,6 +30,8 @@ import torch
 from av.video.reformatter import VideoReformatter
 from einops import rearrange, repeat
 
+import harness as H
+
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 
 # -----------------------------------------------------------------------------
@@ -41,16 +43,20 @@ class VideoReadError(Exception):
 
 
 def find_videos(root):
-    """Every video file under root as (path, class_name), sorted; the class is the parent folder's name."""
+    """Every video under root as (path, class), sorted; the class is the folder below root
+    (`a/clips` for root/a/clips/x.mp4; root's own name for files directly in it)."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"data folder {root!r} does not exist; pass --data with a folder of videos "
-                                f"(class = parent folder name), or leave --data empty for the synthetic set")
+        raise FileNotFoundError(f"data folder {root!r} does not exist; pass --data with a folder "
+                                f"of videos, or no --data for the synthetic set.")
+    def skip(error):
+        warnings.warn(f"skipping unreadable folder {error.filename} ({error.strerror})")
+
     found = []
-    for folder, _, files in os.walk(root):
-        for name in files:
-            if name.lower().endswith(VIDEO_EXTENSIONS) and not name.startswith("."):
-                path = os.path.join(folder, name)
-                found.append((path, os.path.basename(os.path.dirname(path))))
+    for folder, _, files in os.walk(root, onerror=skip):
+        name = os.path.relpath(folder, root).replace(os.sep, "/")
+        name = os.path.basename(os.path.abspath(root)) if name == "." else name
+        found += [(os.path.join(folder, f), name) for f in files
+                  if f.lower().endswith(VIDEO_EXTENSIONS) and not f.startswith(".")]
     return sorted(found)
 
 
@@ -64,191 +70,216 @@ def _open_video(path):
         container.close()
         raise VideoReadError(f"{path}: no video stream")
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"  # frame threads inside FFmpeg; the GIL is released while decoding
+    stream.thread_type = "AUTO"  # FFmpeg's frame threads; the GIL is released while decoding
     return container, stream
 
 
-def _frame_count(stream, container):
-    """The number of frames from the header, or estimated from the duration (0 when unknown)."""
-    if stream.frames:
-        return stream.frames
-    if stream.duration and stream.time_base and stream.average_rate:
-        return int(stream.duration * stream.time_base * stream.average_rate)
-    if container.duration and stream.average_rate:
-        return int(container.duration / av.time_base * stream.average_rate)
-    return 0
-
-
 def probe_video(path):
-    """Frame count of a readable video (at least 1), or VideoReadError: opens it and decodes the first frame."""
+    """A readable video's frame index: {"n_frames", "pts" (sorted presentation times, one per
+    frame), "keys" (the keyframes' times)}, or VideoReadError. Frames are counted from the
+    stream's packets, not taken from the header, which can be missing or wrong."""
     container, stream = _open_video(path)
+    packets, decodes = [], False
     try:
-        n_total = _frame_count(stream, container)
-        first = next(container.decode(stream), None)
+        for packet in container.demux(stream):  # every packet; decoded until a frame comes out
+            packets += [(packet.pts, packet.is_keyframe)] * (packet.size > 0)
+            decodes = decodes or bool(packet.decode())
     except (av.FFmpegError, OSError) as e:
         raise VideoReadError(f"{path}: cannot decode ({e})") from e
     finally:
         container.close()
-    if first is None:
+    if not decodes:
         raise VideoReadError(f"{path}: no frames")
-    return max(n_total, 1)
+    if stream.frames and stream.frames != len(packets):
+        warnings.warn(f"{path}: the header says {stream.frames} frames, the stream holds "
+                      f"{len(packets)}; reading {len(packets)}")
+    timed = all(pts is not None for pts, _ in packets)  # no times: read from the start
+    return {"n_frames": len(packets), "pts": sorted(p for p, _ in packets) if timed else None,
+            "keys": sorted(p for p, key in packets if key) if timed else None}
 
 
-# PyAV >= 17 scales with a thread per core unless told otherwise: at these frame sizes one thread is
-# faster, and a loader already runs a process per core
+# PyAV >= 17 scales with a thread per core unless told otherwise: at these frame sizes one
+# thread is faster, and a loader runs a process per core already
 _SCALER_THREADS = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
 
 
-def _to_rgb_square(frame, img_size, scaler):
-    """A decoded frame of any pixel format and size -> (img_size, img_size, 3) uint8: the shorter side
-    resized (area averaging, i.e. antialiased when shrinking), then the centre cropped. A frame that is
-    already img_size square (a prepared copy) is only converted to RGB, not resampled.
-
-    scaler is a VideoReformatter kept for the whole video: it keeps FFmpeg's scaler between frames,
-    where frame.reformat would set one up for every frame (3x the cost of the resize itself)."""
-    w, h = frame.width, frame.height
-    scale = img_size / min(w, h)
-    new_w, new_h = max(img_size, round(w * scale)), max(img_size, round(h * scale))
+def to_rgb(frame, size, scaler):
+    """A decoded frame of any pixel format, size and rotation -> (H, W, 3) uint8 upright:
+    scaled to cover (H, W) (area averaging) and centre-cropped. scaler: a VideoReformatter kept
+    for the whole video (frame.reformat would set up a scaler per frame, 3x the resize's cost)."""
+    (height, width), turns = size, round(getattr(frame, "rotation", 0) / 90) % 4
+    w, h = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)  # upright
+    scale = max(height / h, width / w)
+    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
+    if turns % 2:
+        new_w, new_h = new_h, new_w
     rgb = scaler.reformat(frame, width=new_w, height=new_h, format="rgb24", interpolation="AREA",
                           **_SCALER_THREADS).to_ndarray()
-    top, left = (new_h - img_size) // 2, (new_w - img_size) // 2
-    return rgb[top:top + img_size, left:left + img_size]
+    rgb = np.rot90(rgb, turns)  # counter-clockwise, as FFmpeg's display matrix reads
+    top, left = (rgb.shape[0] - height) // 2, (rgb.shape[1] - width) // 2
+    return np.ascontiguousarray(rgb[top:top + height, left:left + width])
 
 
-def _square_frames(path, container, stream, img_size, start=0):
-    """The frames of an open video from index start on, each through _to_rgb_square; frames before start
-    are decoded but not converted. No seeking: keyframe seeks are not frame-exact. A decoding error ends
-    the frames (a truncated file keeps those that decoded), or is VideoReadError if none came out."""
-    scaler = VideoReformatter()
-    converted = 0
-    try:
-        for i, frame in enumerate(container.decode(stream)):
-            if i >= start:
-                yield _to_rgb_square(frame, img_size, scaler)
-                converted += 1
-    except (av.FFmpegError, OSError) as e:
-        if not converted:
-            raise VideoReadError(f"{path}: cannot decode ({e})") from e
-
-
-def read_clip(path, img_size, num_frames, start=None, rng=None, n_total=None):
-    """num_frames consecutive frames of a video as (num_frames, img_size, img_size, 3) uint8, and how many
-    of them are real (a video shorter than the clip is padded with zero frames).
-
-    start=None draws the first frame at random (training, with rng); an int fixes it (evaluation).
-    Decoding starts at the first frame and stops at the clip's last one.
-    """
-    clip = np.zeros((num_frames, img_size, img_size, 3), dtype=np.uint8)
-    n_real = 0
+def frames_from(path, size, start=0, info=None):
+    """The frames of a video from index `start` on, each through to_rgb. With probe_video's
+    index, decoding starts at the keyframe before `start` (a seek) and each frame's index comes
+    from its time, so the seek is frame-exact. A decoding error ends the frames."""
     container, stream = _open_video(path)
+    pts, scaler, index, out = (info or {}).get("pts"), VideoReformatter(), -1, 0
     try:
-        if n_total is None:
-            n_total = _frame_count(stream, container)
-        if start is None:
-            start = random_start(n_total, num_frames, rng)
-        frames = itertools.islice(_square_frames(path, container, stream, img_size, start), num_frames)
-        for n_real, image in enumerate(frames, 1):
-            clip[n_real - 1] = image
+        if pts and start > 0 and start < len(pts):
+            keys = info["keys"]
+            container.seek(keys[max(bisect.bisect_right(keys, pts[start]) - 1, 0)],
+                           stream=stream, backward=True)
+        for frame in container.decode(stream):
+            timed = pts and frame.pts is not None
+            index = bisect.bisect_left(pts, frame.pts) if timed else index + 1
+            if index >= start:
+                yield to_rgb(frame, size, scaler)
+                out += 1
+    except av.FFmpegError as e:
+        if not out:
+            raise VideoReadError(f"{path}: cannot decode ({e})") from e
     finally:
         container.close()
-    if n_real == 0 and start > 0:  # the header overstated the length: take the clip from the start
-        return read_clip(path, img_size, num_frames, start=0)
+
+
+def read_clip(path, size, num_frames, start=None, rng=None, info=None):
+    """num_frames consecutive frames, (num_frames, H, W, 3) uint8, and how many are real (a
+    video shorter than the clip is padded with zero frames). start None: drawn at random (rng);
+    an int fixes it. size: img_size, or (height, width)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    info = info or probe_video(path)
+    start = random_start(info["n_frames"], num_frames, rng) if start is None else start
+    clip = np.zeros((num_frames, *size, 3), dtype=np.uint8)
+    n_real = 0
+    for n_real, image in enumerate(itertools.islice(frames_from(path, size, start, info),
+                                                    num_frames), 1):
+        clip[n_real - 1] = image
     if n_real == 0:
-        raise VideoReadError(f"{path}: no frames")
+        raise VideoReadError(f"{path}: no frames from frame {start} on")
     return clip, n_real
 
 
 def random_start(n_total, num_frames, rng=None):
-    """A clip's first frame drawn uniformly among those that keep the clip inside the video (0 if shorter)."""
+    """A first frame drawn uniformly among those that keep the clip inside the video."""
     rng = rng if rng is not None else np.random.default_rng()
     return int(rng.integers(0, max(n_total - num_frames, 0) + 1))
 
 
-def clip_from(frames, num_frames, start=None, rng=None):
-    """The clip read_clip gives, cut from a video already decoded (T, S, S, 3): zero-padded, and its real frames."""
-    start = random_start(len(frames), num_frames, rng) if start is None else start
-    clip = np.zeros((num_frames, *frames.shape[1:]), dtype=np.uint8)
-    window = frames[start:start + num_frames]
-    clip[:len(window)] = window
-    return clip, len(window)
+def window_starts(n_total, num_frames, stride):
+    """First frames of windows covering a video: every `stride` frames, and one more ending at
+    the video's last frame; [0] when the video is no longer than a window."""
+    if n_total <= num_frames:
+        return [0]
+    starts = list(range(0, n_total - num_frames + 1, stride))
+    return starts if starts[-1] == n_total - num_frames else starts + [n_total - num_frames]
 
 
-def measure_read_speed(path, img_size, num_frames, clips=8, seed=0):
-    """How fast this process reads one video file: {"frames_per_s", "clips_per_s"} of the training read
-    path (read_clip at random starts, as VideoDataset reads; real frames counted), and "decode_frames_per_s",
-    decoding alone (the first num_frames frames, nothing converted): the most a read path can reach."""
-    n_total = probe_video(path)
-    read_clip(path, img_size, num_frames, 0, n_total=n_total)  # untimed: the file into the page cache
-    rng = np.random.default_rng(seed)
-    frames, begin = 0, time.perf_counter()
+def iter_windows(path, size, num_frames, stride, info=None):
+    """(start, clip (num_frames, H, W, 3) uint8, real frames) of every window_starts window, the
+    video decoded once, holding one window of frames. Windows the stream does not reach (a
+    truncated file) end short, padded, or are not yielded when their first frame is missing."""
+    info = info or probe_video(path)
+    starts = collections.deque(window_starts(info["n_frames"], num_frames, stride))
+    recent = collections.deque(maxlen=num_frames)
+    n = 0
+    for n, image in enumerate(frames_from(path, size, 0, info), 1):
+        recent.append(image)
+        if starts and n == starts[0] + num_frames:
+            yield starts.popleft(), np.stack(recent), num_frames
+    while starts and starts[0] < n:  # the end came early: the rest padded from what there is
+        start = starts.popleft()
+        frames = list(recent)[len(recent) - (n - start):]
+        clip = np.zeros((num_frames, *frames[0].shape), np.uint8)
+        clip[:len(frames)] = frames
+        yield start, clip, len(frames)
+
+
+def measure_read_speed(path, size, num_frames, clips=8, seed=0):
+    """How fast one process reads a video: {"frames_per_s", "clips_per_s"} at random starts as
+    training reads (real frames counted), "decode_frames_per_s" of decoding alone, and
+    "seconds_per_clip" at its start, middle and end (seeks)."""
+    info = probe_video(path)
+    read_clip(path, size, num_frames, 0, info=info)  # untimed: the file into the page cache
+    rng, begin, frames = np.random.default_rng(seed), time.perf_counter(), 0
     for _ in range(clips):
-        frames += read_clip(path, img_size, num_frames, rng=rng, n_total=n_total)[1]
-    read_seconds = time.perf_counter() - begin
-    decoded, begin = 0, time.perf_counter()
+        frames += read_clip(path, size, num_frames, rng=rng, info=info)[1]
+    seconds, begin, decoded = time.perf_counter() - begin, time.perf_counter(), 0
     for _ in range(clips):
         container, stream = _open_video(path)
-        try:
+        with container:
             decoded += sum(1 for _ in itertools.islice(container.decode(stream), num_frames))
-        finally:
-            container.close()
-    decode_seconds = time.perf_counter() - begin
-    return {"frames_per_s": frames / read_seconds, "clips_per_s": clips / read_seconds,
-            "decode_frames_per_s": decoded / decode_seconds}
+    speed = {"frames_per_s": frames / seconds, "clips_per_s": clips / seconds,
+             "decode_frames_per_s": decoded / (time.perf_counter() - begin), "seconds_per_clip": {}}
+    n = info["n_frames"]
+    for where, start in (("start", 0), ("middle", n // 2), ("end", max(n - num_frames, 0))):
+        begin = time.perf_counter()
+        read_clip(path, size, num_frames, start, info=info)
+        speed["seconds_per_clip"][where] = time.perf_counter() - begin
+    return speed
 
 
 # -----------------------------------------------------------------------------
-# writing videos
+# writing videos and pictures, each through a temporary file (harness.atomic_path)
 
 
 # codec -> the pixel format it stores
 VIDEO_CODECS = {
     "libx264": "yuv420p",  # H.264, what every player reads; crf sets the quality
     "mpeg4": "yuv420p",    # MPEG-4 part 2 in .avi, UCF-101's format, at about its bit rate
-    "ffv1": "bgr0",        # lossless and compact (.mkv): clips a metric must see as they were made
-    "huffyuv": "rgb24",    # lossless (.avi), ~1.5x FFV1's size, 4x faster to decode: prepared data sets
-    "rawvideo": "rgb24",   # uncompressed (.mov): nothing to decode, the fastest prepared data sets
+    "ffv1": "bgr0",        # lossless and compact (.mkv): clips a metric must see as they were
+    "huffyuv": "rgb24",    # lossless (.avi), ~1.5x FFV1's size, 4x faster to decode
+    "rawvideo": "rgb24",   # uncompressed (.mov): nothing to decode, the fastest prepared sets
 }
 
 
-def write_video(path, frames, fps=8, crf=12, lossless=False, codec=None):
-    """(T, H, W, 3) uint8 frames, or any iterable of (H, W, 3) uint8 frames (encoded as they come, so a
-    long video never sits in memory) -> a video file.
-
-    codec: one of VIDEO_CODECS; by default H.264 (yuv420p) at quality crf, or FFV1 in RGB with
-    lossless=True (use a .mkv path), which reads back bit-exact. The yuv420p codecs need even sizes: odd
-    heights/widths are padded by one edge row/column. "mpeg4" aims at 0.25 bits per pixel, about
-    UCF-101's rate (~500 kb/s at 320x240, 25 fps)."""
+@contextlib.contextmanager
+def video_writer(path, fps=8, crf=12, lossless=False, codec=None):
+    """A function that appends one (H, W, 3) uint8 frame to a new video file; the file appears
+    when the block ends without error. codec: one of VIDEO_CODECS (default H.264 at quality crf,
+    or FFV1 RGB with lossless, bit-exact; use .mkv). yuv420p needs even sizes: an odd edge row
+    or column is repeated. "mpeg4" aims at UCF-101's ~0.25 bits per pixel."""
     codec = codec or ("ffv1" if lossless else "libx264")
     if codec not in VIDEO_CODECS:
-        raise ValueError(f"write_video: unknown codec {codec!r}; use one of {', '.join(VIDEO_CODECS)}")
-    pix_fmt = VIDEO_CODECS[codec]
-    scaler = VideoReformatter()  # one colour converter for the whole video (see _to_rgb_square)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with av.open(path, mode="w") as container:
-        stream = None
-        for image in frames:
+        raise ValueError(f"unknown codec {codec!r}; use one of {', '.join(VIDEO_CODECS)}.")
+    pix_fmt, scaler, stream = VIDEO_CODECS[codec], VideoReformatter(), None
+    with H.atomic_path(path) as temporary, av.open(temporary, mode="w") as container:
+        def write(image):
+            nonlocal stream
             image = np.asarray(image)
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-                raise ValueError(f"write_video needs uint8 frames of shape (H, W, 3), as a (T, H, W, 3) array or "
-                                 f"a sequence; got a frame of {image.dtype} {image.shape}")
+                raise ValueError(f"video frames must be uint8 (H, W, 3), got {image.dtype} "
+                                 f"{image.shape}.")
             if pix_fmt == "yuv420p":
-                image = np.pad(image, ((0, image.shape[0] % 2), (0, image.shape[1] % 2), (0, 0)), mode="edge")
+                image = np.pad(image, ((0, image.shape[0] % 2), (0, image.shape[1] % 2), (0, 0)),
+                               mode="edge")
             if stream is None:  # sized by the first frame
                 stream = container.add_stream(codec, rate=fps)
-                stream.height, stream.width = image.shape[:2]
-                stream.pix_fmt = pix_fmt
-                options = {"libx264": {"crf": str(crf)}, "mpeg4": {"b": str(int(0.25 * image[..., 0].size * fps))}}
-                stream.options = options.get(codec, {})
-            frame = scaler.reformat(av.VideoFrame.from_ndarray(image, format="rgb24"), format=pix_fmt)
+                stream.height, stream.width, stream.pix_fmt = *image.shape[:2], pix_fmt
+                bits = str(int(0.25 * image[..., 0].size * fps))
+                stream.options = {"libx264": {"crf": str(crf)}, "mpeg4": {"b": bits}}.get(codec, {})
+            frame = scaler.reformat(av.VideoFrame.from_ndarray(image, format="rgb24"),
+                                    format=pix_fmt)
             container.mux(stream.encode(frame))
+
+        yield write
         if stream is None:
-            raise ValueError(f"write_video: no frames to write to {path}")
+            raise ValueError(f"no frames to write to {path}.")
         container.mux(stream.encode())  # flush the encoder
 
 
+def write_video(path, frames, **options):
+    """(T, H, W, 3) uint8, or any iterable of (H, W, 3) frames (a long video never sits in
+    memory) -> a video file; options: those of video_writer."""
+    with video_writer(path, **options) as write:
+        for image in frames:
+            write(image)
+
+
 def to_uint8(video):
-    """[-1, 1] float -> uint8 tensor, as StyleGAN-V converts generated frames for FVD: x * 127.5 + 128,
-    clamped, truncated (that is, rounded half up)."""
+    """[-1, 1] float -> uint8, as StyleGAN-V converts generated frames for FVD: x * 127.5 + 128,
+    clamped, truncated (rounded half up)."""
     return (video.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
@@ -257,108 +288,82 @@ def from_uint8(video):
     return video.float() / 127.5 - 1
 
 
-@contextlib.contextmanager
-def atomic_path(path, temporary=None):
-    """The temporary path to write `path` through (default path + ".tmp"): renamed to path when the block
-    ends without error, removed otherwise. A kill mid-write never leaves a truncated file under path, nor
-    more than one temporary file (the next write reuses its name)."""
-    temporary = temporary or f"{path}.tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def atomic_save(obj, path):
-    """torch.save that never destroys the last good file (atomic_path)."""
-    with atomic_path(path) as temporary:
-        torch.save(obj, temporary)
+def safe_name(text):
+    """A file name made from data (a class name, a video's stem): no folders, no hidden files."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).lstrip(".") or "_"
 
 
 def write_png(path, image):
-    """(H, W, 3) uint8 -> an RGB PNG: signature, IHDR, one zlib IDAT (filter 0 on each row), IEND.
-    Written by hand so that previews need no imaging library."""
+    """(H, W, 3) uint8 -> an RGB PNG written by hand (no imaging library needed): signature,
+    IHDR, one zlib IDAT (filter 0 on each row), IEND."""
     image = np.ascontiguousarray(image, dtype=np.uint8)
     h, w, _ = image.shape
 
     def chunk(kind, payload):
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload)))
 
-    rows = np.concatenate([np.zeros((h, 1), np.uint8), image.reshape(h, w * 3)], axis=1)  # filter byte per row
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)              # 8 bits, truecolour, no interlace
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9))
-                + chunk(b"IEND", b""))
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), image.reshape(h, w * 3)], axis=1)
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)     # 8 bits, truecolour, no interlace
+    with H.atomic_path(path) as temporary, open(temporary, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9)) + chunk(b"IEND", b""))
 
 
 def comparison_grid(inputs, recons, num_columns=8, error_gain=4):
-    """Input, reconstruction and error of a few clips as one image: uint8 (K, T, H, W, 3) x2 -> (3*K*H,
-    F*W, 3), three rows per clip (input, reconstruction, |input - reconstruction| x error_gain) and
-    num_columns evenly spaced frames per row."""
+    """uint8 clips (K, T, H, W, 3) x2 -> one image (3*K*H, F*W, 3): three rows per clip (input,
+    reconstruction, |error| x error_gain), num_columns evenly spaced frames per row."""
     inputs, recons = np.asarray(inputs), np.asarray(recons)
-    columns = np.unique(np.linspace(0, inputs.shape[1] - 1, min(num_columns, inputs.shape[1])).round().astype(int))
-    error = np.clip(np.abs(inputs.astype(np.int16) - recons.astype(np.int16)) * error_gain, 0, 255).astype(np.uint8)
-    rows = np.stack([inputs[:, columns], recons[:, columns], error[:, columns]], axis=1)  # (K, 3, F, H, W, 3)
+    columns = np.unique(np.linspace(0, inputs.shape[1] - 1, min(num_columns, inputs.shape[1]))
+                        .round().astype(int))
+    error = np.abs(inputs.astype(np.int16) - recons.astype(np.int16)) * error_gain
+    rows = np.stack([inputs[:, columns], recons[:, columns],
+                     np.clip(error[:, columns], 0, 255).astype(np.uint8)], axis=1)
     return rearrange(rows, "k r f h w c -> (k r h) (f w) c")
 
 
 # -----------------------------------------------------------------------------
-# preparing a data set: every video resized and cropped once, stored losslessly at img_size
+# preparing a data set: every video resized and cropped once, stored losslessly
 
-# codec of the prepared copies -> their container. Read path at 128x128 on a 2-core CPU: rawvideo ~48,000
-# frames/s (49 KB a frame on disk), huffyuv ~6,000 (~20 KB), the MPEG-4 source ~4,700 (~2.5 KB). For
-# UCF-101's ~2.5M frames that is ~120 GB raw or ~50 GB huffyuv, against 6.5 GB of source.
+# codec of the prepared copies -> their container. At 128x128 on 2 cores rawvideo reads ~45,000
+# frames/s (49 KB a frame), huffyuv ~6,000 (~20 KB), UCF-101's MPEG-4 ~4,400 (~2.5 KB)
 PREPARED_FORMATS = {"rawvideo": ".mov", "huffyuv": ".avi"}
 
 
 def _prepare_one(job):
-    """Write one prepared video; returns (source, what happened): "written", "exists" or the read error."""
-    source, target, img_size, codec = job
+    """Write one prepared video: (source, "written" | "exists" | the read error)."""
+    source, target, size, codec = job
     if os.path.exists(target):
         return source, "exists"
-    # a hidden temporary name that find_videos skips: a killed run never leaves a file that looks complete
-    stem, extension = os.path.splitext(os.path.basename(target))
-    partial = os.path.join(os.path.dirname(target), f".{stem}.partial{extension}")
     try:
-        probe_video(source)
-        container, stream = _open_video(source)
-        try:
-            fps = stream.average_rate or 25  # for playback only: frames are stored one for one
-            with atomic_path(target, partial) as temporary:
-                write_video(temporary, _square_frames(source, container, stream, img_size), fps=fps, codec=codec)
-        finally:
-            container.close()
+        info, (container, stream) = probe_video(source), _open_video(source)
+        fps = stream.average_rate or 25  # for playback only: frames are stored one for one
+        container.close()
+        write_video(target, frames_from(source, size, 0, info), fps=fps, codec=codec)
         return source, "written"
-    except VideoReadError as e:  # only reading is skipped: a failed write (disk full) stops the run
+    except VideoReadError as e:  # only reading is skipped: a failed write (disk full) stops
         return source, str(e)
 
 
 def prepare_videos(source_root, target_root, img_size, workers=1, codec="rawvideo"):
-    """A copy of source_root with every video at img_size x img_size (shorter side resized, centre
-    cropped, by the same code as read_clip), in the same folders and under the same names, stored
-    losslessly (codec: one of PREPARED_FORMATS): frame i of a copy is frame i of read_clip on its source,
-    bit for bit, and read_clip reads the copy without resizing it, several times faster.
-
-    Runs in `workers` processes; skips outputs that exist (a re-run resumes) and unreadable sources (a
-    warning names each). Returns {"written", "exists", "unreadable"} counts."""
+    """A copy of source_root, same folders and names, every video at img_size (square, or
+    (height, width)) through read_clip's own resize, stored losslessly: frame i of a copy is
+    frame i of read_clip on its source, bit for bit, read several times faster. Skips what
+    exists (a re-run resumes) and unreadable sources (warning). Returns the counts."""
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if os.path.abspath(target_root).startswith(os.path.join(os.path.abspath(source_root), "")):
-        raise ValueError(f"--prepare: put the copy {target_root!r} outside {source_root!r}, or the source folder "
-                         f"would hold every video twice")
+        raise ValueError(f"--prepare: put the copy {target_root!r} outside {source_root!r}.")
     jobs, targets = [], {}
     for path, _ in find_videos(source_root):
         relative = os.path.splitext(os.path.relpath(path, source_root))[0] + PREPARED_FORMATS[codec]
         if relative in targets:
-            raise ValueError(f"{path} and {targets[relative]} would both be prepared as {relative}; "
-                             f"rename one of them")
+            raise ValueError(f"{path} and {targets[relative]} would both be prepared as "
+                             f"{relative}; rename one of them.")
         targets[relative] = path
-        jobs.append((path, os.path.join(target_root, relative), img_size, codec))
+        jobs.append((path, os.path.join(target_root, relative), size, codec))
     counts = {"written": 0, "exists": 0, "unreadable": 0}
     with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        outcomes = pool.imap_unordered(_prepare_one, jobs, chunksize=4) if pool else map(_prepare_one, jobs)
+        outcomes = pool.imap_unordered(_prepare_one, jobs, 4) if pool else map(_prepare_one, jobs)
         for source, outcome in outcomes:
             if outcome not in counts:
                 warnings.warn(f"skipping unreadable video {outcome}")
@@ -370,167 +375,105 @@ def prepare_videos(source_root, target_root, img_size, workers=1, codec="rawvide
 # -----------------------------------------------------------------------------
 # the dataset and its loader
 
-
-# UCF-101 names clips v_<Class>_g<group>_c<clip>; the clips of one group share actor and scene
-UCF_CLIP_NAME = re.compile(r"(v_.+_g\d+)_c\d+")
-
-
-def _video_key(path):
-    """(class folder, file name without extension), lower case: how a split list names a video, whatever
-    the container (a prepared .avi copy of an .mp4 still matches)."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return os.path.basename(os.path.dirname(path)).lower(), stem.lower()
-
-
-def _held_out_by_group(videos, val_fraction):
-    """The held-out paths of a deterministic split by group: in each class, the groups (UCF-101's
-    v_<Class>_gNN, otherwise each file on its own) ordered by a hash of their name; the first
-    round(val_fraction * n) groups (at least one when the class has two or more) are held out."""
-    groups_by_class = {}
-    for path, name in videos:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        group = UCF_CLIP_NAME.fullmatch(stem)
-        groups_by_class.setdefault(name, {}).setdefault(group[1] if group else stem, []).append(path)
-    held_out = set()
-    for groups in groups_by_class.values():
-        order = sorted(groups, key=lambda g: (zlib.crc32(g.encode()), g))
-        n_val = round(val_fraction * len(order))
-        if val_fraction > 0 and len(order) >= 2:
-            n_val = max(n_val, 1)
-        held_out.update(path for g in order[:n_val] for path in groups[g])
-    return held_out
-
-
-def _held_out_by_list(videos, split_file):
-    """The held-out paths of an official split list (UCF-101's trainlist01.txt / testlist01.txt: one
-    `Class/v_Class_gNN_cNN.avi [label]` per line). A list whose name contains "test" names the held-out
-    videos; any other list names the training videos, and the rest are held out."""
-    if not os.path.isfile(split_file):
-        raise FileNotFoundError(f"split_file {split_file!r} does not exist; give a list like UCF-101's "
-                                f"trainlist01.txt or testlist01.txt, or leave it empty to split by a hash of the names")
-    path_of = {_video_key(path): path for path, _ in videos}
-    listed, unmatched = set(), []
-    with open(split_file) as f:
-        for entry in (line.split()[0] for line in f if line.strip()):
-            key = _video_key(entry.replace("\\", "/"))
-            if key in path_of:
-                listed.add(path_of[key])
-            else:
-                unmatched.append(entry)
-    if unmatched:
-        warnings.warn(f"{len(unmatched)} entries of {split_file} match no video in the data folder (e.g. "
-                      f"{unmatched[0]}); they are ignored. Is the folder the whole data set?")
-    is_test_list = "test" in os.path.basename(split_file).lower()
-    return listed if is_test_list else {path for path, _ in videos} - listed
-
-
-def _split_files(videos, split, val_fraction, split_file=""):
-    """The (path, class) pairs of one split: "all", or "train" / "val" by split_file if given, otherwise
-    by a hash of the group names (_held_out_by_group)."""
-    if split == "all":
-        return videos
-    held_out = (_held_out_by_list(videos, split_file) if split_file
-                else _held_out_by_group(videos, val_fraction))
-    return sorted((path, name) for path, name in videos if (path in held_out) == (split == "val"))
-
-
-IN_MEMORY_BYTES = 2 ** 29  # a data set whose frames, decoded at the clip size, fit in this is kept in memory
+IN_MEMORY_BYTES = 2 ** 29  # a data set whose decoded frames fit in this is kept in memory
 
 
 class VideoDataset(torch.utils.data.Dataset):
-    """Clips of num_frames frames at img_size x img_size from a folder of videos (class = parent folder).
+    """One clip of num_frames frames per video of a folder, at frame_size (img_size or (H, W)).
 
-    split: "train", "val" (held-out videos, never seen in training) or "all". The held-out videos:
-    split_file, a list such as UCF-101's (a "test" list names them; a train list names the training
-    videos, and the rest are held out), or else about val_fraction of each class's groups, chosen by a
-    hash of their names (a UCF-101 group, v_<Class>_gNN, is one actor and scene: its clips stay together;
-    other files are each their own group). An item is {"video": uint8 (T, S, S, 3), "n_frames": real
-    frames, "label": class index}. The index may be an int, or (index, seed) from make_loader's sampler,
-    which fixes the random start so a resumed run reads the same clips. Unreadable files are skipped with
-    a warning when the dataset is built.
-    """
+    split: "train", "val" (held out, see held_out_paths) or "all". An item is {"video": uint8
+    (T, H, W, 3), "n_frames": real frames, "label", "video_index", "start"}. The index may be
+    (index, seed) from ClipSampler, which fixes the random start, so a resumed run reads the same
+    clips. Unreadable files are skipped with a warning when the dataset is built."""
 
-    def __init__(self, root, img_size, num_frames, split="train", random_start=True, val_fraction=0.1,
-                 split_file="", clip_stride=0):
+    def __init__(self, root, frame_size, num_frames, split="train", val_fraction=0.1,
+                 split_file="", random_start=None):
         if split not in ("train", "val", "all"):
-            raise ValueError(f"split must be train, val or all, not {split!r}")
-        videos = find_videos(root)
+            raise ValueError(f"split must be train, val or all, not {split!r}.")
+        self.root, videos = os.path.abspath(root), find_videos(root)
         if not videos:
-            raise FileNotFoundError(f"no readable video in {root!r} (searched recursively for "
-                                    f"{', '.join(VIDEO_EXTENSIONS)}); put videos in class sub-folders")
+            raise FileNotFoundError(f"no readable video in {root!r} (searched for "
+                                    f"{', '.join(VIDEO_EXTENSIONS)}); add videos to it.")
         self.class_names = sorted({name for _, name in videos})
-        self.img_size, self.num_frames, self.random_start = img_size, num_frames, random_start
-        self.files, self.frame_counts, unreadable = [], [], []
-        chosen = _split_files(videos, split, val_fraction, split_file)
+        self.size = (frame_size,) * 2 if isinstance(frame_size, int) else tuple(frame_size)
+        self.num_frames = num_frames
+        self.random_start = split == "train" if random_start is None else random_start
+        held_out = set() if split == "all" else held_out_paths(videos, val_fraction, split_file)
+        chosen = [(p, name) for p, name in videos if split == "all" or (p in held_out) == (split == "val")]
+        self.files, self.info, unreadable = [], [], []
         for path, name in chosen:
             try:
-                self.frame_counts.append(probe_video(path))
+                self.info.append(probe_video(path))
             except VideoReadError as e:
                 warnings.warn(f"skipping unreadable video {e}")
                 unreadable.append(os.path.basename(path))
                 continue
             self.files.append((path, self.class_names.index(name)))
-        # a data set this small (the synthetic one) is decoded once, here: afterwards a clip is a slice of it
-        self.decoded = None
-        if sum(self.frame_counts) * img_size ** 2 * 3 <= IN_MEMORY_BYTES:
-            whole = [read_clip(path, img_size, n, start=0, n_total=n)  # each video as one clip of all its frames
-                     for (path, _), n in zip(self.files, self.frame_counts)]
-            self.decoded = [clip[:n_real] for clip, n_real in whole]
-            self.frame_counts = [len(frames) for frames in self.decoded]
-        # the items: one clip per video (random or first start), or every window of clip_stride frames
-        self.clips = [(i, start) for i, n in enumerate(self.frame_counts)
-                      for start in (window_starts(n, num_frames, clip_stride) if clip_stride > 0 else [None])]
         if chosen and not self.files:
-            others = (f"; the other {len(videos) - len(chosen)} videos of the folder are in the other split"
-                      if split != "all" else "")
             raise FileNotFoundError(
-                f"no readable video in the {split!r} split of {root!r}: all {len(chosen)} videos chosen for it "
-                f"failed to read (e.g. {', '.join(unreadable[:2])}; the warnings above say why){others}. Replace "
-                f"or remove the unreadable files, or choose the split differently (val_fraction, split_file)")
+                f"no readable video in the {split!r} split of {root!r}: all {len(chosen)} videos "
+                f"chosen for it failed (e.g. {', '.join(unreadable[:2])}), the other "
+                f"{len(videos) - len(chosen)} videos are in the other split; replace the files.")
+        # a data set this small (the synthetic one) is decoded once: a clip is then a slice of it
+        self.decoded = None
+        if sum(i["n_frames"] for i in self.info) * 3 * np.prod(self.size) <= IN_MEMORY_BYTES:
+            self.decoded = [np.stack(list(frames_from(p, self.size))) for p, _ in self.files]
 
     def __len__(self):
-        return len(self.clips)
+        return len(self.files)
+
+    def relative_paths(self):
+        return [os.path.relpath(path, self.root) for path, _ in self.files]
 
     def __getitem__(self, index):
         index, seed = index if isinstance(index, (tuple, list)) else (index, index)
-        for attempt in range(len(self.clips)):  # a file that fails now (not when probed): take the next clip
-            i, start = self.clips[(index + attempt) % len(self.clips)]
-            path, label = self.files[i]
-            if start is None:
-                start = None if self.random_start else 0
+        for attempt in range(len(self.files)):  # a file that fails now: take the next one
+            i = (index + attempt) % len(self.files)
+            (path, label), rng = self.files[i], np.random.default_rng(seed)
+            n = len(self.decoded[i]) if self.decoded is not None else self.info[i]["n_frames"]
+            start = random_start(n, self.num_frames, rng) if self.random_start else 0
             try:
-                if self.decoded is not None:
-                    clip, n_frames = clip_from(self.decoded[i], self.num_frames, start, np.random.default_rng(seed))
+                if self.decoded is not None:  # the slice read_clip would read
+                    window = self.decoded[i][start:start + self.num_frames]
+                    clip = np.zeros((self.num_frames, *window.shape[1:]), np.uint8)
+                    clip[:len(window)], n_frames = window, len(window)
                 else:
-                    clip, n_frames = read_clip(path, self.img_size, self.num_frames, start,
-                                               np.random.default_rng(seed), self.frame_counts[i])
+                    clip, n_frames = read_clip(path, self.size, self.num_frames, start,
+                                               info=self.info[i])
             except VideoReadError as e:
                 warnings.warn(f"skipping unreadable video {e}")
                 continue
             return {"video": torch.from_numpy(clip), "n_frames": torch.tensor(n_frames),
-                    "label": torch.tensor(label), "video_index": torch.tensor(i), "start": torch.tensor(start or 0)}
+                    "label": torch.tensor(label), "video_index": torch.tensor(i),
+                    "start": torch.tensor(start)}
         raise VideoReadError(f"none of the {len(self.files)} videos could be read")
 
 
-def window_starts(n_total, num_frames, stride):
-    """First frames of the clips that cover a video of n_total frames: every `stride` frames from 0, and one
-    more ending at the video's last frame; one clip from frame 0 when the video is no longer than a clip."""
-    if n_total <= num_frames:
-        return [0]
-    starts = list(range(0, n_total - num_frames + 1, stride))
-    return starts if starts[-1] == n_total - num_frames else starts + [n_total - num_frames]
+def batched_windows(dataset, videos, stride, batch_size):
+    """Batches of every window of the given videos of a dataset (iter_windows: each video read
+    once), as dicts like the dataset's items, stacked."""
+    def windows():
+        for i in videos:
+            (path, label), info = dataset.files[i], dataset.info[i]
+            for start, clip, n_real in iter_windows(path, dataset.size, dataset.num_frames,
+                                                    stride, info):
+                yield {"video": torch.from_numpy(clip), "n_frames": torch.tensor(n_real),
+                       "label": torch.tensor(label), "video_index": torch.tensor(i),
+                       "start": torch.tensor(start)}
+
+    it = windows()
+    while batch := list(itertools.islice(it, batch_size)):
+        yield {k: torch.stack([item[k] for item in batch]) for k in batch[0]}
 
 
 class ClipSampler(torch.utils.data.Sampler):
     """An endless, deterministic stream of (index, seed) pairs for one process.
 
-    The global stream is one permutation of the clips per epoch (seeded by seed + epoch), one after
-    another; it is cut into global batches of batch_size x world_size clips and rank r takes rows
-    r * batch_size ... (r + 1) * batch_size of each. So the ranks read different clips, and together
-    exactly what one process with the global batch reads. The stream can start at any position (a resumed
-    run skips what it already read without decoding it), and each clip carries a seed for its random
-    start, so the data of a resumed run is exactly the unbroken run's.
-    """
+    The global stream is a permutation of the clips per epoch (seeded by seed + epoch); it is cut
+    into global batches of batch_size x world_size and rank r takes rows r * batch_size ...
+    (r + 1) * batch_size of each, so the ranks read together what one process with the global
+    batch reads. The stream starts anywhere (a resumed run skips without decoding) and each clip
+    carries the seed of its random start."""
 
     def __init__(self, num_items, shuffle, seed, rank, world_size, batch_size, start=0):
         self.num_items, self.shuffle, self.seed = num_items, shuffle, seed
@@ -540,36 +483,95 @@ class ClipSampler(torch.utils.data.Sampler):
         orders = {}
         for k in itertools.count(self.start):                              # this rank's k-th clip
             batch, row = divmod(k, self.batch_size)
-            position = (batch * self.world_size + self.rank) * self.batch_size + row  # in the global stream
+            position = (batch * self.world_size + self.rank) * self.batch_size + row  # global
             epoch, i = divmod(position, self.num_items)
             if epoch not in orders:
-                generator = torch.Generator().manual_seed(self.seed + epoch)
-                orders = {epoch: torch.randperm(self.num_items, generator=generator).tolist() if self.shuffle
-                          else list(range(self.num_items))}
+                gen = torch.Generator().manual_seed(self.seed + epoch)
+                orders = {epoch: torch.randperm(self.num_items, generator=gen).tolist()
+                          if self.shuffle else list(range(self.num_items))}
             index = orders[epoch][i]
             yield index, (self.seed * 1_000_003 + epoch) * 1_000_003 + index
 
 
-def make_loader(dataset, batch_size, shuffle, num_workers, distributed, seed=0, start_step=0,
-                infinite=True, drop_last=True):
-    """Batches of clips, decoded in worker processes.
-
-    infinite=True: an endless stream for training (ClipSampler; under DDP each rank reads its own share),
-    starting after start_step batches. infinite=False: one pass over the dataset in order (encode, eval).
-    """
+def make_loader(dataset, batch_size, shuffle, num_workers, dist=None, seed=0, start_step=0,
+                infinite=True):
+    """Batches of clips, decoded in worker processes (none for a data set held in memory: its
+    clips are slices, and workers would only take cores from the model). infinite: an endless
+    stream for training (ClipSampler; each rank its share) from batch start_step on; otherwise
+    one pass in order."""
     if len(dataset) == 0:
-        raise FileNotFoundError("the dataset has no readable clips for this split; add videos or lower "
-                                "--val_fraction")
-    pin = torch.cuda.is_available()
-    options = dict(num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
-                   prefetch_factor=4 if num_workers > 0 else None)
+        raise FileNotFoundError("the data set has no readable clips for this split; add videos "
+                                "or lower --val_fraction.")
+    if getattr(dataset, "decoded", None) is not None:
+        num_workers = 0
+    options = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                   persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
     if not infinite:
-        return torch.utils.data.DataLoader(dataset, batch_size, shuffle=False, drop_last=drop_last, **options)
-    rank, world = 0, 1
-    if distributed:
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    sampler = ClipSampler(len(dataset), shuffle, seed, rank, world, batch_size, start=start_step * batch_size)
-    return iter(torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, **options))
+        return torch.utils.data.DataLoader(dataset, batch_size, shuffle=False, **options)
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    sampler = ClipSampler(len(dataset), shuffle, seed, rank, world, batch_size,
+                          start=start_step * batch_size)
+    return iter(torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, drop_last=True,
+                                            **options))
+
+
+# -----------------------------------------------------------------------------
+# the split: which videos are held out, decided by each video's own name
+
+# UCF-101 names clips v_<Class>_g<group>_c<clip>; the clips of one group share actor and scene
+UCF_CLIP_NAME = re.compile(r"(v_.+_g\d+)_c\d+")
+
+
+def held_out_paths(videos, val_fraction, split_file=""):
+    """The held-out paths among videos (path, class): split_file's (a UCF-101 list; one named
+    "test..." lists the held-out videos, any other the training ones), else the groups whose
+    hash falls below val_fraction. A group is a UCF-101 clip group or a file; its side depends
+    on its own name only, so adding videos to a folder never moves one across."""
+    if split_file:
+        return _held_out_by_list(videos, split_file)
+
+    def group(path, name):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        found = UCF_CLIP_NAME.fullmatch(stem)
+        return f"{name}/{found[1] if found else stem}"
+
+    def below(g):  # a uniform number in [0, 1) from the group's name
+        return int.from_bytes(hashlib.sha256(g.encode()).digest()[:8], "big") / 2 ** 64
+
+    return {path for path, name in videos if below(group(path, name)) < val_fraction}
+
+
+def _video_key(path):
+    """(class folder, stem), lower case: how a split list names a video, whatever the container
+    (a prepared .mov copy of an .avi still matches)."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.basename(os.path.dirname(path)).lower(), stem.lower()
+
+
+def _held_out_by_list(videos, split_file):
+    if not os.path.isfile(split_file):
+        raise FileNotFoundError(f"split_file {split_file!r} does not exist; pass a list like "
+                                f"UCF-101's trainlist01.txt, or none to split by name.")
+    path_of = {_video_key(path): path for path, _ in videos}
+    with open(split_file) as f:
+        entries = [line.split()[0] for line in f if line.strip()]
+    listed = {path_of[k] for k in map(_video_key, (e.replace("\\", "/") for e in entries))
+              if k in path_of}
+    unmatched = [e for e in entries if _video_key(e.replace("\\", "/")) not in path_of]
+    if unmatched:
+        warnings.warn(f"{len(unmatched)} entries of {split_file} match no video in the data "
+                      f"folder (e.g. {unmatched[0]}); they are ignored.")
+    is_test_list = "test" in os.path.basename(split_file).lower()
+    return listed if is_test_list else {path for path, _ in videos} - listed
+
+
+def report_split_change(recorded, val_set, ckpt_path):
+    """Say when the held-out videos a checkpoint recorded are not those of the folder now."""
+    now = set(val_set.relative_paths())
+    if recorded is not None and set(recorded) != now:
+        gone, new = sorted(set(recorded) - now), sorted(now - set(recorded))
+        warnings.warn(f"the held-out videos of {ckpt_path} are not the folder's now: "
+                      f"{len(gone)} gone (e.g. {gone[:2]}), {len(new)} new (e.g. {new[:2]})")
 
 
 # -----------------------------------------------------------------------------
@@ -579,54 +581,51 @@ SHAPES = ("discs", "squares", "triangles", "stars")
 
 
 def _shape_distance(shape, u, v):
-    """Signed distance (negative inside, in units of the object's radius) of the points (u, v) of the
-    object's own frame, for each shape."""
+    """Signed distance (negative inside, in object radii) of the points (u, v) of the object's
+    own frame."""
     r = np.hypot(u, v)
     if shape == "discs":
         return r - 1
     if shape == "squares":
         return np.maximum(np.abs(u), np.abs(v)) - 0.85
-    angle = np.arctan2(v, u)
     if shape == "triangles":  # the distance to the nearest of three edges
-        return np.max([u * np.cos(a) + v * np.sin(a) for a in (np.pi / 2, np.pi * 7 / 6, np.pi * 11 / 6)], 0) - 0.6
-    return r - (0.75 + 0.3 * np.cos(5 * angle))  # stars: a five-lobed radius
+        edges = [u * np.cos(a) + v * np.sin(a) for a in (np.pi / 2, np.pi * 7 / 6, np.pi * 11 / 6)]
+        return np.max(edges, 0) - 0.6
+    return r - (0.75 + 0.3 * np.cos(5 * np.arctan2(v, u)))  # stars: a five-lobed radius
 
 
 def _render_video(rng, shape, num_frames, size):
     """One clip (num_frames, size, size, 3) uint8 of 1-2 textured objects of one shape."""
-    ys, xs = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")  # (S, S)
-    t = np.arange(num_frames)[:, None, None] / max(num_frames - 1, 1)                       # (T, 1, 1)
+    ys, xs = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
+    t = np.arange(num_frames)[:, None, None] / max(num_frames - 1, 1)                # (T, 1, 1)
     # background: a gradient between two colours plus a slow wave drifting over time
     c0, c1 = rng.uniform(0.1, 0.9, 3), rng.uniform(0.1, 0.9, 3)
     direction = rng.uniform(0, 2 * np.pi)
-    ramp = (np.cos(direction) * xs + np.sin(direction) * ys + 1.4) / 2.8                     # (S, S) in (0, 1)
+    ramp = (np.cos(direction) * xs + np.sin(direction) * ys + 1.4) / 2.8              # (S, S)
     k = rng.uniform(1.5, 3.5, 2) * rng.choice([-1, 1], 2)
-    wave = 0.08 * np.sin(2 * np.pi * (k[0] * xs + k[1] * ys) / 2 + rng.uniform(0, 6) + 3 * t)  # (T, S, S)
-    video = c0 + (c1 - c0) * ramp[None, :, :, None] + wave[..., None]                      # (T, S, S, 3)
+    wave = 0.08 * np.sin(np.pi * (k[0] * xs + k[1] * ys) + rng.uniform(0, 6) + 3 * t)  # (T, S, S)
+    video = c0 + (c1 - c0) * ramp[None, :, :, None] + wave[..., None]               # (T, S, S, 3)
     for _ in range(rng.integers(1, 3)):
         radius = rng.uniform(0.14, 0.24)
         pos0, vel = rng.uniform(0.25, 0.75, 2), rng.uniform(-0.45, 0.45, 2)
         # straight-line motion reflected at the borders (a triangle wave keeps it inside)
-        path = pos0 + vel * t[:, 0, 0, None]                                                 # (T, 2)
         lo, hi = radius, 1 - radius
-        path = lo + np.abs(np.mod(path - lo, 2 * (hi - lo)) - (hi - lo))
-        angle = rng.uniform(0, 2 * np.pi) + rng.uniform(-1.5, 1.5) * t                          # (T, 1, 1) turning
-        scale = radius * (1 + 0.1 * np.sin(2 * np.pi * t * rng.uniform(0.5, 1.5)))          # pulsing size
-        du, dv = (xs - path[:, None, None, 0]) / scale, (ys - path[:, None, None, 1]) / scale  # (T, S, S)
-        u = np.cos(angle) * du + np.sin(angle) * dv
-        v = -np.sin(angle) * du + np.cos(angle) * dv
-        alpha = np.clip(0.5 - _shape_distance(shape, u, v) * scale * size / 2.5, 0, 1)[..., None]  # soft edge
-        # texture: stripes in the object's own frame (they turn with it), colours drifting over time
+        path = lo + np.abs(np.mod(pos0 + vel * t[:, 0, 0, None] - lo, 2 * (hi - lo)) - (hi - lo))
+        angle = rng.uniform(0, 2 * np.pi) + rng.uniform(-1.5, 1.5) * t             # turning
+        scale = radius * (1 + 0.1 * np.sin(2 * np.pi * t * rng.uniform(0.5, 1.5)))  # pulsing
+        du, dv = (xs - path[:, None, None, 0]) / scale, (ys - path[:, None, None, 1]) / scale
+        u, v = np.cos(angle) * du + np.sin(angle) * dv, -np.sin(angle) * du + np.cos(angle) * dv
+        alpha = np.clip(0.5 - _shape_distance(shape, u, v) * scale * size / 2.5, 0, 1)[..., None]
+        # texture: stripes in the object's own frame (they turn with it), colours drifting
         stripes = np.sin(np.pi * rng.uniform(1.2, 2.4) * u + rng.uniform(0, 6))[..., None]
-        base = rng.uniform(0.2, 0.8, 3)
-        colour = np.clip(base + 0.25 * np.sin(2 * np.pi * (t[..., None] + rng.uniform(0, 1, 3))), 0, 1)
-        texture = colour * (0.7 + 0.3 * stripes)                                          # (T, S, S, 3)
-        video = video * (1 - alpha) + texture * alpha
+        colour = np.clip(rng.uniform(0.2, 0.8, 3)
+                         + 0.25 * np.sin(2 * np.pi * (t[..., None] + rng.uniform(0, 1, 3))), 0, 1)
+        video = video * (1 - alpha) + colour * (0.7 + 0.3 * stripes) * alpha
     return (np.clip(video, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 def make_synthetic(out_dir, num_classes=4, videos_per_class=48, num_frames=32, size=64, seed=0):
-    """Write the synthetic set: out_dir/<shape>/<shape>_NNN.mp4, one class per object shape."""
+    """Write the synthetic set: out_dir/<shape>/<shape>_NNN.mp4, a class per object shape."""
     rng = np.random.default_rng(seed)
     for c in range(num_classes):
         name = SHAPES[c % len(SHAPES)] + (f"_{c // len(SHAPES)}" if c >= len(SHAPES) else "")
@@ -637,19 +636,18 @@ def make_synthetic(out_dir, num_classes=4, videos_per_class=48, num_frames=32, s
 
 
 def make_ucf_like_video(path, num_frames=175, seed=0):
-    """Write a video in UCF-101's format, for read-speed measurements without a download: 320x240,
-    25 fps, MPEG-4 part 2 in .avi at about its bit rate (7 s, as its clips last on average). The content:
-    a synthetic clip rendered at 160x160, doubled and cropped, with a camera-like grain so the encoder
-    spends the bits that real footage costs."""
+    """A video in UCF-101's format, for read-speed measurements without a download: 320x240,
+    25 fps, MPEG-4 part 2 in .avi at about its bit rate, with a camera-like grain."""
     rng = np.random.default_rng(seed)
-    video = repeat(_render_video(rng, "stars", num_frames, 160), "t h w c -> t (h 2) (w 2) c")[:, 40:280]
-    grain = rng.integers(-6, 7, video.shape)                                # (T, 240, 320, 3)
-    write_video(path, np.clip(video + grain, 0, 255).astype(np.uint8), fps=25, codec="mpeg4")
+    video = repeat(_render_video(rng, "stars", num_frames, 160), "t h w c -> t (h 2) (w 2) c")
+    grain = rng.integers(-6, 7, video[:, 40:280].shape)                      # (T, 240, 320, 3)
+    write_video(path, np.clip(video[:, 40:280] + grain, 0, 255).astype(np.uint8), fps=25,
+                codec="mpeg4")
     return path
 
 
 def ensure_synthetic(out_dir="data/synthetic"):
-    """The synthetic set's folder, written first if it has no videos yet."""
+    """The synthetic set's folder, written first if it holds no videos yet."""
     if not (os.path.isdir(out_dir) and find_videos(out_dir)):
         print(f"writing the synthetic video set to {out_dir}/")
         make_synthetic(out_dir)
@@ -657,164 +655,96 @@ def ensure_synthetic(out_dir="data/synthetic"):
 
 
 # -----------------------------------------------------------------------------
-# patch helpers: coordinates and target pixels, on the training device, vectorised
-
-
-def patchify(video, patch_size):
-    """(B, T, H, W, 3) -> (B, gt, gh, gw, pt*ph*pw*3), each patch laid out as (pt ph pw c)."""
-    pt, ph, pw = patch_size
-    return rearrange(video, "b (t pt) (h ph) (w pw) c -> b t h w (pt ph pw c)", pt=pt, ph=ph, pw=pw)
-
-
-def unpatchify(patches, patch_size):
-    """(B, gt, gh, gw, pt*ph*pw*3) -> (B, T, H, W, 3), the inverse of patchify."""
-    pt, ph, pw = patch_size
-    return rearrange(patches, "b t h w (pt ph pw c) -> b (t pt) (h ph) (w pw) c", pt=pt, ph=ph, pw=pw)
-
-
-def full_grid(grid_size, device=None):
-    """Every (t, y, x) of a patch grid, frame-major (t slowest, then y, then x): (gt*gh*gw, 3) long."""
-    axes = [torch.arange(n, device=device) for n in grid_size]
-    return rearrange(torch.stack(torch.meshgrid(*axes, indexing="ij")), "d t h w -> (t h w) d")
-
-
-def gather_patches(video, coords, patch_size):
-    """The pixels of the patches at coords: video (B, T, H, W, 3), coords (B, N, 3) -> (B, N, pt*ph*pw*3)."""
-    patches = patchify(video, patch_size)                                   # (B, gt, gh, gw, D)
-    _, gt, gh, gw, dim = patches.shape
-    flat_index = (coords[..., 0] * gh + coords[..., 1]) * gw + coords[..., 2]  # (B, N)
-    patches = rearrange(patches, "b t h w d -> b (t h w) d")
-    return torch.gather(patches, 1, flat_index[..., None].expand(-1, -1, dim))
-
-
-def _grid_size(video, patch_size):
-    _, t, h, w, _ = video.shape
-    return t // patch_size[0], h // patch_size[1], w // patch_size[2]
-
-
-def random_keys(batch, n, generator, device, share=(0, 1)):
-    """Uniform random keys (batch, n) for this process's rows of a global batch: share = (rank, world_size);
-    all ranks draw the same world_size x batch rows and keep their own, so the draws do not depend on the
-    number of processes."""
-    rank, world = share
-    return torch.rand(batch * world, n, device=device, generator=generator)[rank * batch:(rank + 1) * batch]
-
-
-def random_flips(video, generator=None, share=(0, 1)):
-    """Each clip (B, T, H, W, 3) mirrored left-right with probability 1/2 (which ones: drawn for the global
-    batch, see random_keys). A mirrored clip of moving objects is as likely a clip as the original."""
-    mirrored = random_keys(video.shape[0], 1, generator, video.device, share)[:, :, None, None, None] < 0.5
-    return torch.where(mirrored, video.flip(3), video)
-
-
-def sample_patches(video, n_frames, num_samples, patch_size, generator=None, share=(0, 1)):
-    """num_samples distinct random patches per clip, only from temporal patches made of real frames
-    (a temporal patch with at least one real frame counts as real when it is the clip's only one).
-
-    video (B, T, H, W, 3), n_frames (B,) -> coords (B, N, 3) long, targets (B, N, pt*ph*pw*3).
-    Random keys, +inf on padded patches, and the N smallest: uniform sampling without replacement,
-    batched, with no loop over clips or patches. share: see random_keys.
-    """
-    gt, gh, gw = _grid_size(video, patch_size)
-    grid = full_grid((gt, gh, gw), video.device)                            # (P, 3)
-    keys = random_keys(video.shape[0], grid.shape[0], generator, video.device, share)  # (B, P)
-    real_t = (n_frames // patch_size[0]).clamp_min(1)                      # (B,) real temporal patches
-    keys = keys.masked_fill(grid[None, :, 0] >= real_t[:, None], float("inf"))
-    chosen = keys.topk(num_samples, dim=1, largest=False).indices           # (B, N) real patches first
-    # a clip with fewer real patches than num_samples repeats its real ones instead of taking padding
-    n_real = real_t[:, None] * (gh * gw)                                    # (B, 1)
-    slot = torch.arange(num_samples, device=video.device)[None]             # (1, N)
-    chosen = chosen.gather(1, torch.where(slot < n_real, slot, slot % n_real))
-    coords = grid[chosen]                                                   # (B, N, 3)
-    return coords, gather_patches(video, coords, patch_size)
-
-
-def sample_frames(video, n_frames, num_frames_k, patch_size, generator=None, share=(0, 1)):
-    """Every patch of K distinct random real temporal patches ("whole frames") per clip, frame-major
-    within each: coords (B, K*gh*gw, 3), targets (B, K*gh*gw, pt*ph*pw*3). A clip with fewer than K real
-    temporal patches repeats its real ones, as sample_patches does."""
-    gt, gh, gw = _grid_size(video, patch_size)
-    keys = random_keys(video.shape[0], gt, generator, video.device, share)  # (B, gt)
-    real_t = (n_frames // patch_size[0]).clamp_min(1)[:, None]             # (B, 1)
-    keys = keys.masked_fill(torch.arange(gt, device=video.device)[None] >= real_t, float("inf"))
-    frames = keys.topk(num_frames_k, dim=1, largest=False).indices         # (B, K) real frames first
-    slot = torch.arange(num_frames_k, device=video.device)[None]           # (1, K)
-    frames = frames.gather(1, torch.where(slot < real_t, slot, slot % real_t))  # (B, K)
-    frame_grid = full_grid((1, gh, gw), video.device)                       # (gh*gw, 3) with t = 0
-    coords = frame_grid[None, None] + torch.stack(
-        [frames, torch.zeros_like(frames), torch.zeros_like(frames)], -1)[:, :, None]  # (B, K, gh*gw, 3)
-    coords = rearrange(coords, "b k p d -> b (k p) d")
-    return coords, gather_patches(video, coords, patch_size)
-
-
-# -----------------------------------------------------------------------------
-# the tokens file: triplanes of a dataset, written by tokenizer.py --encode, read by dit.py
+# the tokens file: triplanes of a data set, written by tokenizer.py --encode, read by dit.py
 
 PLANES = ("z_xy", "z_xt", "z_yt")
+CLIP_FIELDS = ("labels", "n_frames", "video_index", "start")
 
 
-def save_tokens(path, planes, labels, class_names, n_frames, tokenizer_ckpt, tokenizer_config, videos=(),
-                video_index=None, start=None):
-    """Write the three stacked planes (N, C, ., .) with labels, class names, per-plane per-channel mean and
-    std (over clips and positions), n_frames, where each clip comes from (videos: the video files;
-    video_index, start (N,): a clip's video and first frame), and the tokenizer that made them. Atomic."""
-    tokens = {"kind": "coordtok_tokens", "labels": labels.long(), "class_names": list(class_names),
-              "n_frames": n_frames.long(), "tokenizer_ckpt": tokenizer_ckpt,
-              "tokenizer_config": dict(tokenizer_config), "mean": {}, "std": {}, "videos": list(videos),
-              "video_index": video_index, "start": start}
-    for name, plane in zip(PLANES, planes):
-        plane = plane.float()
-        tokens[name] = plane
-        tokens["mean"][name] = plane.mean(dim=(0, 2, 3))                    # (C,)
-        # (C,): the population std, as the authors compute it
+def save_tokens(path, clips, class_names, tokenizer_ckpt, tokenizer_config, fingerprint, videos):
+    """clips: the stacked planes (N, C, ., .) and label, n_frames, video_index, start (N,); with
+    per-plane per-channel mean and std (population, over clips and positions), the class names,
+    the video files, and the tokenizer that made them (its path, config, weights' fingerprint)."""
+    tokens = {"kind": "coordtok_tokens", "class_names": list(class_names), "videos": list(videos),
+              "tokenizer_ckpt": os.path.abspath(tokenizer_ckpt), "tokenizer_fingerprint":
+              fingerprint, "tokenizer_config": dict(tokenizer_config), "mean": {}, "std": {},
+              "labels": clips["label"].long(),
+              **{k: clips[k].long() for k in CLIP_FIELDS[1:]}}
+    for name in PLANES:
+        tokens[name] = plane = clips[name].float()
+        tokens["mean"][name] = plane.mean(dim=(0, 2, 3))                     # (C,)
         tokens["std"][name] = plane.std(dim=(0, 2, 3), unbiased=False).clamp_min(1e-6)
-    atomic_save(tokens, path)
+    H.atomic_save(tokens, path)
 
 
 def load_tokens(path):
-    """The dict written by save_tokens, or an error that says how to make one (never by writing over a
-    file that is something else)."""
+    """The dict save_tokens wrote, every field checked, or one error saying what is wrong."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokens file {path!r} not found; write it with "
-                                f"`python tokenizer.py --encode {path}` after training the tokenizer")
-    try:
-        tokens = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path!r} is not a readable torch file ({str(e)[:200]}); write a tokens file to a new "
-                         f"path with `python tokenizer.py --encode NEW_PATH`") from None
+                                f"`python tokenizer.py --encode {path}`.")
+    tokens = H.read_torch_file(path, "tokens file")
     if not isinstance(tokens, dict) or tokens.get("kind") != "coordtok_tokens":
-        kind = tokens.get("kind") if isinstance(tokens, dict) else type(tokens).__name__
-        raise ValueError(f"{path!r} is not a tokens file (kind {kind!r}, expected 'coordtok_tokens'); "
-                         f"write one to a new path with `python tokenizer.py --encode NEW_PATH`")
+        raise ValueError(f"{path!r} is not a tokens file; write one with `python tokenizer.py "
+                         f"--encode NEW_PATH`.")
+    try:
+        n, labels = len(tokens["labels"]), tokens["labels"]
+        problems = [f"{k} holds {len(tokens[k])} clips, not {n}" for k in (*PLANES, *CLIP_FIELDS)
+                    if len(tokens[k]) != n] + ["it holds no clips"] * (n == 0)
+        for k in PLANES:
+            problems += [f"{k} is not finite"] * (not torch.isfinite(tokens[k]).all())
+            for stat in ("mean", "std"):
+                v = tokens[stat][k]
+                if v.shape != tokens[k].shape[1:2] or not torch.isfinite(v).all() or \
+                        (stat == "std" and (v <= 0).any()):
+                    problems.append(f"{stat} of {k} is not {'positive and ' * (stat == 'std')}"
+                                    f"finite per channel")
+        classes = max(len(tokens["class_names"]), 1)
+        if n and not (labels.min() >= 0 and labels.max() < classes):
+            problems.append(f"labels are not in [0, {classes})")
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        problems = [f"a field is missing or malformed ({type(e).__name__}: {e})"]
+    if problems:
+        raise ValueError(f"tokens file {path!r} is damaged ({'; '.join(problems)}); write it "
+                         f"again with `python tokenizer.py --encode {path}`.")
     return tokens
 
 
+def check_tokens_path(path):
+    """--encode PATH may replace a tokens file, never anything else (a checkpoint, a video)."""
+    if os.path.exists(path):
+        kind = H.file_kind(path) if os.path.isfile(path) else "folder"
+        if kind != "coordtok_tokens":
+            raise ValueError(f"--encode {path} is a {kind} file, not a tokens file; pass a new path.")
+    H.check_out_dir(os.path.dirname(os.path.abspath(path)), "--encode")
+
+
 def main():
-    parser = argparse.ArgumentParser(description="Write the built-in synthetic video set, or prepare a copy of a "
-                                                 "data set resized once for fast reading.")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     task = parser.add_mutually_exclusive_group(required=True)
-    task.add_argument("--synthetic", metavar="DIR", help="folder to write the synthetic set's mp4s to")
+    task.add_argument("--synthetic", metavar="DIR", help="folder to write the synthetic set to")
     task.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"),
-                      help="write every video of SRC at --img_size to DST, same folders (then train with --data DST)")
+                      help="every video of SRC at --img_size to DST, same folders")
     parser.add_argument("--codec", default="rawvideo", choices=PREPARED_FORMATS,
-                        help="--prepare: rawvideo reads fastest; huffyuv takes 2.5x less disk, reads ~8x slower")
+                        help="--prepare: rawvideo reads fastest, huffyuv takes 2.5x less disk")
     parser.add_argument("--num_classes", type=int, default=4)
     parser.add_argument("--videos_per_class", type=int, default=48)
     parser.add_argument("--num_frames", type=int, default=32)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--img_size", type=int, default=128, help="--prepare: the training clips' size")
+    parser.add_argument("--img_size", type=int, default=128, help="--prepare: frame height")
+    parser.add_argument("--img_width", type=int, default=0, help="--prepare: width (0: square)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="--prepare: processes")
     args = parser.parse_args()
     if args.prepare:
-        source, target = args.prepare
-        begin = time.perf_counter()
-        counts = prepare_videos(source, target, args.img_size, args.workers, args.codec)
-        print(f"prepared {source} at {args.img_size}x{args.img_size} in {target}/ in "
-              f"{time.perf_counter() - begin:.0f} s: {counts['written']} written, {counts['exists']} already "
-              f"there, {counts['unreadable']} unreadable (skipped, named above)")
+        (source, target), begin = args.prepare, time.perf_counter()
+        counts = prepare_videos(source, target, (args.img_size, args.img_width or args.img_size),
+                                args.workers, args.codec)
+        print(f"prepared {source} in {target}/ in {time.perf_counter() - begin:.0f} s: "
+              f"{counts['written']} written, {counts['exists']} already there, "
+              f"{counts['unreadable']} unreadable (skipped, named above)")
         return
-    make_synthetic(args.synthetic, args.num_classes, args.videos_per_class, args.num_frames, args.size, args.seed)
+    make_synthetic(args.synthetic, args.num_classes, args.videos_per_class, args.num_frames,
+                   args.size, args.seed)
     print(f"wrote {args.num_classes * args.videos_per_class} videos to {args.synthetic}/")
 
 

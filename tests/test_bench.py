@@ -96,7 +96,7 @@ def test_the_dit_rows_set_the_triplane_against_eval_s_grid(monkeypatch):
     assert steps["triplane"]["dit_tokens"] == 320 and steps["grid"]["dit_tokens"] == 2048
     grid, model = torch.randn(1, 4, 32 * 16, 16), B.GridDiT(sit, (4, 32, 16, 16))  # (B, C, T'*H', W')
     assert model((grid,), torch.rand(1), torch.zeros(1, dtype=torch.long))[0].shape == grid.shape
-    assert len(model.embeds) == len(model.heads) == 1 and model.pos_t is None  # no modules of unused planes
+    assert len(model.embeds) == len(model.heads) == 1 and model.pos_t.numel() == 0  # no unused planes' modules
     # the grid is eval's, not a copy of it
     monkeypatch.setattr(evaluation, "grid_latent_shape", lambda frames, size: (4, 3, 2, 2))
     assert B.latents(PRESETS["large"])["grid"] == {"shape": [(4, 3, 2, 2)], "tokens": 12}

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data as D
+import tokenizer as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,16 +182,20 @@ def test_a_folder_without_readable_video_is_an_error(tmp_path):
         D.VideoDataset(str(tmp_path / "missing"), 16, 4)
 
 
-def test_held_out_files_never_appear_in_training(tmp_path):
+def test_held_out_files_never_appear_in_training_and_stay_held_out_when_videos_are_added(tmp_path):
     root = str(tmp_path / "set")
-    write_set(root, [f"{c}/{c}{i}.mp4" for c in "ab" for i in range(10)])
-    train = D.VideoDataset(root, 16, 4, split="train", val_fraction=0.2)
-    val = D.VideoDataset(root, 16, 4, split="val", val_fraction=0.2)
+    write_set(root, [f"{c}/{c}{i}.mp4" for c in "ab" for i in range(12)])
+    train = D.VideoDataset(root, 16, 4, split="train", val_fraction=0.25)
+    val = D.VideoDataset(root, 16, 4, split="val", val_fraction=0.25)
     train_files, val_files = {p for p, _ in train.files}, {p for p, _ in val.files}
-    assert not train_files & val_files and len(train_files | val_files) == 20
-    assert len(val_files) == 4 and {label for _, label in val.files} == {0, 1}  # two per class
-    # the split is by file: the same on every call
-    assert {p for p, _ in D.VideoDataset(root, 16, 4, split="val", val_fraction=0.2).files} == val_files
+    assert not train_files & val_files and len(train_files | val_files) == 24
+    assert 2 <= len(val_files) <= 12 and {label for _, label in val.files} == {0, 1}
+    # 20 more videos: not one video changes side (a side depends on the video's own name)
+    write_set(root, [f"{c}/{c}{i}.mp4" for c in "ab" for i in range(12, 22)])
+    more = {p for p, _ in D.VideoDataset(root, 16, 4, split="val", val_fraction=0.25).files}
+    assert more & (train_files | val_files) == val_files and len(more) > len(val_files)
+    big = D.held_out_paths([(f"{i}.mp4", "c") for i in range(4000)], 0.25)
+    assert 0.22 < len(big) / 4000 < 0.28                                  # about val_fraction of them
 
 
 def test_clips_of_one_ucf_group_stay_on_one_side_of_the_split(tmp_path):
@@ -205,9 +210,9 @@ def test_clips_of_one_ucf_group_stay_on_one_side_of_the_split(tmp_path):
     for c in ("Run", "Jump"):
         val_groups = {group(n) for n in val if n.startswith(f"v_{c}_")}
         train_groups = {group(n) for n in train if n.startswith(f"v_{c}_")}
-        assert not val_groups & train_groups and len(val_groups) == 2    # round(0.34 * 6) whole groups held out
-        assert sum(n.startswith(f"v_{c}_") for n in val) == 6
-    assert sum(n.startswith("clip") for n in val) == 2                   # round(0.34 * 6) single files
+        assert not val_groups & train_groups                             # whole groups on one side
+        assert sum(n.startswith(f"v_{c}_") for n in val) == 3 * len(val_groups)
+    assert {len(val_groups) for c in ("Run", "Jump")} and any(n.startswith("clip") for n in train)
 
 
 def write_list(path, lines):
@@ -273,28 +278,27 @@ def test_loader_yields_batches_and_resumes(tmp_path):
     root = str(tmp_path / "set")
     write_set(root, [f"a/v{i}.mp4" for i in range(3)])
     dataset = D.VideoDataset(root, 16, 4, split="all", random_start=True)
-    batches = D.make_loader(dataset, 2, shuffle=True, num_workers=0, distributed=False, seed=1)
+    batches = D.make_loader(dataset, 2, shuffle=True, num_workers=0, seed=1)
     unbroken = [next(batches)["video"] for _ in range(4)]
-    resumed = D.make_loader(dataset, 2, shuffle=True, num_workers=0, distributed=False, seed=1, start_step=2)
+    resumed = D.make_loader(dataset, 2, shuffle=True, num_workers=0, seed=1, start_step=2)
     for expected in unbroken[2:]:
         assert torch.equal(next(resumed)["video"], expected)
-    one_pass = list(D.make_loader(dataset, 2, shuffle=False, num_workers=1, distributed=False,
-                                  infinite=False, drop_last=False))
+    one_pass = list(D.make_loader(dataset, 2, shuffle=False, num_workers=1, infinite=False))
     assert [len(b["label"]) for b in one_pass] == [2, 1]
 
 
 def test_patchify_gather_and_full_grid_agree():
     video = torch.randn(2, 6, 8, 12, 3)
     patch = (2, 4, 3)
-    patches = D.patchify(video, patch)                                    # (2, 3, 2, 4, 72)
+    patches = T.patchify(video, patch)                                    # (2, 3, 2, 4, 72)
     assert patches.shape == (2, 3, 2, 4, 72)
-    assert torch.equal(D.unpatchify(patches, patch), video)
+    assert torch.equal(T.unpatchify(patches, patch), video)
     # patch (t=1, y=1, x=2) is frames 2-3, rows 4-7, columns 6-8, laid out (pt ph pw c)
     assert torch.equal(patches[0, 1, 1, 2], video[0, 2:4, 4:8, 6:9].reshape(-1))
-    grid = D.full_grid((3, 2, 4))
+    grid = T.full_grid((3, 2, 4))
     assert grid.shape == (24, 3) and grid[:5].tolist() == [[0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 3], [0, 1, 0]]
     assert grid[-1].tolist() == [2, 1, 3]
-    gathered = D.gather_patches(video, grid.expand(2, -1, -1), patch)
+    gathered = T.gather_patches(video, grid.expand(2, -1, -1), patch)
     assert torch.equal(gathered, patches.reshape(2, 24, 72))
 
 
@@ -302,7 +306,7 @@ def test_sample_patches_are_distinct_real_and_match_their_pixels():
     video = torch.randn(3, 8, 8, 8, 3)
     n_frames = torch.tensor([8, 5, 1])
     patch = (2, 4, 4)
-    coords, targets = D.sample_patches(video, n_frames, 8, patch, torch.Generator().manual_seed(0))
+    coords, targets = T.sample_patches(video, n_frames, 8, patch, torch.Generator().manual_seed(0))
     assert coords.shape == (3, 8, 3) and targets.shape == (3, 8, 96)
     for b in range(2):
         assert len({tuple(c) for c in coords[b].tolist()}) == 8             # without replacement
@@ -311,13 +315,13 @@ def test_sample_patches_are_distinct_real_and_match_their_pixels():
     assert coords[2, :, 0].max() == 0 and len({tuple(c) for c in coords[2].tolist()}) == 4
     t, y, x = coords[1, 3].tolist()
     assert torch.equal(targets[1, 3], video[1, 2 * t:2 * t + 2, 4 * y:4 * y + 4, 4 * x:4 * x + 4].reshape(-1))
-    again, _ = D.sample_patches(video, n_frames, 8, patch, torch.Generator().manual_seed(0))
+    again, _ = T.sample_patches(video, n_frames, 8, patch, torch.Generator().manual_seed(0))
     assert torch.equal(again, coords)
 
 
 def test_sample_frames_gives_whole_distinct_real_frames():
     video = torch.randn(2, 8, 8, 8, 3)
-    coords, targets = D.sample_frames(video, torch.tensor([8, 4]), 2, (1, 4, 4), torch.Generator().manual_seed(1))
+    coords, targets = T.sample_frames(video, torch.tensor([8, 4]), 2, (1, 4, 4), torch.Generator().manual_seed(1))
     assert coords.shape == (2, 8, 3) and targets.shape == (2, 8, 48)
     for b in range(2):
         frames = coords[b].view(2, 4, 3)
@@ -326,16 +330,16 @@ def test_sample_frames_gives_whole_distinct_real_frames():
             assert frames[k, :, 1:].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
             assert (frames[k, :, 0] == frames[k, 0, 0]).all()
     assert coords[1, :, 0].max() < 4
-    assert torch.equal(targets, D.gather_patches(video, coords, (1, 4, 4)))
+    assert torch.equal(targets, T.gather_patches(video, coords, (1, 4, 4)))
 
 
 def test_sample_frames_repeats_the_real_frames_of_a_short_clip():
     video = torch.randn(2, 8, 4, 4, 3)
-    coords, targets = D.sample_frames(video, torch.tensor([8, 2]), 4, (1, 2, 2), torch.Generator().manual_seed(0))
+    coords, targets = T.sample_frames(video, torch.tensor([8, 2]), 4, (1, 2, 2), torch.Generator().manual_seed(0))
     frames = coords.view(2, 4, 4, 3)[:, :, 0, 0]                          # (B, K) the frame of each
     assert len(set(frames[0].tolist())) == 4
     assert sorted(frames[1].tolist()) == [0, 0, 1, 1]                     # both real frames twice, no padding
-    assert torch.equal(targets, D.gather_patches(video, coords, (1, 2, 2)))
+    assert torch.equal(targets, T.gather_patches(video, coords, (1, 2, 2)))
 
 
 def test_synthetic_set_moves_and_is_not_flat(tmp_path):
@@ -356,13 +360,16 @@ def test_synthetic_set_moves_and_is_not_flat(tmp_path):
 def test_tokens_file_round_trip_and_errors(tmp_path):
     planes = (torch.randn(5, 4, 8, 8) * 2 + 1, torch.randn(5, 4, 6, 8), torch.randn(5, 4, 6, 8))
     path = str(tmp_path / "tokens.pt")
-    D.save_tokens(path, planes, torch.arange(5) % 2, ["a", "b"], torch.full((5,), 16), "ckpt.pt", {"num_frames": 16})
+    clips = {**dict(zip(D.PLANES, planes)), "label": torch.arange(5) % 2, "n_frames": torch.full((5,), 16),
+             "video_index": torch.arange(5), "start": torch.zeros(5)}
+    D.save_tokens(path, clips, ["a", "b"], "ckpt.pt", {"num_frames": 16}, "f00d", ["a/x.mp4"])
     tokens = D.load_tokens(path)
     assert tokens["kind"] == "coordtok_tokens" and tokens["class_names"] == ["a", "b"]
     assert torch.equal(tokens["z_xy"], planes[0]) and tokens["tokenizer_config"] == {"num_frames": 16}
+    assert tokens["tokenizer_fingerprint"] == "f00d"
     torch.testing.assert_close(tokens["mean"]["z_xy"], planes[0].mean(dim=(0, 2, 3)))
     torch.testing.assert_close(tokens["std"]["z_yt"], planes[2].std(dim=(0, 2, 3), unbiased=False))
-    assert not os.path.exists(path + ".tmp")
+    assert os.listdir(tmp_path) == ["tokens.pt"]
     with pytest.raises(FileNotFoundError, match="--encode"):
         D.load_tokens(str(tmp_path / "missing.pt"))
     torch.save({"kind": "coordtok_tokenizer"}, tmp_path / "ckpt.pt")
@@ -385,10 +392,12 @@ def test_prepared_copy_holds_the_clips_read_from_its_source(tmp_path):
     assert sorted(os.path.relpath(p, target) for p, _ in D.find_videos(str(target))) == sorted(copies)
     for copy_name, source_name in copies.items():
         for start, num_frames in ((0, 8), (3, 8), (0, 12)):
+            if start >= D.probe_video(str(source / source_name))["n_frames"]:
+                continue  # no clip starts there
             copy, n_copy = D.read_clip(str(target / copy_name), 16, num_frames, start=start)
             clip, n_clip = D.read_clip(str(source / source_name), 16, num_frames, start=start)
             assert n_copy == n_clip and np.array_equal(copy, clip)
-    assert D.probe_video(str(target / "tall" / "short.mov")) == 3
+    assert D.probe_video(str(target / "tall" / "short.mov"))["n_frames"] == 3
 
     # a re-run writes only what is missing and leaves no temporary file
     os.remove(target / "wide" / "wide.mov")
@@ -402,14 +411,14 @@ def test_prepared_copy_holds_the_clips_read_from_its_source(tmp_path):
 
 def test_a_prepare_that_fails_mid_write_leaves_no_file(tmp_path, monkeypatch):
     D.write_video(str(tmp_path / "src" / "a" / "v.mp4"), smooth_clip(6, 32, 32))
-    write_video, seen_mid_write = D.write_video, []
+    frames_from, seen_mid_write = D.frames_from, []
 
-    def write_two_frames_then_fail(path, frames, **options):   # the disk fills up mid-video
-        write_video(path, itertools.islice(frames, 2), **options)
+    def two_frames_then_a_full_disk(*args, **kwargs):
+        yield from itertools.islice(frames_from(*args, **kwargs), 2)
         seen_mid_write.append(D.find_videos(str(tmp_path / "dst")))   # what a kill now would leave
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(D, "write_video", write_two_frames_then_fail)
+    monkeypatch.setattr(D, "frames_from", two_frames_then_a_full_disk)
     with pytest.raises(OSError, match="No space left"):
         D.prepare_videos(str(tmp_path / "src"), str(tmp_path / "dst"), 16)
     assert seen_mid_write == [[]]                                        # the partial file is not a video yet
@@ -424,7 +433,8 @@ def test_read_speed_of_a_ucf_like_video(tmp_path):
     clip, _ = D.read_clip(path, 32, 12, start=0)
     assert np.abs(np.diff(clip.astype(np.float64), axis=0)).mean() > 1      # it moves
     speed = D.measure_read_speed(path, 32, 4, clips=3)
-    assert all(np.isfinite(v) and v > 0 for v in speed.values())
+    at = speed.pop("seconds_per_clip")
+    assert list(at) == ["start", "middle", "end"] and all(np.isfinite(v) and v > 0 for v in [*speed.values(), *at.values()])
     assert speed["frames_per_s"] == pytest.approx(4 * speed["clips_per_s"])  # clips of 4 real frames
 
 
@@ -432,7 +442,7 @@ def test_a_small_data_set_is_decoded_once_and_gives_the_same_clips(tmp_path, mon
     root = str(tmp_path / "set")
     write_set(root, ["a/v0.mp4", "a/v1.mp4", "b/v2.mp4"])
     kept = D.VideoDataset(root, 16, 4, split="all", random_start=True)
-    assert kept.decoded is not None and [len(v) for v in kept.decoded] == kept.frame_counts
+    assert kept.decoded is not None and [len(v) for v in kept.decoded] == [i["n_frames"] for i in kept.info]
     monkeypatch.setattr(D, "IN_MEMORY_BYTES", 0)                      # too big to keep: read from the files
     read = D.VideoDataset(root, 16, 4, split="all", random_start=True)
     assert read.decoded is None
@@ -440,15 +450,16 @@ def test_a_small_data_set_is_decoded_once_and_gives_the_same_clips(tmp_path, mon
         a, b = kept[index], read[index]
         assert torch.equal(a["video"], b["video"]) and a["n_frames"] == b["n_frames"]
     long = D.VideoDataset(root, 16, 100, split="all", random_start=False)  # longer than the videos: padded
-    assert long[0]["n_frames"] == long.frame_counts[0] and not long[0]["video"][long.frame_counts[0]:].any()
+    n = long.info[0]["n_frames"]
+    assert long[0]["n_frames"] == n and not long[0]["video"][n:].any()
 
 
 def test_random_flips_mirror_about_half_of_the_clips_and_nothing_else():
     video = torch.rand(400, 2, 3, 5, 3)
-    flipped = D.random_flips(video, torch.Generator().manual_seed(0))
+    flipped = T.random_flips(video, torch.Generator().manual_seed(0))
     mirrored = torch.tensor([torch.equal(f, v.flip(2)) for f, v in zip(flipped, video)])
     kept = torch.tensor([torch.equal(f, v) for f, v in zip(flipped, video)])
     assert (mirrored ^ kept).all() and 160 < mirrored.sum() < 240
     # two processes with half the batch each mirror the clips one process mirrors
-    halves = [D.random_flips(video[r * 200:(r + 1) * 200], torch.Generator().manual_seed(0), (r, 2)) for r in (0, 1)]
+    halves = [T.random_flips(video[r * 200:(r + 1) * 200], torch.Generator().manual_seed(0), (r, 2)) for r in (0, 1)]
     assert torch.equal(torch.cat(halves), flipped)

@@ -13,6 +13,7 @@ import torch
 
 import data as D
 import dit
+import harness as H
 import sample as S
 import tokenizer as T
 from conftest import MICRO, MICRO_SIT_FLAGS, MICRO_TRAIN_FLAGS, run_script
@@ -94,7 +95,7 @@ def test_small_sit_learns_a_two_mode_mixture():
     steps = 500
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = T.lr_at(step, 3e-3, 50, steps, "cosine", 1e-4)
+            group["lr"] = H.lr_at(step, dit.DiTTrainConfig(learning_rate=3e-3, warmup_iters=50, max_iters=steps))
         x1, y = draw(128)
         loss = dit.flow_matching_loss(model, x1, y, model.null_class, 0.2, gen)
         optimizer.zero_grad()
@@ -209,7 +210,7 @@ def test_presets_and_the_paper_token_count():
 
 
 def test_bad_shapes_configs_and_labels_are_clear_errors():
-    with pytest.raises(ValueError, match="z_xt is 5x8, not divisible by --patch_size 2"):
+    with pytest.raises(ValueError, match=r"z_xt \(5x8\) is not divisible by --patch_size 2"):
         dit.SiT(MICRO_SIT, [(4, 8, 8), (4, 5, 8), (4, 5, 8)], 1)
     for field, value, message in (("time_shift", 0.0, "--time_shift must be > 0"), ("heads", 0, "--heads must be >= 1"),
                                   ("width", 36, "--width 36 is not divisible by --heads 8"),
@@ -243,8 +244,10 @@ def make_tokens_file(path, num_clips=6, num_classes=2, poison=False):
                    for h in (8, 6, 6))
     if poison:
         planes[1][2, 0, 0, 0] = float("nan")
-    D.save_tokens(str(path), planes, labels, [f"class{i}" for i in range(num_classes)],
-                  torch.full((num_clips,), 8), tokenizer_ckpt="made-by-test.pt", tokenizer_config=MICRO)
+    clips = {**dict(zip(D.PLANES, planes)), "label": labels, "n_frames": torch.full((num_clips,), 8),
+             "video_index": torch.arange(num_clips), "start": torch.zeros(num_clips)}
+    D.save_tokens(str(path), clips, [f"class{i}" for i in range(num_classes)], "made-by-test.pt", MICRO,
+                  "made-by-test", [])
 
 
 def test_dit_cli_rejects_missing_foreign_or_broken_tokens_files(tmp_path):
@@ -255,7 +258,7 @@ def test_dit_cli_rejects_missing_foreign_or_broken_tokens_files(tmp_path):
         dit.main(["--tokens", str(tmp_path / "tokenizer.pt"), "--out_dir", str(tmp_path)])
     assert f"--encode {tmp_path / 'tokenizer.pt'}" not in str(error.value)  # no advice to write over it
     make_tokens_file(tmp_path / "nan.pt", poison=True)
-    with pytest.raises(SystemExit, match="non-finite values \\(1 in z_xt\\).*made-by-test.pt"):
+    with pytest.raises(SystemExit, match="damaged \\(z_xt is not finite; .*write it again"):
         dit.main(["--tokens", str(tmp_path / "nan.pt"), "--out_dir", str(tmp_path)])
     for flag, message in (("--max_iters=0", "--max_iters must be >= 1"), ("--ckpt_interval=0", "--ckpt_interval"),
                           ("--time_shift=-1", "--time_shift must be > 0")):
@@ -276,7 +279,7 @@ def test_a_non_finite_step_is_skipped_and_the_run_moves_on(tmp_path, monkeypatch
         return loss * float("nan") if torch.equal(x1[0], poisoned[0]) else loss
 
     monkeypatch.setattr(dit, "flow_matching_loss", nan_on_the_first_batch)
-    with pytest.warns(UserWarning, match="step 0: non-finite"):
+    with pytest.warns(UserWarning, match="non-finite loss or gradient, step skipped"):
         dit.main([*MICRO_SIT_FLAGS, f"--tokens={tmp_path / 'tokens.pt'}", f"--out_dir={tmp_path}", "--batch_size=6",
                   "--max_iters=4", "--max_bad_steps=2", "--device=cpu"])
     assert torch.load(tmp_path / "dit.pt", weights_only=False)["step"] == 4

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 import dit
 import tokenizer as T
 
+pytestmark = pytest.mark.parity  # `python -m pytest -m "not parity"` runs the rest, for changed models
+
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "official_micro.pt")
 TOLERANCE = 1e-4  # max abs error, fp32 on the CPU
 
@@ -363,7 +365,8 @@ def test_the_paper_presets_are_the_authors_models():
         sum(math.prod(s) for s in tokenizer_layout(T.OFFICIAL_PAPER_KWARGS).values())
     assert sum(p.numel() for p in sit.parameters()) == \
         sum(math.prod(s) for s in sit_layout(dit.OFFICIAL_SIT_PAPER_KWARGS).values())
-    assert large.num_tokens() == 1280 and sum(large.query_counts) == 12 and math.prod(large.enc_grid) == 1024
+    assert large.num_tokens() == 1280 and math.prod(large.enc_grid) == 1024
+    assert sum(h * w for h, w in large.query_grids) == 12
     for name, sizes in (("small", (512, 8, 8, 8)), ("base", (768, 12, 8, 12))):  # width, heads, ViT, query blocks
         cfg = T.PRESETS[name]
         assert (cfg.enc_width, cfg.enc_heads, cfg.enc_layers, cfg.query_layers) == sizes

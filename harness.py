@@ -1,0 +1,531 @@
+"""The training harness the scripts share; a first reader may skip this file.
+
+Nothing here is CoordTok: processes and DDP, the device, autocast and compile, the optimizer and
+its guarded step, the learning-rate schedule, flags and resumed configs, checkpoint files and
+their safety (atomic writes, run locks, weights read as tensors only), and fetching weights.
+tokenizer.py and dit.py hold the method; they import their plumbing from here, as nanoGPT keeps
+configurator.py and SiT train_utils.py beside their models.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import math
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+# -----------------------------------------------------------------------------
+# processes and devices
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    ddp: bool
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def share(self, n):
+        """This rank's items of range(n): a contiguous block, the first ones on rank 0."""
+        return range(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
+
+
+def pick_device(flag="auto"):
+    if flag == "auto":
+        flag = "cuda" if torch.cuda.is_available() else "cpu"
+    if flag != "cpu" and not re.fullmatch(r"cuda(:\d+)?", flag):
+        raise ValueError(f"--device {flag!r} is not one of auto, cpu, cuda, cuda:N.")
+    if flag.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {flag} asks for CUDA, but CUDA is not available; use --device cpu.")
+    if flag.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return torch.device(flag)
+
+
+def setup_distributed(device_flag="auto"):
+    """Single process, or one rank of `torchrun` (NCCL on CUDA, gloo on CPU)."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in
+                          (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")))
+    device = pick_device(device_flag)
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local, device, world > 1)
+
+
+def cleanup_distributed(dist):
+    if dist.ddp:
+        torch.distributed.destroy_process_group()
+
+
+def gather_to_main(dist, obj):
+    """[every rank's obj] on rank 0 (None elsewhere); [obj] in a single process (dist None)."""
+    if dist is None or not dist.ddp:
+        return [obj]
+    out = [None] * dist.world_size if dist.is_main else None
+    torch.distributed.gather_object(obj, out, dst=0)
+    return out
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; plain fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def use_compile(flag, device):
+    if flag not in ("auto", "true", "false"):
+        raise ValueError(f"--compile must be auto, true or false, got {flag!r}.")
+    return device.type == "cuda" if flag == "auto" else flag == "true"
+
+
+def wrap_model(model, tc, dist):
+    """The model as the loop calls it: compiled (--compile), then wrapped in DDP under torchrun."""
+    if use_compile(tc.compile, dist.device):
+        model = torch.compile(model)
+    if dist.ddp:
+        ids = [dist.local_rank] if dist.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# the optimizer, its step and the schedule
+
+
+def lr_at(step, tc):
+    """Linear warmup, then constant, or cosine decay to min_lr at lr_decay_iters (0: max_iters)."""
+    if step < tc.warmup_iters:
+        return tc.learning_rate * (step + 1) / tc.warmup_iters
+    if tc.lr_schedule == "constant":
+        return tc.learning_rate
+    end = tc.lr_decay_iters or tc.max_iters
+    progress = min(1.0, (step - tc.warmup_iters) / max(1, end - tc.warmup_iters))
+    return tc.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (tc.learning_rate - tc.min_lr)
+
+
+def make_optimizer(model, tc, device):
+    """AdamW (fused on CUDA). Only the weights of linear and convolution layers decay: not biases,
+    norms, position tables, learned planes and tokens, class embeddings."""
+    decayed = {id(m.weight) for m in model.modules()
+               if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d))}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": tc.weight_decay},
+              {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.beta1, tc.beta2),
+                             fused=device.type == "cuda")
+
+
+def optimizer_step(model, optimizer, grad_clip, bad_steps=0, max_bad_steps=20, ckpt_path=""):
+    """Clip the gradient norm (grad_clip > 0), then step; skip the step when the gradient is not
+    finite. The norm is all-reduced, so every rank skips together; reading it is the step's one
+    sync. Returns the non-finite steps in a row; raises after max_bad_steps of them."""
+    grads = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(grads, grad_clip if grad_clip > 0 else math.inf)
+    finite = bool(torch.isfinite(norm))
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if finite:
+        return 0
+    bad_steps += 1
+    warnings.warn(f"non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+    if bad_steps >= max_bad_steps:
+        kept = ckpt_path if os.path.exists(ckpt_path) else "no checkpoint"
+        raise RuntimeError(f"{bad_steps} non-finite steps in a row (last good file: {kept}); "
+                           f"lower --learning_rate or check the data.")
+    return bad_steps
+
+
+def mfu_text(bar, start_step, flops_per_step, peak_flops):
+    """Model FLOPs utilisation since the loop started: one device's FLOPs per step over the mean
+    step time of the tqdm bar, as a fraction of the device's peak (nanoGPT's estimate)."""
+    seconds_per_step = bar.format_dict["elapsed"] / max(bar.n - start_step, 1)
+    return f"{flops_per_step / seconds_per_step / peak_flops:.1%}"
+
+
+def time_is_up(tc, step, t_start, dist):
+    """True once --max_time minutes have passed, looked at every log_interval steps; rank 0's
+    clock decides for every rank, so that all stop at the same step."""
+    if tc.max_time <= 0 or step % tc.log_interval:
+        return False
+    flag = torch.tensor(float(time.time() - t_start > tc.max_time * 60), device=dist.device)
+    if dist.ddp:
+        torch.distributed.broadcast(flag, 0)
+    return bool(flag)
+
+
+# -----------------------------------------------------------------------------
+# flags and configs
+
+
+def _parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def parse_config(config_classes, presets, argv=None, description="", default_preset="tiny"):
+    """Every field of every dataclass becomes a flag; `--preset NAME` picks the first one's base.
+    Returns the configs and the flags written on the command line (names without dashes)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset", default=default_preset)
+    preset = pre.parse_known_args(argv)[0].preset
+    if preset not in presets:
+        raise SystemExit(f"error: unknown --preset {preset!r}; choose one of {', '.join(presets)}.")
+    parser = argparse.ArgumentParser(description=description, parents=[pre], allow_abbrev=False)
+    bases = [presets[preset]] + [cls() for cls in config_classes[1:]]
+    for base in bases:
+        group = parser.add_argument_group(type(base).__name__)
+        for f in dataclasses.fields(base):
+            default = getattr(base, f.name)
+            if isinstance(default, bool):  # `--resume` alone means true
+                group.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True,
+                                   default=default)
+            else:
+                group.add_argument(f"--{f.name}", type=type(default), default=default)
+    args = vars(parser.parse_args(argv))
+    explicit = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    configs = tuple(type(b)(**{f.name: args[f.name] for f in dataclasses.fields(b)}) for b in bases)
+    return configs, explicit
+
+
+def config_from_dict(cls, saved, source):
+    """cls(**saved) from a file, field by field: an unknown field is an error; a missing one is
+    an error unless the class lists it in `added_later`, whose defaults are what files written
+    before the field existed meant."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(saved) - names)
+    missing = sorted(names - set(saved) - set(getattr(cls, "added_later", ())))
+    if unknown or missing:
+        raise ValueError(f"{source} holds a {cls.__name__} of another version (unknown fields "
+                         f"{unknown}, missing {missing}); use the code version that wrote it.")
+    return cls(**{k: v for k, v in saved.items()})
+
+
+def resumed_config(saved, given, explicit, keep=()):
+    """The training config a resumed run continues with: the checkpoint's values, but the flags
+    written on this command line and the fields in keep come from `given`; fields the checkpoint
+    lacks take given's. Returns it and the overrides, as lines to print."""
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(given)})
+    if unknown:
+        raise ValueError(f"the checkpoint's training config has fields this code does not know "
+                         f"({unknown}); resume it with the code version that wrote it.")
+    values, overrides = {}, []
+    for f in dataclasses.fields(given):
+        mine = getattr(given, f.name)
+        values[f.name] = mine if f.name in keep or f.name in explicit else saved.get(f.name, mine)
+        if f.name in explicit and f.name not in keep and f.name in saved and mine != saved[f.name]:
+            overrides.append(f"  override: --{f.name} {mine} (the checkpoint had {saved[f.name]})")
+    return type(given)(**values), overrides
+
+
+def resume_from(ckpt_path, kind, cfg, tc, explicit, keep):
+    """A resumed run's checkpoint, its model config (model flags cannot change under a trained
+    model), and its training config with this command line's flags as overrides."""
+    ckpt = load_checkpoint(ckpt_path, kind)
+    saved = config_from_dict(type(cfg), ckpt["model_config"], ckpt_path)
+    changed = [f"--{n}" for n in sorted(explicit) if hasattr(saved, n)
+               and getattr(cfg, n) != getattr(saved, n)]
+    if changed:
+        raise ValueError(f"--resume continues {ckpt_path} with its own model, but "
+                         f"{', '.join(changed)} differ from it; drop them or use another --out_dir.")
+    return (ckpt, saved, *resumed_config(ckpt["train_config"], tc, explicit, keep))
+
+
+# -----------------------------------------------------------------------------
+# files: written atomically, locked while a run writes them, read as tensors only
+
+
+def check_out_dir(path, flag="--out_dir"):
+    """Create the output folder now and check that it takes files: fail at start, not at the
+    first save after hours of work."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path!r} is not writable ({e.strerror or e}); "
+                         f"pass a writable folder.") from None
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A new temporary path beside `path` to write it through: renamed to path when the block
+    ends without error, removed otherwise. It is created exclusively (a planted file or link is
+    never followed), hidden (data folders skip it) and keeps the extension (writers pick the
+    format by it), so two writers of one path never share it and a kill never leaves a
+    truncated `path`."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    stem, extension = os.path.splitext(name)
+    fd, temporary = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{extension}", dir=folder)
+    os.close(fd)
+    try:
+        yield temporary
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # the permissions a plain open() would give
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        free = shutil.disk_usage(folder).free
+        if free > 2 ** 20 and not (isinstance(e, OSError) and e.errno == 28):
+            raise
+        kept = "the earlier file is intact" if os.path.exists(path) else "nothing was written"
+        raise OSError(28, f"the disk is full ({free} bytes free) writing {path}; {kept}; "
+                          f"free some space and run again") from None
+    finally:
+        if os.path.lexists(temporary):
+            os.remove(temporary)
+
+
+def atomic_save(obj, path):
+    with atomic_path(path) as temporary:
+        torch.save(obj, temporary)
+
+
+def refuse_overwrite(ckpt_path, resume):
+    """A fresh run never replaces a trained checkpoint (checked on every rank, before any work)."""
+    if not resume and os.path.exists(ckpt_path):
+        raise ValueError(f"{ckpt_path} already holds a trained checkpoint; continue it with "
+                         f"--resume, or pass another --out_dir.")
+
+
+@contextlib.contextmanager
+def run_lock(ckpt_path):
+    """Hold ckpt_path while this run writes it: two runs never write one checkpoint. The lock
+    file names the process ("pid host"); one left by a dead process, or holding anything else,
+    is taken over."""
+    lock, host = ckpt_path + ".lock", socket.gethostname()
+    fd, claim = tempfile.mkstemp(prefix=".lock.", dir=os.path.dirname(os.path.abspath(lock)))
+    try:  # written whole first, then linked: a lock file never exists half-written
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {host}")
+        for _ in range(2):
+            try:
+                os.link(claim, lock)
+                break
+            except FileExistsError:
+                owner = _lock_owner(lock)
+                if owner and owner[1] == host and _process_alive(owner[0]):
+                    raise ValueError(f"another run (process {owner[0]}) is writing {ckpt_path}; "
+                                     f"wait for it or pass another --out_dir.") from None
+                if owner and owner[1] != host:
+                    raise ValueError(f"a run on {owner[1]} holds {lock}; wait for it, or delete "
+                                     f"the file if no such run exists.") from None
+                os.remove(lock)  # left by a run that was killed, or not a lock of ours
+    finally:
+        os.remove(claim)
+    try:
+        yield
+    finally:
+        os.remove(lock)
+
+
+def _lock_owner(lock):
+    """(pid, host) from a lock file, or None when it holds anything else."""
+    if os.path.isdir(lock):
+        raise ValueError(f"{lock} is a folder, where a lock file belongs; remove it.")
+    try:
+        with open(lock, "rb") as f:
+            pid, host = f.read(300).decode().split(" ", 1)
+        return int(pid), host
+    except (ValueError, UnicodeDecodeError, OSError):
+        return None
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return pid > 0
+
+
+def read_torch_file(path, what="checkpoint"):
+    """torch.load, memory-mapped (tensors are read when used) and tensors only: no pickled code
+    (the authors' SiT files hold an argparse.Namespace, which is allowed)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist; check the path.")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"{what} {path} is corrupt or not a torch file "
+                         f"({type(e).__name__}: {str(e)[:200]}).") from None
+
+
+def file_kind(path):
+    """The "kind" of one of our files, "official" for the authors' weights, or what it is."""
+    try:
+        content = read_torch_file(path)
+    except ValueError:
+        return "non-torch"
+    return (content.get("kind") or "official") if isinstance(content, dict) else "other"
+
+
+def load_checkpoint(path, kind, ckpt=None):
+    ckpt = read_torch_file(path) if ckpt is None else ckpt
+    found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if found != kind:
+        raise ValueError(f"{path} is a {found!r} file, not a {kind!r} checkpoint; check the path.")
+    return ckpt
+
+
+def load_model_file(path, kind, build, from_official, what):
+    """(model, checkpoint dict) from a checkpoint of ours of that kind (build(ckpt) makes the model)
+    or from the authors' released weights (from_official; the dict then has kind "official")."""
+    path = released_file(path)
+    ckpt = read_torch_file(path)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a {what} checkpoint; pass one of ours or the authors'.")
+    if ckpt.get("kind") is None:
+        try:
+            model = from_official(ckpt)
+        except NotOfficial:
+            raise ValueError(f"{path} is neither a {what} checkpoint of ours nor the authors' "
+                             f"released {what}; check the path.") from None
+        return model, {"kind": "official", "model_config": dataclasses.asdict(model.config),
+                       "source": os.path.abspath(path)}
+    return build(load_checkpoint(path, kind, ckpt)), ckpt
+
+
+class NotOfficial(ValueError):
+    pass
+
+
+def unwrap_state_dict(source, marker_key, what, prefer=("model",)):
+    """The authors' state dict from a file or dict: bare, or under one of the keys in `prefer`,
+    DDP's "module." prefix removed; anything without marker_key is refused."""
+    is_path = isinstance(source, (str, os.PathLike))
+    name = source if is_path else "the state dict"
+    state = read_torch_file(released_file(source), f"official {what} file") if is_path else source
+    for key in prefer:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if isinstance(state, dict):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not isinstance(state, dict) or marker_key not in state:
+        raise NotOfficial(f"{name} is not the authors' {what}: it has no {marker_key!r} (bare, or "
+                         f"under {' or '.join(map(repr, prefer))}); check the path.")
+    return state
+
+
+def build_lean(make, state):
+    """make() on the meta device, then the tensors of `state` assigned as its parameters: a model
+    from a memory-mapped file holds one copy of its weights, the file's."""
+    with torch.device("meta"):
+        model = make()
+    load_state(model, state, "checkpoint")
+    return model
+
+
+def load_state(model, state, what, hint=""):
+    """load_state_dict that names what differs: keys first (a renamed or removed parameter),
+    then shapes (hint: which arguments to pass); tensors are assigned, not copied."""
+    ours = model.state_dict()
+    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    kinds = [{re.sub(r"\.\d+\.", ".#.", k) for k in keys} for keys in (ours, state)]
+    if (missing or unexpected) and kinds[0] != kinds[1]:  # not just another number of blocks
+        raise ValueError(f"the {what} weights and our model have different parameters: missing "
+                         f"{missing[:4]}, unexpected {unexpected[:4]}; a parameter was renamed "
+                         f"or removed, so map it where the weights are converted or loaded.")
+    wrong = [f"{k} {tuple(v.shape)} vs ours {tuple(ours[k].shape)}" for k, v in state.items()
+             if k in ours and v.shape != ours[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"the {what} weights do not fit {hint or 'this configuration'}: blocks "
+                         f"missing {missing[:2]}, unexpected {unexpected[:2]}, shapes {wrong[:2]}.")
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def weights_fingerprint(model):
+    """A hash of the model's weights (names, shapes, values): which tokenizer made a tokens file."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
+# weights fetched on first use: the torch hub cache, hash-checked where the name carries it
+
+
+class WeightsUnavailable(RuntimeError):
+    pass
+
+
+HUB = "https://huggingface.co/huiwon/CoordTok/resolve/main/"
+RELEASED = {"coordtok_ucf101": HUB + "CoordTok_UCF101_1M_50K.pth",
+            "coordtok_sit_l2_ucf101": HUB + "CoordTok_SiT_L_2_UCF101_600K.pt"}
+
+
+def fetch(url, path="", flag=""):
+    """The local file of url: `path` (given with `flag`) or the torch hub cache, downloaded there
+    first. A name carrying a hash (torchvision's vgg16-397923af.pth) is checked against it."""
+    name = os.path.basename(url).split("?")[0]
+    if path:
+        if not os.path.isfile(path):
+            raise WeightsUnavailable(f"{path} does not exist; pass the path of {name} with {flag}.")
+        return path
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    expected = re.search(r"-([a-f0-9]{8,})\.", os.path.basename(cached))
+    if not os.path.isfile(cached):
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(60)  # a silent network fails in a minute instead of hanging
+        try:
+            print(f"fetching {url} to {cached}", file=sys.stderr)
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            torch.hub.download_url_to_file(url, cached, expected and expected[1], progress=False)
+        except Exception as e:
+            raise WeightsUnavailable(f"could not fetch {url} ({type(e).__name__}: {e}); download "
+                                     f"it to {cached}" + (f" or pass its path with {flag}." if flag
+                                                          else ".")) from None
+        finally:
+            socket.setdefaulttimeout(previous)
+    elif expected:
+        digest = hashlib.sha256()
+        with open(cached, "rb") as f:
+            for block in iter(lambda: f.read(2 ** 20), b""):
+                digest.update(block)
+        if not digest.hexdigest().startswith(expected[1]):
+            raise WeightsUnavailable(f"{cached} does not match the hash in its name; delete "
+                                         f"it and fetch {url} again.")
+    return cached
+
+
+def released_file(path):
+    """A checkpoint path, or the name of the authors' released file (RELEASED), fetched."""
+    if path not in RELEASED:
+        return path
+    try:
+        return fetch(RELEASED[path])
+    except WeightsUnavailable as e:
+        raise ValueError(str(e)) from None
