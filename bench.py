@@ -1,15 +1,15 @@
 """
-Speed and memory of CoordTok on our own code: a markdown report, each row printed as it is measured, every
-ratio measured side by side in one run, times next to the device that gave them.
+Speed and memory of CoordTok on our own code: a markdown report, each row printed as it is
+measured, every ratio measured side by side in one run, times next to the device that gave them.
 
-  python bench.py                                         # the tiny model on the CPU, a few minutes
+  python bench.py                                    # the tiny model on the CPU, a few minutes
   python bench.py --parts scaling dit --frames 16 32      # some parts, fewer rows
-  python bench.py --preset large --device cuda            # the GPU check: one H100, under 5 minutes
-  python bench.py --preset large --device cuda --dry_run  # its code at tiny sizes on the CPU, in seconds
+  python bench.py --preset large --device cuda       # the GPU check: one H100, under 5 minutes
+  python bench.py --preset large --device cuda --dry_run  # its code at tiny sizes, on the CPU
 
-Memory is the peak above what the measured calls start with (model, optimizer state, input), "total" where
-a row says so; on the CPU each measurement of it runs in a new process (see measure). Times: the median of
-up to 3 calls after an untimed one, where compiling happens. Steps are eager unless a row says compiled.
+Memory is the peak above what the measured calls start with (model, optimizer state, input),
+"total" where a row says so; on the CPU each measurement runs in a process of its own (see
+measure). Times: the median of up to 3 calls after an untimed one, where compiling happens.
 """
 
 import argparse
@@ -33,20 +33,28 @@ import data
 import dit
 import eval as evaluation
 import harness as H
-from tokenizer import (PRESETS, CoordTok, TrainConfig, full_grid, gather_patches,
-                       reconstruction_loss, sample_patches)
+from tokenizer import (
+    PRESETS,
+    CoordTok,
+    TrainConfig,
+    full_grid,
+    gather_patches,
+    reconstruction_loss,
+    sample_patches,
+)
 
 PARTS = ("scaling", "compile", "throughput", "dit", "gpu", "loader")  # in the order they run
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM: MFU's denominator
-ASSUMED_MFU = 0.4         # what a `large` step reaches on an H100, for the loader when no GPU measured it
-PAPER_STAGE1 = TrainConfig(learning_rate=1e-4, weight_decay=1e-3)  # the optimizer of the paper's stage 1
+ASSUMED_MFU = 0.4  # what a `large` step reaches on an H100, for the loader without a GPU check
+PAPER_STAGE1 = TrainConfig(learning_rate=1e-4, weight_decay=1e-3)  # the paper's stage-1 AdamW
 
 
 def measure(fn, device, repeats=3, budget_s=10.0):
-    """fn() once untimed (compiling happens there), then up to `repeats` timed calls, fewer where the first shows
-    they would take over budget_s: {"seconds": their median, "first_seconds", "held_bytes": memory held before them,
-    "peak_bytes": the peak above it}. The peak is the CUDA allocator's, reset here, or the CPU's resident one, which
-    a process cannot reset: None unless run_alone started this process, for this one measurement."""
+    """fn() once untimed (compiling happens there), then up to `repeats` timed calls, fewer where
+    the first shows they would take over budget_s: {"seconds": their median, "first_seconds",
+    "held_bytes": memory held before them, "peak_bytes": the peak above it}. The peak is the CUDA
+    allocator's, or the CPU's resident one, which a process cannot reset: None unless run_alone
+    started this process for this one measurement."""
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     sync()
@@ -62,22 +70,24 @@ def measure(fn, device, repeats=3, budget_s=10.0):
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated(device) if cuda else None if multiprocessing.parent_process() is None
-            else resident_peak_bytes())
+    alone = multiprocessing.parent_process() is not None
+    peak = torch.cuda.max_memory_allocated(device) if cuda else \
+        resident_peak_bytes() if alone else None
     return {"seconds": statistics.median(times[1:]), "first_seconds": times[0], "held_bytes": held,
             "peak_bytes": None if peak is None else peak - held}
 
 
 def resident_peak_bytes():
-    """This process's peak resident memory (Linux: VmHWM). Not getrusage's ru_maxrss, which a process started by
-    fork and exec inherits from its parent: a child of a large process would report the parent's peak."""
+    """This process's peak resident memory (Linux: VmHWM). Not getrusage's ru_maxrss, which a
+    child started by fork and exec inherits from its parent."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))  # in KiB
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def run_alone(device, fn, *args):
-    """fn(*args), which measures once, in a new process on the CPU (in this one on CUDA): memory freed stays with
-    its process and its peak cannot be reset. A process that dies, most likely out of memory, gives {"error": why}."""
+    """fn(*args), which measures once, in a new process on the CPU (in this one on CUDA): freed
+    memory stays with its process and its peak cannot be reset. A process that dies, most likely
+    out of memory, gives {"error": why}."""
     if device.type == "cuda":
         return fn(*args)
     try:
@@ -87,16 +97,16 @@ def run_alone(device, fn, *args):
         return {"error": "its process died (out of memory?)"}
 
 
-def shape_model(cfg):  # a CoordTok on the meta device: its shapes and FLOP counts, no memory, no compute
+def shape_model(cfg):  # a CoordTok on the meta device: its shapes and FLOPs, no memory
     with torch.device("meta"):
         return CoordTok(cfg)
 
 
-def random_clip(cfg, batch_size, device):  # (B, T, H, W, 3) in [-1, 1]: a step's cost does not depend on pixels
-    return torch.rand(batch_size, cfg.num_frames, cfg.img_size, cfg.img_size, 3, device=device) * 2 - 1
+def random_clip(cfg, batch_size, device):  # (B, T, H, W, 3): a step's cost ignores the pixels
+    return torch.rand(batch_size, cfg.num_frames, *cfg.frame_size, 3, device=device) * 2 - 1
 
 
-def train_step(model, optimizer, loss, device):  # a step as the loops take it: guarded, clipped
+def train_step(model, optimizer, loss, device):  # a step as the loops take it: clipped, guarded
     def step():
         with H.autocast(device):
             value = loss()
@@ -106,8 +116,8 @@ def train_step(model, optimizer, loss, device):  # a step as the loops take it: 
 
 
 def training_step(model, optimizer, forward, video, num_samples):
-    """CoordTok's stage-1 step: patches and their pixels picked on the device, forward (the model or its compiled
-    wrapper), L2. num_samples None decodes every patch of the clip through the same forward."""
+    """CoordTok's stage-1 step: patches and their pixels picked on the device, forward (the model
+    or its compiled wrapper), the loss. num_samples None decodes every patch of the clip."""
     B, device = video.shape[0], video.device
     n_frames = torch.full((B,), video.shape[1], device=device)
 
@@ -115,8 +125,8 @@ def training_step(model, optimizer, forward, video, num_samples):
         if num_samples:
             coords, targets = sample_patches(video, n_frames, num_samples, model.patch_size)
         else:
-            coords = full_grid(model.grid_size, device).expand(B, -1, -1)         # (B, P, 3)
-            targets = gather_patches(video, coords, model.patch_size)            # (B, P, D)
+            coords = full_grid(model.grid_size, device).expand(B, -1, -1)          # (B, P, 3)
+            targets = gather_patches(video, coords, model.patch_size)             # (B, P, D)
         return reconstruction_loss(forward(video, coords), targets)
     return train_step(model, optimizer, loss, device)
 
@@ -126,45 +136,46 @@ def tokenizer_step(cfg, batch_size, num_samples, device, compiled=False, math_at
     model = CoordTok(cfg).to(device)
     optimizer = H.make_optimizer(model, PAPER_STAGE1, device)
     forward = torch.compile(model) if compiled else model
-    step = training_step(model, optimizer, forward, random_clip(cfg, batch_size, device), num_samples)
-    with sdpa_kernel(SDPBackend.MATH) if math_attention else nullcontext():  # the backward follows the forward
+    video = random_clip(cfg, batch_size, device)
+    step = training_step(model, optimizer, forward, video, num_samples)
+    with sdpa_kernel(SDPBackend.MATH) if math_attention else nullcontext():  # backward follows
         return {**measure(step, device), "decoded": num_samples or math.prod(model.grid_size)}
 
 
 class GridDiT(dit.SiT):
-    """dit.SiT on a 3D latent grid (C, T', H', W') in 1 x p x p patches: the grid is carried as the one plane
-    (C, T'*H', W'), whose p x p patches these are as p divides H'. SiT is made for three planes, so it is built for
-    three such planes and cut to the first; SiT.forward zips planes with their modules, so it takes that one alone."""
+    """dit.SiT on a 3D latent grid (C, T', H', W') in 1 x p x p patches: the grid is carried as
+    one plane (C, T'*H', W'), whose p x p patches these are as p divides H'. SiT is made for three
+    planes: built for three such planes and cut to the first (forward zips planes and modules)."""
 
     def __init__(self, config, grid_shape):
         channels, frames, height, width = grid_shape
         super().__init__(config, [(channels, frames * height, width)] * 3)
         del self.embeds[1:], self.heads[1:]
-        self.pos_t = torch.nn.Parameter(self.pos_t[:, :0])                     # no time planes
+        self.pos_t = torch.nn.Parameter(self.pos_t[:, :0])                    # no time planes
         self.plane_shapes, self.grids = self.plane_shapes[:1], self.grids[:1]
 
 
 def latents(cfg):
-    """A clip's latents as a DiT takes them: CoordTok's triplane, off the encoder, and eval.grid_latent_shape's."""
+    """A clip's latents as a DiT takes them: CoordTok's triplane and eval's 3D latent grid."""
     model = shape_model(cfg)
-    with torch.device("meta"):
-        planes = model.encode(torch.zeros(1, cfg.num_frames, cfg.img_size, cfg.img_size, 3))
-    grid = tuple(evaluation.grid_latent_shape(cfg.num_frames, cfg.img_size))
-    return {"triplane": {"shape": [tuple(z.shape[1:]) for z in planes], "tokens": model.num_tokens()},
+    grid = tuple(evaluation.grid_latent_shape(cfg.num_frames, cfg.frame_size))
+    return {"triplane": {"shape": list(model.triplane_shapes), "tokens": model.num_tokens()},
             "grid": {"shape": [grid], "tokens": math.prod(grid[1:])}}
 
 
 def dit_step(sit_cfg, latent, shapes, batch_size, device):
-    """measure() of a DiT's flow-matching step on latents()' "triplane" (dit.SiT) or "grid" (GridDiT)."""
-    model = (dit.SiT(sit_cfg, shapes) if latent == "triplane" else GridDiT(sit_cfg, shapes[0])).to(device)
-    planes = tuple(torch.randn(batch_size, *s, device=device) for s in model.plane_shapes)  # (B, C, H, W) each
+    """measure() of a DiT's flow-matching step on latents()' "triplane" or "grid" (GridDiT)."""
+    model = dit.SiT(sit_cfg, shapes) if latent == "triplane" else GridDiT(sit_cfg, shapes[0])
+    model = model.to(device)
+    planes = tuple(torch.randn(batch_size, *s, device=device) for s in model.plane_shapes)
     labels = torch.zeros(batch_size, dtype=torch.long, device=device)
     optimizer = H.make_optimizer(model, dit.DiTTrainConfig(learning_rate=1e-4), device)
-    step = train_step(model, optimizer, lambda: dit.flow_matching_loss(model, planes, labels), device)
-    return {**measure(step, device), "dit_tokens": sum(h * w for h, w in model.grids)}
+    loss = lambda: dit.flow_matching_loss(model, planes, labels)  # noqa: E731
+    return {**measure(train_step(model, optimizer, loss, device), device),
+            "dit_tokens": sum(h * w for h, w in model.grids)}
 
 
-def estimated_clips_per_s(cfg):  # an H100 at ASSUMED_MFU, forward and backward (3x the forward's matmuls)
+def estimated_clips_per_s(cfg):  # an H100 at ASSUMED_MFU, forward and backward (3x the forward)
     model = shape_model(cfg)  # decoding 1/32 of the clip's patches
     return ASSUMED_MFU * H100_BF16_FLOPS / (3 * model.flops_per_clip(math.prod(model.grid_size) // 32))
 
@@ -177,14 +188,16 @@ def size(b):
     return "-" if b is None else f"{b / 2 ** 20:.0f} MiB" if b < 2 ** 30 else f"{b / 2 ** 30:.2f} GiB"
 
 
-def cells(r, base=None):  # a measurement's time (or why it has none) and memory, then their ratios to base's
+def cells(r, base=None):  # a measurement's time (or why none) and memory, then ratios to base's
     keys = ("seconds", "peak_bytes")
-    ratios = [f"{r[k] / base[k]:.2f}x" if r.get(k) and base.get(k) else "-" for k in keys] if base else []
+    ratios = [f"{r[k] / base[k]:.2f}x" if r.get(k) and base.get(k) else "-" for k in keys] \
+        if base else []
     return [r.get("error") or seconds(r.get("seconds")), size(r.get("peak_bytes")), *ratios]
 
 
 def table(title, *columns):
-    print(f"\n### {title}\n\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns), flush=True)
+    print(f"\n### {title}\n\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns),
+          flush=True)
 
 
 def row(*values):
@@ -192,50 +205,58 @@ def row(*values):
 
 
 def part_scaling(configs, batch_size, num_samples, device):
-    table(f"A training step as the clip grows (batch {batch_size}; sampled: {num_samples} random patches per clip, "
-          "CoordTok's way; full: every patch, through the same forward)", "frames", "patches per clip", "sampled: time",
-          "sampled: memory", "full: time", "full: memory", "full / sampled: time", "full / sampled: memory")
+    table(f"A training step as the clip grows (batch {batch_size}; sampled: {num_samples} random "
+          "patches per clip, CoordTok's way; full: every patch, through the same forward)",
+          "frames", "patches per clip", "sampled: time", "sampled: memory", "full: time",
+          "full: memory", "full / sampled: time", "full / sampled: memory")
     rows = []
     for cfg in configs:
-        sampled, full = (run_alone(device, tokenizer_step, cfg, batch_size, n, device) for n in (num_samples, None))
+        sampled, full = (run_alone(device, tokenizer_step, cfg, batch_size, n, device)
+                         for n in (num_samples, None))
         row(cfg.num_frames, full.get("decoded", "-"), *cells(sampled), *cells(full, sampled))
         rows.append({"frames": cfg.num_frames, "sampled": sampled, "full": full})
     if len(rows) > 1:
-        (st, sm), (ft, fm) = (cells(rows[-1][mode], rows[0][mode])[2:] for mode in ("sampled", "full"))
-        print(f"\nFrom {rows[0]['frames']} to {rows[-1]['frames']} frames the sampled step's time grows {st} and its "
-              f"memory {sm}; the full decode's {ft} and {fm}.", flush=True)
+        (st, sm), (ft, fm) = (cells(rows[-1][mode], rows[0][mode])[2:] for mode in
+                              ("sampled", "full"))
+        print(f"\nFrom {rows[0]['frames']} to {rows[-1]['frames']} frames the sampled step's "
+              f"time grows {st} and its memory {sm}; the full decode's {ft} and {fm}.", flush=True)
     return rows
 
 
 def part_compile(cfg, batch_size, num_samples, device):
-    table(f"The training step compiled, and with SDPA's math attention ({cfg.num_frames} frames, batch {batch_size}, "
-          f"{num_samples} sampled patches per clip)", "step", "time", "this / eager", "first call (compiles)")
+    table(f"The training step compiled, and with SDPA's math attention ({cfg.num_frames} frames, "
+          f"batch {batch_size}, {num_samples} sampled patches per clip)", "step", "time",
+          "this / eager", "first call (compiles)")
     rows = {}
-    for key, name, compiled, math_attention in (("eager", "eager, SDPA's own kernel choice", False, False),
-                                                ("compiled", "torch.compile (inductor)", True, False),
-                                                ("math_attention", "eager, SDPA's math backend", False, True)):
-        r = rows[key] = run_alone(device, tokenizer_step, cfg, batch_size, num_samples, device, compiled,
-                                  math_attention)
-        time_cell, _, time_ratio, _ = cells(r, rows["eager"])  # not memory: compiling's own would be in it
+    for key, name, compiled, math_attention in (
+            ("eager", "eager, SDPA's own kernel choice", False, False),
+            ("compiled", "torch.compile (inductor)", True, False),
+            ("math_attention", "eager, SDPA's math backend", False, True)):
+        r = rows[key] = run_alone(device, tokenizer_step, cfg, batch_size, num_samples, device,
+                                  compiled, math_attention)
+        time_cell, _, time_ratio, _ = cells(r, rows["eager"])  # not memory: compiling's is in it
         row(name, time_cell, time_ratio, seconds(r.get("first_seconds")))
     return rows
 
 
 def part_throughput(cfg, batch_size, device):
-    table(f"Encode and decode ({cfg.num_frames} frames of {cfg.img_size}x{cfg.img_size}, batch {batch_size}, no "
-          f"gradients, {cfg.decode_chunk} temporal patches per decoder call)", "call", "time", "clips/s", "frames/s",
-          "decode_video / this")
+    table(f"Encode and decode ({cfg.num_frames} frames of {'x'.join(map(str, cfg.frame_size))}, "
+          f"batch {batch_size}, no gradients, {cfg.decode_chunk} temporal patches per decoder "
+          "call)", "call", "time", "clips/s", "frames/s", "decode_video / this")
     model = CoordTok(cfg).to(device).eval()
     video, rows = random_clip(cfg, batch_size, device), {}
     with torch.no_grad(), H.autocast(device):
         triplane = model.encode(video)
         for name, call, frames in (("encode", lambda: model.encode(video), cfg.num_frames),
-                                   ("decode_video", lambda: model.decode_video(triplane), cfg.num_frames),
+                                   ("decode_video", lambda: model.decode_video(triplane),
+                                    cfg.num_frames),
                                    (f"decode_frames: 1 of {cfg.num_frames}",
                                     lambda: model.decode_frames(triplane, [0]), 1)):
             r = rows[name] = measure(call, device)
-            r.update(clips_per_s=batch_size / r["seconds"], frames_per_s=batch_size * frames / r["seconds"])
-            row(name, seconds(r["seconds"]), f"{r['clips_per_s']:,.1f}", f"{r['frames_per_s']:,.0f}",
+            r.update(clips_per_s=batch_size / r["seconds"],
+                     frames_per_s=batch_size * frames / r["seconds"])
+            row(name, seconds(r["seconds"]), f"{r['clips_per_s']:,.1f}",
+                f"{r['frames_per_s']:,.0f}",
                 f"{rows['decode_video']['seconds'] / r['seconds']:.2f}x" if name != "encode" else "")
     return rows
 
@@ -243,34 +264,39 @@ def part_throughput(cfg, batch_size, device):
 def part_dit(clips, batch_size, device):
     sit_name = "L/2" if device.type == "cuda" else "cpu"
     sit_cfg = dit.PRESETS[sit_name]
-    table(f"A DiT training step: CoordTok's triplane vs the 3D latent grid of the same clip (SiT `{sit_name}`: width "
-          f"{sit_cfg.width}, depth {sit_cfg.depth}, patch {sit_cfg.patch_size}; batch {batch_size})", "clip", "latent",
-          "shape", "tokens", "DiT tokens", "time", "memory", "this / triplane: time", "this / triplane: memory")
+    table(f"A DiT training step: CoordTok's triplane vs the 3D latent grid of the same clip (SiT "
+          f"`{sit_name}`: width {sit_cfg.width}, depth {sit_cfg.depth}, patch "
+          f"{sit_cfg.patch_size}; batch {batch_size})", "clip", "latent", "shape", "tokens",
+          "DiT tokens", "time", "memory", "this / triplane: time", "this / triplane: memory")
     rows = []
     for cfg in clips:
         for latent, spec in latents(cfg).items():
-            r = {"clip": f"{cfg.num_frames}x{cfg.img_size}x{cfg.img_size}", "latent": latent, **spec,
-                 **run_alone(device, dit_step, sit_cfg, latent, spec["shape"], batch_size, device)}
+            r = {"clip": "x".join(map(str, (cfg.num_frames, *cfg.frame_size))), "latent": latent,
+                 **spec, **run_alone(device, dit_step, sit_cfg, latent, spec["shape"], batch_size,
+                                     device)}
             row(r["clip"], "CoordTok triplane" if latent == "triplane" else "3D grid, 4x8x8 down",
-                " + ".join("x".join(map(str, s)) for s in r["shape"]), r["tokens"], r.get("dit_tokens", "-"),
-                *cells(r, r if latent == "triplane" else rows[-1]))
+                " + ".join("x".join(map(str, s)) for s in r["shape"]), r["tokens"],
+                r.get("dit_tokens", "-"), *cells(r, r if latent == "triplane" else rows[-1]))
             rows.append(r)
     return rows
 
 
 def part_gpu(cfg, device, dry_run):
-    sit_cfg, max_batch, sampling_steps, backend = ((dit.SiTConfig(width=64, depth=2, heads=2), 4, 4, "aot_eager")
-                                                   if dry_run else (dit.PRESETS["L/2"], 256, 250, "inductor"))
+    sit_cfg, max_batch, sampling_steps, backend = (
+        (dit.SiTConfig(width=64, depth=2, heads=2), 4, 4, "aot_eager") if dry_run
+        else (dit.PRESETS["L/2"], 256, 250, "inductor"))
     with torch.device(device):  # made where it runs: `large` is 853M parameters
         model = CoordTok(cfg)
-    table(f"GPU check: CoordTok {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M on {cfg.num_frames}x"
-          f"{cfg.img_size}x{cfg.img_size} clips; bf16 autocast on CUDA, torch.compile ({backend}), SDPA, AdamW",
-          "measurement", "time", "clips/s", "MFU", "peak memory, total")
+    table(f"GPU check: CoordTok {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M on "
+          f"{'x'.join(map(str, (cfg.num_frames, *cfg.frame_size)))} clips; bf16 autocast on CUDA, "
+          f"torch.compile ({backend}), SDPA, AdamW", "measurement", "time", "clips/s", "MFU",
+          "peak memory, total")
     optimizer = H.make_optimizer(model, PAPER_STAGE1, device)
-    compiled, num_samples = torch.compile(model, backend=backend), math.prod(model.grid_size) // 32  # 1024 of 32768
+    num_samples = math.prod(model.grid_size) // 32  # the paper's 1024 of 32768
+    compiled = torch.compile(model, backend=backend)
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
-    def forward(*inputs):  # the batch changes in the search: one graph for all (not 1, which compile specialises)
+    def forward(*inputs):  # one graph for every batch of the search (not 1: compile specialises)
         for tensor in inputs:
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
         return compiled(*inputs)
@@ -282,106 +308,128 @@ def part_gpu(cfg, device, dry_run):
         except torch.OutOfMemoryError:
             break
         largest, batch = batch, batch * 2
-    model.zero_grad(set_to_none=True)  # what a step that ran out of memory left: its gradients, and activations
-    gc.collect()                       # in its exception's reference cycles
+    model.zero_grad(set_to_none=True)  # what a step that ran out of memory left: its gradients,
+    gc.collect()                       # and activations in its exception's reference cycles
     if largest is None:
-        raise SystemExit(f"error: a training step of batch 2 does not fit on {device}")
-    step = measure(training_step(model, optimizer, forward, random_clip(cfg, largest, device), num_samples), device)
-    flops = 3 * model.flops_per_clip(num_samples) * largest  # forward and backward: 3x the forward's matmuls
-    out = {"num_samples": num_samples, "largest_batch": largest, "step": step, "clips_per_s": largest / step["seconds"],
-           "mfu": flops / step["seconds"] / H100_BF16_FLOPS if device.type == "cuda" else None,
-           "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before}
-    total = lambda r: None if r["peak_bytes"] is None else r["held_bytes"] + r["peak_bytes"]
+        raise SystemExit(f"error: a training step of batch 2 does not fit on {device}.")
+    video = random_clip(cfg, largest, device)
+    step = measure(training_step(model, optimizer, forward, video, num_samples), device)
+    flops = 3 * model.flops_per_clip(num_samples) * largest  # forward and backward
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
+    out = {"num_samples": num_samples, "largest_batch": largest, "step": step,
+           "clips_per_s": largest / step["seconds"], "compiled_graphs": graphs,
+           "mfu": flops / step["seconds"] / H100_BF16_FLOPS if device.type == "cuda" else None}
+    total = lambda r: None if r["peak_bytes"] is None else r["held_bytes"] + r["peak_bytes"]  # noqa
     bound = " (the search's bound)" if batch > max_batch else ""
-    row(f"training step at batch {largest}, the largest that fits{bound}, {num_samples} sampled patches per clip",
-        seconds(step["seconds"]), f"{out['clips_per_s']:,.1f}", "-" if out["mfu"] is None else f"{out['mfu']:.1%}",
-        size(total(step)))
-    del forward, compiled, optimizer  # the training state: decoding and sampling hold only weights
+    row(f"training step at batch {largest}, the largest that fits{bound}, {num_samples} sampled "
+        "patches per clip", seconds(step["seconds"]), f"{out['clips_per_s']:,.1f}",
+        "-" if out["mfu"] is None else f"{out['mfu']:.1%}", size(total(step)))
+    del forward, compiled, optimizer  # the training state: decoding and sampling hold weights
     gc.collect()
     with torch.no_grad(), H.autocast(device):
         triplane = model.eval().encode(random_clip(cfg, 1, device))
         decode = out["decode"] = measure(lambda: model.decode_video(triplane), device)
-        row(f"decode_video, one {cfg.num_frames}-frame clip", seconds(decode["seconds"]), "", "", size(total(decode)))
+        row(f"decode_video, one {cfg.num_frames}-frame clip", seconds(decode["seconds"]), "", "",
+            size(total(decode)))
         sit = dit.SiT(sit_cfg, [z.shape[1:] for z in triplane]).to(device).eval()
         compiled_sit = torch.compile(sit, backend=backend)  # as sample.py runs it on CUDA
         labels = torch.zeros(1, dtype=torch.long, device=device)
         sample = out["sample"] = measure(lambda: model.decode_video(
             dit.sample_planes(compiled_sit, labels, steps=sampling_steps)), device, repeats=1)
-        row(f"sample one clip: SiT {sum(p.numel() for p in sit.parameters()) / 1e6:.1f}M, {sampling_steps} SDE steps, "
-            "then decode_video, both models' fp32 weights held (the paper: 9.8 s and 4.5 GB on an RTX 4090)",
-            seconds(sample["seconds"]), "", "", size(total(sample)))
+        row(f"sample one clip: SiT {sum(p.numel() for p in sit.parameters()) / 1e6:.1f}M, "
+            f"{sampling_steps} SDE steps, then decode_video, both models' fp32 weights held (the "
+            "paper: 9.8 s and 4.5 GB on an RTX 4090)", seconds(sample["seconds"]), "", "",
+            size(total(sample)))
     return out
 
 
 def part_loader(cfg, needed_clips_per_s, needed_from):
-    table(f"Loader: one process reading {cfg.num_frames}-frame clips at {cfg.img_size}x{cfg.img_size} as training "
-          f"does (read_clip), against the {needed_clips_per_s:,.1f} clips/s one GPU trains on ({needed_from})",
-          "read path", "frames/s", "clips/s", "decoding alone: frames/s", "processes per GPU")
+    table(f"Loader: one process reading {cfg.num_frames}-frame clips at "
+          f"{'x'.join(map(str, cfg.frame_size))} as training does (read_clip), against the "
+          f"{needed_clips_per_s:,.1f} clips/s one GPU trains on ({needed_from})", "read path",
+          "frames/s", "clips/s", "decoding alone: frames/s", "processes per GPU",
+          "a clip at the start / middle / end of a 1,750-frame video")
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         clip = os.path.join("Bench", "v_Bench_g01_c01")  # UCF-101's layout: class folder, clip
-        paths = {"source: MPEG-4 .avi, 320x240 (UCF-101's format)":
-                 data.make_ucf_like_video(os.path.join(folder, "source", clip + ".avi"))}
+        source = data.make_ucf_like_video(os.path.join(folder, "source", clip + ".avi"), loops=10)
+        paths = {"source: MPEG-4 .avi, 320x240 (UCF-101's format)": source}
         for codec, extension in data.PREPARED_FORMATS.items():
-            data.prepare_videos(os.path.join(folder, "source"), os.path.join(folder, codec), cfg.img_size, codec=codec)
+            data.prepare_videos(os.path.join(folder, "source"), os.path.join(folder, codec),
+                                cfg.frame_size, codec=codec)
             paths[f"prepared: {codec} {extension}"] = os.path.join(folder, codec, clip + extension)
         for name, path in paths.items():
-            r = rows[name] = data.measure_read_speed(path, cfg.img_size, cfg.num_frames)
-            r["processes_per_gpu"] = math.ceil(needed_clips_per_s / r["clips_per_s"])  # the fewest that feed one GPU
-            row(name, f"{r['frames_per_s']:,.0f}", f"{r['clips_per_s']:,.1f}", f"{r['decode_frames_per_s']:,.0f}",
-                r["processes_per_gpu"])
-    return {"needed_clips_per_s": needed_clips_per_s, "needed_from": needed_from, "read_paths": rows}
+            r = rows[name] = data.measure_read_speed(path, cfg.frame_size, cfg.num_frames)
+            r["processes_per_gpu"] = math.ceil(needed_clips_per_s / r["clips_per_s"])
+            row(name, f"{r['frames_per_s']:,.0f}", f"{r['clips_per_s']:,.1f}",
+                f"{r['decode_frames_per_s']:,.0f}", r["processes_per_gpu"],
+                " / ".join(map(seconds, r["seconds_per_clip"].values())))
+    return {"needed_clips_per_s": needed_clips_per_s, "needed_from": needed_from,
+            "read_paths": rows}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=list(PRESETS))
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    parser.add_argument("--parts", nargs="+", choices=PARTS, help="default: all but gpu on CPU, gpu and loader on CUDA")
-    parser.add_argument("--frames", nargs="+", type=int, default=[16, 32, 64, 128], help="clip lengths, scaling")
+    parser.add_argument("--parts", nargs="+", choices=PARTS,
+                        help="default: all but gpu on CPU, gpu and loader on CUDA")
+    parser.add_argument("--frames", nargs="+", type=int, default=[16, 32, 64, 128],
+                        help="clip lengths, scaling")
     parser.add_argument("--batch_size", type=int, default=2, help="clips per step, scaling to dit")
-    parser.add_argument("--json", default="", help="PATH: every number, written again after each part")
-    parser.add_argument("--dry_run", action="store_true", help="gpu and loader at tiny sizes on the CPU (aot_eager)")
+    parser.add_argument("--json", default="", help="PATH: every number, written after each part")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="gpu and loader at tiny sizes on the CPU (aot_eager)")
     args, command = parser.parse_args(argv), " ".join(["python bench.py", *argv])
     if args.batch_size < 1:
         parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
     try:
         device = H.pick_device("cpu" if args.dry_run else args.device)
     except ValueError as e:
-        raise SystemExit(f"error: {str(e)[:-1]}, or rehearse the GPU check on the CPU with --dry_run.") from None
+        raise SystemExit(f"error: {str(e)[:-1]}, or rehearse the GPU check on the CPU with "
+                         f"--dry_run.") from None
     frames = sorted(set(args.frames))
     configs = [dataclasses.replace(PRESETS[args.preset], num_frames=n) for n in frames]
     try:
         patches = [math.prod(shape_model(cfg).grid_size) for cfg in configs]
     except ValueError as e:
-        raise SystemExit(f"error: --frames {' '.join(map(str, frames))} must fit `{args.preset}`: {e}") from None
+        raise SystemExit(f"error: --frames {' '.join(map(str, frames))} must fit "
+                         f"`{args.preset}`: {e}") from None
     longest, num_samples = configs[-1], patches[-1] // 32  # the paper's 1024 of 32768
     if num_samples > patches[0]:
-        raise SystemExit(f"error: --frames {frames[0]} and {frames[-1]} are too far apart: the {num_samples} patches "
-                         "sampled per clip (1/32 of the longest clip's) must fit in the shortest")
+        raise SystemExit(f"error: --frames {frames[0]} and {frames[-1]} are too far apart: the "
+                         f"{num_samples} patches sampled per clip (1/32 of the longest clip's) "
+                         f"must fit in the shortest.")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         with open("/proc/cpuinfo") as f:  # Linux, as the memory readings
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "CPU")
+            name = next((line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name")), "CPU")
     threads = torch.get_num_threads()
     where = name + (f", {threads} torch thread{'s' * (threads > 1)}" if device.type == "cpu" else "")
     what = "dry run: the tiny tokenizer" if args.dry_run else f"`{args.preset}` preset"
-    print(f"## CoordTok bench: {what} on {device} ({where}), torch {torch.__version__}\n\n`{command}`", flush=True)
+    print(f"## CoordTok bench: {what} on {device} ({where}), torch {torch.__version__}\n\n"
+          f"`{command}`", flush=True)
     results = {"command": command, "device": str(device), "device_name": name, "threads": threads,
                "torch": torch.__version__, "preset": args.preset, "dry_run": args.dry_run}
     large, gpu_cfg = PRESETS["large"], PRESETS["tiny" if args.dry_run else args.preset]
+    estimate = (f"`large`, estimated: 3 x flops_per_clip(1024) at {ASSUMED_MFU:.0%} of an H100's "
+                f"989 TFLOP/s")
     measure_part = {
         "scaling": lambda: part_scaling(configs, args.batch_size, num_samples, device),
         "compile": lambda: part_compile(longest, args.batch_size, num_samples, device),
         "throughput": lambda: part_throughput(longest, args.batch_size, device),
-        "dit": lambda: part_dit([longest] + [large] * (latents(large) != latents(longest)), args.batch_size, device),
+        "dit": lambda: part_dit([longest] + [large] * (latents(large) != latents(longest)),
+                                args.batch_size, device),
         "gpu": lambda: part_gpu(gpu_cfg, device, args.dry_run),
-        "loader": lambda: (part_loader(gpu_cfg, results["gpu"]["clips_per_s"], f"measured by gpu on {where}")
-                           if "gpu" in results else part_loader(large, estimated_clips_per_s(large), "`large`, "
-                           f"estimated: 3 x flops_per_clip(1024) at {ASSUMED_MFU:.0%} of an H100's 989 TFLOP/s"))}
-    default = ["gpu", "loader"] if device.type == "cuda" or args.dry_run else [p for p in PARTS if p != "gpu"]
+        "loader": lambda: part_loader(gpu_cfg, results["gpu"]["clips_per_s"],
+                                      f"measured by gpu on {where}") if "gpu" in results
+        else part_loader(large, estimated_clips_per_s(large), estimate)}
+    default = ["gpu", "loader"] if device.type == "cuda" or args.dry_run else \
+        [p for p in PARTS if p != "gpu"]
     for part in sorted(set(args.parts or default), key=PARTS.index):
         results[part] = measure_part[part]()
         if args.json:  # after every part: a part that fails leaves the numbers of those before it

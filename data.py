@@ -98,6 +98,11 @@ def probe_video(path):
             "keys": sorted(p for p, key in packets if key) if timed else None}
 
 
+def hw(size):
+    """A frame size, img_size or (height, width), as (height, width)."""
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 # PyAV >= 17 scales with a thread per core unless told otherwise: at these frame sizes one
 # thread is faster, and a loader runs a process per core already
 _SCALER_THREADS = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
@@ -124,7 +129,7 @@ def frames_from(path, size, start=0, info=None):
     """The frames of a video from index `start` on, each through to_rgb. With probe_video's
     index, decoding starts at the keyframe before `start` (a seek) and each frame's index comes
     from its time, so the seek is frame-exact. A decoding error ends the frames."""
-    container, stream = _open_video(path)
+    container, stream, size = *_open_video(path), hw(size)
     pts, scaler, index, out = (info or {}).get("pts"), VideoReformatter(), -1, 0
     try:
         if pts and start > 0 and start < len(pts):
@@ -148,8 +153,7 @@ def read_clip(path, size, num_frames, start=None, rng=None, info=None):
     """num_frames consecutive frames, (num_frames, H, W, 3) uint8, and how many are real (a
     video shorter than the clip is padded with zero frames). start None: drawn at random (rng);
     an int fixes it. size: img_size, or (height, width)."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    info = info or probe_video(path)
+    size, info = hw(size), info or probe_video(path)
     start = random_start(info["n_frames"], num_frames, rng) if start is None else start
     clip = np.zeros((num_frames, *size, 3), dtype=np.uint8)
     n_real = 0
@@ -350,7 +354,7 @@ def prepare_videos(source_root, target_root, img_size, workers=1, codec="rawvide
     (height, width)) through read_clip's own resize, stored losslessly: frame i of a copy is
     frame i of read_clip on its source, bit for bit, read several times faster. Skips what
     exists (a re-run resumes) and unreadable sources (warning). Returns the counts."""
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    size = hw(img_size)
     if os.path.abspath(target_root).startswith(os.path.join(os.path.abspath(source_root), "")):
         raise ValueError(f"--prepare: put the copy {target_root!r} outside {source_root!r}.")
     jobs, targets = [], {}
@@ -395,7 +399,7 @@ class VideoDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"no readable video in {root!r} (searched for "
                                     f"{', '.join(VIDEO_EXTENSIONS)}); add videos to it.")
         self.class_names = sorted({name for _, name in videos})
-        self.size = (frame_size,) * 2 if isinstance(frame_size, int) else tuple(frame_size)
+        self.size = hw(frame_size)
         self.num_frames = num_frames
         self.random_start = split == "train" if random_start is None else random_start
         held_out = set() if split == "all" else held_out_paths(videos, val_fraction, split_file)
@@ -635,14 +639,15 @@ def make_synthetic(out_dir, num_classes=4, videos_per_class=48, num_frames=32, s
     return out_dir
 
 
-def make_ucf_like_video(path, num_frames=175, seed=0):
+def make_ucf_like_video(path, num_frames=175, seed=0, loops=1):
     """A video in UCF-101's format, for read-speed measurements without a download: 320x240,
-    25 fps, MPEG-4 part 2 in .avi at about its bit rate, with a camera-like grain."""
+    25 fps, MPEG-4 part 2 in .avi at about its bit rate, with a camera-like grain; its frames
+    played `loops` times make a long video."""
     rng = np.random.default_rng(seed)
     video = repeat(_render_video(rng, "stars", num_frames, 160), "t h w c -> t (h 2) (w 2) c")
     grain = rng.integers(-6, 7, video[:, 40:280].shape)                      # (T, 240, 320, 3)
-    write_video(path, np.clip(video[:, 40:280] + grain, 0, 255).astype(np.uint8), fps=25,
-                codec="mpeg4")
+    video = np.clip(video[:, 40:280] + grain, 0, 255).astype(np.uint8)
+    write_video(path, (frame for _ in range(loops) for frame in video), fps=25, codec="mpeg4")
     return path
 
 

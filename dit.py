@@ -19,7 +19,6 @@ loop; then the conversion of the authors' weights.
 import copy
 import math
 import os
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -204,10 +203,13 @@ class SiT(nn.Module):
 
     @classmethod
     def from_official(cls, path_or_state_dict, official_kwargs=None):
-        """Our SiT carrying the authors' weights: their release (its EMA), a name of
-        harness.RELEASED, or a state dict of their SiT (bare, or under "ema" or "model").
+        """Our SiT carrying the authors' weights: their release (its EMA; or its name,
+        "coordtok_sit_l2_ucf101"), or a state dict of their SiT (bare, or under "ema" or "model");
         official_kwargs: their SiT(...)'s arguments, the paper's SiT-L/2 where missing."""
-        return convert_official(path_or_state_dict, official_kwargs)
+        fields, shapes, classes, state, hint = H.official_sit(path_or_state_dict, official_kwargs)
+        with torch.device("meta"):
+            model = cls(SiTConfig(**fields), shapes, num_classes=classes)
+        return H.load_state(model, state, "official SiT", hint)
 
 
 def validate_config(cfg, plane_shapes):
@@ -416,28 +418,13 @@ class DiTTrainConfig:
     compile: str = "auto"        # auto (on for CUDA) | true | false
 
 
-def validate_train_config(tc):
-    problems = [f"--{n} must be >= 1" for n in ("max_iters", "batch_size", "grad_accum",
-                                                "log_interval", "ckpt_interval", "max_bad_steps")
-                if getattr(tc, n) < 1]
-    if tc.lr_schedule not in ("constant", "cosine"):
-        problems.append(f"--lr_schedule must be constant or cosine, got {tc.lr_schedule}")
-    if not 0 <= tc.ema_decay < 1:
-        problems.append(f"--ema_decay must be in [0, 1), got {tc.ema_decay}")
-    if problems:
-        raise ValueError("invalid configuration: " + "; ".join(problems) + ".")
-
-
 def load_dit(path, device="cpu"):
     """The EMA weights of a SiT (eval mode; only they are read from the file) and its checkpoint
     dict, ours or the authors' release (kind "official": no token statistics, classes or
     tokenizer; those must be given)."""
-    def build(ckpt):
-        cfg = H.config_from_dict(SiTConfig, ckpt["model_config"], path)
-        return H.build_lean(lambda: SiT(cfg, ckpt["plane_shapes"], ckpt["num_classes"]),
-                            ckpt["ema"])
-
-    model, ckpt = H.load_model_file(path, "coordtok_dit", build, SiT.from_official, "SiT")
+    model, ckpt = H.load_model_file(
+        path, "coordtok_dit", SiTConfig, lambda cfg, c: SiT(cfg, c["plane_shapes"], c["num_classes"]),
+        "ema", SiT.from_official, "SiT")
     if ckpt["kind"] == "official":
         ckpt.update(plane_shapes=model.plane_shapes, num_classes=model.num_classes, class_names=[])
     return model.to(device).eval().requires_grad_(False), ckpt
@@ -465,7 +452,8 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
         if step >= tc.max_iters:
             return print(f"{ckpt_path} is at step {step}: nothing to train below --max_iters "
                          f"{tc.max_iters}.")
-    validate_train_config(tc)
+    H.check_train_config(tc, [f"--ema_decay must be in [0, 1), got {tc.ema_decay}"
+                              * (not 0 <= tc.ema_decay < 1)])
     tokens = data.load_tokens(tc.tokens)
     planes = normalize(tuple(tokens[k].float() for k in data.PLANES), tokens["mean"],
                        tokens["std"])
@@ -574,51 +562,6 @@ def main(argv=None):
         train(cfg, tc, explicit)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SystemExit(f"error: {e}")
-
-
-# -----------------------------------------------------------------------------
-# the authors' weights (github.com/huiwon-jang/CoordTok, models/diffusion/sit_models.py)
-
-# their constructor arguments for the paper's generator, SiT-L/2 on the (32, 16, 8) triplane
-OFFICIAL_SIT_PAPER_KWARGS = dict(input_size=(32, 16), patch_size=2, in_channels=8,
-                                 hidden_size=1024, depth=24, num_heads=16, mlp_ratio=4.0,
-                                 class_dropout_prob=0.0, num_classes=1, learn_sigma=True)
-
-# their names -> ours (their planes xy, yt, xt are our z_xy, z_xt, z_yt: index 0, 1, 2)
-OFFICIAL_SIT_NAMES = [
-    (r"^x_embedder_xy\.proj\.", "embeds.0."), (r"^x_embedder_yt\.proj\.", "embeds.1."),
-    (r"^x_embedder_xt\.proj\.", "embeds.2."),
-    (r"^pos_embed_xy$", "pos_xy"), (r"^pos_embed_t$", "pos_t"), (r"^type_embed$", "plane_type"),
-    (r"^t_embedder\.mlp\.", "time_mlp."), (r"^y_embedder\.embedding_table\.", "class_embed."),
-    (r"\.adaLN_modulation\.1\.", ".modulation."),
-    (r"^final_layer_xy\.", "heads.0."), (r"^final_layer_yt\.", "heads.1."),
-    (r"^final_layer_xt\.", "heads.2."), (r"^(heads\.\d)\.linear\.", r"\1.proj."),
-]
-
-
-def convert_official(path_or_state_dict, official_kwargs=None):
-    state = H.unwrap_state_dict(path_or_state_dict, "x_embedder_xy.proj.weight", "SiT",
-                                prefer=("ema", "model"))
-    unknown = set(official_kwargs or {}) - set(OFFICIAL_SIT_PAPER_KWARGS)
-    if unknown:
-        raise ValueError(f"unknown official SiT arguments {sorted(unknown)}; use some of "
-                         f"{', '.join(OFFICIAL_SIT_PAPER_KWARGS)}.")
-    k = {**OFFICIAL_SIT_PAPER_KWARGS, **(official_kwargs or {})}
-    (rt, rs), c = k["input_size"], k["in_channels"]
-    cfg = SiTConfig(width=k["hidden_size"], depth=k["depth"], heads=k["num_heads"],
-                    patch_size=k["patch_size"], mlp_ratio=k["mlp_ratio"],
-                    conditional=k["num_classes"] > 1, class_dropout=k["class_dropout_prob"],
-                    learn_sigma=k["learn_sigma"])
-    ours = {}
-    for name, tensor in state.items():
-        for pattern, replacement in OFFICIAL_SIT_NAMES:
-            name = re.sub(pattern, replacement, name)
-        ours[name] = tensor
-    with torch.device("meta"):
-        model = SiT(cfg, [(c, rs, rs), (c, rt, rs), (c, rt, rs)], num_classes=k["num_classes"])
-    hint = (f"official_kwargs {official_kwargs}" if official_kwargs else "the paper's SiT-L/2") + \
-        " (pass the arguments they were built with as official_kwargs)"
-    return H.load_state(model, ours, "official SiT", hint)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 
 # -----------------------------------------------------------------------------
 # processes and devices
@@ -185,6 +186,19 @@ def _parse_bool(s):
     if s.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def check_train_config(tc, problems=(), **at_least):
+    """Fail at start, naming the flags to change: the fields both loops have, then the loop's own
+    problems (messages, "" where fine) and lower bounds."""
+    bounds = dict(max_iters=1, batch_size=1, grad_accum=1, log_interval=1, ckpt_interval=1,
+                  max_bad_steps=1, warmup_iters=0, **at_least)
+    problems = [f"--{n} must be >= {low}, got {getattr(tc, n)}" for n, low in bounds.items()
+                if getattr(tc, n) < low] + [p for p in problems if p]
+    problems += [f"--lr_schedule must be constant or cosine, got {tc.lr_schedule}"] * (
+        tc.lr_schedule not in ("constant", "cosine"))
+    if problems:
+        raise ValueError("invalid configuration: " + "; ".join(problems) + ".")
 
 
 def parse_config(config_classes, presets, argv=None, description="", default_preset="tiny"):
@@ -397,9 +411,10 @@ def load_checkpoint(path, kind, ckpt=None):
     return ckpt
 
 
-def load_model_file(path, kind, build, from_official, what):
-    """(model, checkpoint dict) from a checkpoint of ours of that kind (build(ckpt) makes the model)
-    or from the authors' released weights (from_official; the dict then has kind "official")."""
+def load_model_file(path, kind, config_class, make, weights, from_official, what):
+    """(model, checkpoint dict) from a checkpoint of ours of that kind: make(config, ckpt) on the
+    meta device, then given the file's `weights` as they are (memory-mapped: one copy, and only
+    the weights used are read); or from the authors' release (from_official, kind "official")."""
     path = released_file(path)
     ckpt = read_torch_file(path)
     if not isinstance(ckpt, dict):
@@ -412,38 +427,10 @@ def load_model_file(path, kind, build, from_official, what):
                              f"released {what}; check the path.") from None
         return model, {"kind": "official", "model_config": dataclasses.asdict(model.config),
                        "source": os.path.abspath(path)}
-    return build(load_checkpoint(path, kind, ckpt)), ckpt
-
-
-class NotOfficial(ValueError):
-    pass
-
-
-def unwrap_state_dict(source, marker_key, what, prefer=("model",)):
-    """The authors' state dict from a file or dict: bare, or under one of the keys in `prefer`,
-    DDP's "module." prefix removed; anything without marker_key is refused."""
-    is_path = isinstance(source, (str, os.PathLike))
-    name = source if is_path else "the state dict"
-    state = read_torch_file(released_file(source), f"official {what} file") if is_path else source
-    for key in prefer:
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if isinstance(state, dict):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    if not isinstance(state, dict) or marker_key not in state:
-        raise NotOfficial(f"{name} is not the authors' {what}: it has no {marker_key!r} (bare, or "
-                         f"under {' or '.join(map(repr, prefer))}); check the path.")
-    return state
-
-
-def build_lean(make, state):
-    """make() on the meta device, then the tensors of `state` assigned as its parameters: a model
-    from a memory-mapped file holds one copy of its weights, the file's."""
+    config = config_from_dict(config_class, load_checkpoint(path, kind, ckpt)["model_config"], path)
     with torch.device("meta"):
-        model = make()
-    load_state(model, state, "checkpoint")
-    return model
+        model = make(config, ckpt)
+    return load_state(model, ckpt[weights], "checkpoint"), ckpt
 
 
 def load_state(model, state, what, hint=""):
@@ -482,11 +469,6 @@ class WeightsUnavailable(RuntimeError):
     pass
 
 
-HUB = "https://huggingface.co/huiwon/CoordTok/resolve/main/"
-RELEASED = {"coordtok_ucf101": HUB + "CoordTok_UCF101_1M_50K.pth",
-            "coordtok_sit_l2_ucf101": HUB + "CoordTok_SiT_L_2_UCF101_600K.pt"}
-
-
 def fetch(url, path="", flag=""):
     """The local file of url: `path` (given with `flag`) or the torch hub cache, downloaded there
     first. A name carrying a hash (torchvision's vgg16-397923af.pth) is checked against it."""
@@ -520,6 +502,14 @@ def fetch(url, path="", flag=""):
                                          f"it and fetch {url} again.")
     return cached
 
+# -----------------------------------------------------------------------------
+# the authors' released files (github.com/huiwon-jang/CoordTok): their constructor arguments,
+# names, layouts and packed attention weights, mapped onto our modules when they are loaded
+
+HUB = "https://huggingface.co/huiwon/CoordTok/resolve/main/"
+RELEASED = {"coordtok_ucf101": HUB + "CoordTok_UCF101_1M_50K.pth",
+            "coordtok_sit_l2_ucf101": HUB + "CoordTok_SiT_L_2_UCF101_600K.pt"}
+
 
 def released_file(path):
     """A checkpoint path, or the name of the authors' released file (RELEASED), fetched."""
@@ -529,3 +519,149 @@ def released_file(path):
         return fetch(RELEASED[path])
     except WeightsUnavailable as e:
         raise ValueError(str(e)) from None
+
+
+class NotOfficial(ValueError):
+    pass
+
+
+def unwrap_state_dict(source, marker_key, what, prefer=("model",)):
+    """The authors' state dict from a file or dict: bare, or under one of the keys in `prefer`,
+    DDP's "module." prefix removed; anything without marker_key is refused."""
+    is_path = isinstance(source, (str, os.PathLike))
+    name = source if is_path else "the state dict"
+    state = read_torch_file(released_file(source), f"official {what} file") if is_path else source
+    for key in prefer:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if isinstance(state, dict):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not isinstance(state, dict) or marker_key not in state:
+        raise NotOfficial(f"{name} is not the authors' {what}: it has no {marker_key!r} (bare, or "
+                         f"under {' or '.join(map(repr, prefer))}); check the path.")
+    return state
+
+
+# their constructor arguments for the paper's CoordTok (their own defaults differ)
+OFFICIAL_PAPER_KWARGS = dict(
+    video_shape=(128, 128, 128), enc_embed_dim=1024, enc_num_layers=24, enc_num_heads=16,
+    enc_patch_size_xy=16, enc_patch_size_t=8, enc_patch_type="transformer",
+    enc_patch_num_layers=8, latent_resolution_xy=16, latent_resolution_t=32, latent_n_features=8,
+    latent_patch_size_xy=8, latent_patch_size_t=16, dec_embed_dim=1024, dec_num_layers=24,
+    dec_num_heads=16, dec_patch_size_xy=8, dec_patch_size_t=1, lpips_loss_scale=0.0)
+
+# their names -> ours. Their planes are (xy, yt, xt) and their "x" is the row axis: their `yt`
+# plane is indexed by (t, column), our z_xt; their `xt` (t, row) is our z_yt
+OFFICIAL_TOKENIZER_NAMES = [
+    (r"^encoder\.encoder\.patch_embed\.proj\.", "patch_embed."),
+    (r"^encoder\.encoder\.cls_token$", "cls_token"), (r"^encoder\.encoder\.pos_emb$", "enc_pos"),
+    (r"^encoder\.encoder\.layers\.", "enc_blocks."), (r"^encoder\.encoder\.norm\.", "ln_enc."),
+    (r"^encoder\.cross_pos_emb$", "cross_pos"), (r"^weight_tokens_xy$", "plane_xy"),
+    (r"^weight_tokens_yt$", "plane_xt"), (r"^weight_tokens_xt$", "plane_yt"),
+    (r"^encoder\.patch_embeds_xy\.proj\.", "query_embed_xy."),
+    (r"^encoder\.patch_embeds_yt\.proj\.", "query_embed_xt."),
+    (r"^encoder\.patch_embeds_xt\.proj\.", "query_embed_yt."),
+    (r"^encoder\.transformer\.layers\.", "query_blocks."),
+    (r"^encoder\.transformer\.norm\.", "ln_query."), (r"^encoder\.projectors_xy\.", "to_xy."),
+    (r"^encoder\.projectors_yt\.", "to_xt."), (r"^encoder\.projectors_xt\.", "to_yt."),
+    (r"^decoder\.transformer\.pos_embed$", "dec_pos"),
+    (r"^decoder\.transformer\.patch_embed\.", "dec_embed."),
+    (r"^decoder\.transformer\.layers\.", "dec_blocks."),
+    (r"^decoder\.transformer\.norm\.", "ln_dec."), (r"^decoder\.projector\.", "to_pixels."),
+    # in the query blocks: torch's MultiheadAttention (packed in_proj) and an nn.Sequential MLP
+    (r"_attn\.in_proj_weight$", "_attn.qkv.weight"), (r"_attn\.out_proj\.", "_attn.proj."),
+    (r"\.mlp\.0\.", ".mlp.fc1."), (r"\.mlp\.3\.", ".mlp.fc2."),
+]
+
+
+# our config fields <- their constructor's arguments
+OFFICIAL_FIELDS = dict(
+    enc_patch_t="enc_patch_size_t", enc_patch_s="enc_patch_size_xy", enc_width="enc_embed_dim",
+    enc_heads="enc_num_heads", enc_layers="enc_patch_num_layers", query_layers="enc_num_layers",
+    triplane_rs="latent_resolution_xy", triplane_rt="latent_resolution_t",
+    triplane_c="latent_n_features", query_patch_s="latent_patch_size_xy",
+    query_patch_t="latent_patch_size_t", dec_width="dec_embed_dim", dec_heads="dec_num_heads",
+    dec_layers="dec_num_layers", dec_patch_t="dec_patch_size_t", dec_patch_s="dec_patch_size_xy")
+
+
+def official_tokenizer_fields(official_kwargs=None):
+    """Our CoordTokConfig's fields for the authors' CoordTok(**official_kwargs), the paper's by
+    default."""
+    unknown = set(official_kwargs or {}) - set(OFFICIAL_PAPER_KWARGS)
+    if unknown:
+        raise ValueError(f"unknown official CoordTok arguments {sorted(unknown)}; use some of "
+                         f"{', '.join(OFFICIAL_PAPER_KWARGS)}.")
+    k = {**OFFICIAL_PAPER_KWARGS, **(official_kwargs or {})}
+    frames, height, width = k["video_shape"]
+    if height != width or k["enc_patch_type"] != "transformer":
+        raise ValueError(f"the authors' code builds square frames and enc_patch_type "
+                         f"'transformer' only, not {k['video_shape']} and {k['enc_patch_type']!r}.")
+    chunk = max(1, 1024 // (height // k["dec_patch_size_xy"]) ** 2)  # as their evaluation decodes
+    return dict(num_frames=frames, img_size=height, decode_chunk=chunk,
+                **{ours: k[theirs] for ours, theirs in OFFICIAL_FIELDS.items()})
+
+
+def official_tokenizer(source, official_kwargs=None):
+    """(our CoordTokConfig's fields, our state dict, what to pass when they do not fit) for the
+    authors' CoordTok: a file, a released name or a state dict."""
+    state = unwrap_state_dict(source, "encoder.encoder.patch_embed.proj.weight", "tokenizer")
+    fields, ours = official_tokenizer_fields(official_kwargs), {}
+    for name, tensor in state.items():
+        for pattern, replacement in OFFICIAL_TOKENIZER_NAMES:
+            name = re.sub(pattern, replacement, name)
+        if name.startswith("plane_"):                                   # (1, R, R', C) -> ours
+            tensor = rearrange(tensor, "1 h w c -> 1 c h w").contiguous()
+        elif name == "dec_pos":                                         # (1, gt, gh, gw, D)
+            tensor = tensor[0]
+        if name.endswith("cross_attn.qkv.weight"):  # packed (3D, D): our q and kv projections
+            q, kv = tensor[:len(tensor) // 3], tensor[len(tensor) // 3:]
+            ours[name.replace("qkv", "q")], ours[name.replace("qkv", "kv")] = q, kv
+        else:
+            ours[name] = tensor
+    return fields, ours, official_hint(official_kwargs, "the paper's configuration")
+
+
+def official_hint(official_kwargs, paper):
+    given = f"official_kwargs {official_kwargs}" if official_kwargs else paper
+    return f"{given} (pass the arguments they were built with as official_kwargs)"
+
+
+# their constructor arguments for the paper's generator, SiT-L/2 on the (32, 16, 8) triplane
+OFFICIAL_SIT_PAPER_KWARGS = dict(input_size=(32, 16), patch_size=2, in_channels=8,
+                                 hidden_size=1024, depth=24, num_heads=16, mlp_ratio=4.0,
+                                 class_dropout_prob=0.0, num_classes=1, learn_sigma=True)
+
+# their names -> ours (their planes xy, yt, xt are our z_xy, z_xt, z_yt: index 0, 1, 2)
+OFFICIAL_SIT_NAMES = [
+    (r"^x_embedder_xy\.proj\.", "embeds.0."), (r"^x_embedder_yt\.proj\.", "embeds.1."),
+    (r"^x_embedder_xt\.proj\.", "embeds.2."),
+    (r"^pos_embed_xy$", "pos_xy"), (r"^pos_embed_t$", "pos_t"), (r"^type_embed$", "plane_type"),
+    (r"^t_embedder\.mlp\.", "time_mlp."), (r"^y_embedder\.embedding_table\.", "class_embed."),
+    (r"\.adaLN_modulation\.1\.", ".modulation."),
+    (r"^final_layer_xy\.", "heads.0."), (r"^final_layer_yt\.", "heads.1."),
+    (r"^final_layer_xt\.", "heads.2."), (r"^(heads\.\d)\.linear\.", r"\1.proj."),
+]
+
+
+def official_sit(source, official_kwargs=None):
+    """(our SiTConfig's fields, plane shapes, classes, our state dict, what to pass when they do
+    not fit) for the authors' SiT: a file, a released name or a state dict."""
+    state = unwrap_state_dict(source, "x_embedder_xy.proj.weight", "SiT", prefer=("ema", "model"))
+    unknown = set(official_kwargs or {}) - set(OFFICIAL_SIT_PAPER_KWARGS)
+    if unknown:
+        raise ValueError(f"unknown official SiT arguments {sorted(unknown)}; use some of "
+                         f"{', '.join(OFFICIAL_SIT_PAPER_KWARGS)}.")
+    k = {**OFFICIAL_SIT_PAPER_KWARGS, **(official_kwargs or {})}
+    (rt, rs), c = k["input_size"], k["in_channels"]
+    fields = dict(width=k["hidden_size"], depth=k["depth"], heads=k["num_heads"],
+                  patch_size=k["patch_size"], mlp_ratio=k["mlp_ratio"],
+                  conditional=k["num_classes"] > 1, class_dropout=k["class_dropout_prob"],
+                  learn_sigma=k["learn_sigma"])
+    ours = {}
+    for name, tensor in state.items():
+        for pattern, replacement in OFFICIAL_SIT_NAMES:
+            name = re.sub(pattern, replacement, name)
+        ours[name] = tensor
+    return (fields, [(c, rs, rs), (c, rt, rs), (c, rt, rs)], k["num_classes"], ours,
+            official_hint(official_kwargs, "the paper's SiT-L/2"))

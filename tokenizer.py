@@ -15,7 +15,6 @@ loop, --encode; then the conversion of the authors' weights.
 
 import math
 import os
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -356,10 +355,13 @@ class CoordTok(nn.Module):
 
     @classmethod
     def from_official(cls, path_or_state_dict, official_kwargs=None):
-        """Our CoordTok carrying the authors' weights (their release, a name of harness.RELEASED,
-        or a state dict of their CoordTok); official_kwargs: their constructor's arguments, the
-        paper's where missing. Their tensors are renamed, split and reshaped (see below)."""
-        return convert_official(path_or_state_dict, official_kwargs)
+        """Our CoordTok carrying the authors' weights: their release (or its name,
+        "coordtok_ucf101"), or a state dict of their CoordTok; official_kwargs: their constructor's
+        arguments, the paper's where missing. harness.official_tokenizer maps their tensors."""
+        fields, state, hint = H.official_tokenizer(path_or_state_dict, official_kwargs)
+        with torch.device("meta"):
+            model = cls(CoordTokConfig(**fields))
+        return H.load_state(model, state, "official tokenizer", hint)
 
 
 def validate_config(cfg):
@@ -437,14 +439,18 @@ def sample_patches(video, n_frames, num_samples, patch_size, generator=None, sha
     gt, gh, gw = T // patch_size[0], H // patch_size[1], W // patch_size[2]
     grid = full_grid((gt, gh, gw), video.device)                                   # (P, 3)
     keys = random_keys(video.shape[0], len(grid), generator, video.device, share)  # (B, P)
-    real_t = (n_frames // patch_size[0]).clamp_min(1)                  # (B,) real time patches
-    keys = keys.masked_fill(grid[None, :, 0] >= real_t[:, None], float("inf"))
-    chosen = keys.topk(num_samples, dim=1, largest=False).indices      # (B, N) real ones first
-    # a clip with fewer real patches than num_samples repeats them instead of taking padding
-    n_real = real_t[:, None] * (gh * gw)                                # (B, 1)
-    slot = torch.arange(num_samples, device=video.device)[None]        # (1, N)
-    coords = grid[chosen.gather(1, torch.where(slot < n_real, slot, slot % n_real))]
+    real_t = (n_frames // patch_size[0]).clamp_min(1)[:, None]         # (B, 1) real time patches
+    keys = keys.masked_fill(grid[None, :, 0] >= real_t, float("inf"))
+    coords = grid[smallest(keys, num_samples, real_t * gh * gw)]       # (B, N, 3)
     return coords, gather_patches(video, coords, patch_size)
+
+
+def smallest(keys, n, n_real):
+    """The indices of the n smallest of each row's keys (B, P), a uniform draw without replacement
+    among its n_real (B, 1) finite ones; a row with fewer repeats them instead of taking +inf."""
+    chosen = keys.topk(n, dim=1, largest=False).indices                # (B, n), finite first
+    slot = torch.arange(n, device=keys.device)[None]
+    return chosen.gather(1, torch.where(slot < n_real, slot, slot % n_real))
 
 
 def sample_frames(video, n_frames, num_frames_k, patch_size, generator=None, share=(0, 1)):
@@ -455,9 +461,7 @@ def sample_frames(video, n_frames, num_frames_k, patch_size, generator=None, sha
     keys = random_keys(video.shape[0], gt, generator, video.device, share)   # (B, gt)
     real_t = (n_frames // patch_size[0]).clamp_min(1)[:, None]              # (B, 1)
     keys = keys.masked_fill(torch.arange(gt, device=video.device) >= real_t, float("inf"))
-    frames = keys.topk(num_frames_k, dim=1, largest=False).indices          # (B, K)
-    slot = torch.arange(num_frames_k, device=video.device)[None]            # (1, K)
-    frames = frames.gather(1, torch.where(slot < real_t, slot, slot % real_t))
+    frames = smallest(keys, num_frames_k, real_t)                           # (B, K)
     coords = full_grid((1, gh, gw), video.device) + F.pad(frames[..., None, None], (0, 2))
     coords = rearrange(coords, "b k p d -> b (k p) d")                      # (B, K*gh*gw, 3)
     return coords, gather_patches(video, coords, patch_size)
@@ -536,70 +540,46 @@ class TrainConfig:
 
 
 def validate_train_config(cfg, tc):
-    problems = [f"--{n} must be >= {low}, got {getattr(tc, n)}" for n, low in
-                dict(max_iters=1, batch_size=1, grad_accum=1, log_interval=1, ckpt_interval=1,
-                     eval_interval=1, max_bad_steps=1, num_workers=0, eval_clips=0,
-                     warmup_iters=0, encode_stride=0).items() if getattr(tc, n) < low]
     gt, gh, gw = (n // p for n, p in zip((cfg.num_frames, *cfg.frame_size),
                                          (cfg.dec_patch_t, cfg.dec_patch_s, cfg.dec_patch_s)))
-    if not 1 <= tc.num_samples <= gt * gh * gw:
-        problems.append(f"--num_samples must be in [1, {gt * gh * gw}] (the patches of a clip)")
-    if tc.stage not in (1, 2):
-        problems.append(f"--stage must be 1 or 2, got {tc.stage}")
-    if tc.stage == 2 and not 1 <= tc.num_frames_stage2 <= gt:
-        problems.append(f"--num_frames_stage2 must be in [1, {gt}] (the clip's temporal patches)")
-    if tc.lr_schedule not in ("constant", "cosine"):
-        problems.append(f"--lr_schedule must be constant or cosine, got {tc.lr_schedule}")
-    if not 0 <= tc.val_fraction < 1:
-        problems.append(f"--val_fraction must be in [0, 1), got {tc.val_fraction}")
-    if problems:
-        raise ValueError("invalid configuration: " + "; ".join(problems) + ".")
+    H.check_train_config(tc, [
+        f"--num_samples must be in [1, {gt * gh * gw}] (the patches of a clip)"
+        * (not 1 <= tc.num_samples <= gt * gh * gw),
+        f"--stage must be 1 or 2, got {tc.stage}" * (tc.stage not in (1, 2)),
+        f"--num_frames_stage2 must be in [1, {gt}] (the clip's temporal patches)"
+        * (tc.stage == 2 and not 1 <= tc.num_frames_stage2 <= gt),
+        f"--val_fraction must be in [0, 1), got {tc.val_fraction}" * (not 0 <= tc.val_fraction < 1)],
+        eval_interval=1, num_workers=0, eval_clips=0, encode_stride=0)
 
 
 def load_tokenizer(path, device="cpu"):
     """A trained CoordTok (eval mode, weights memory-mapped) and its checkpoint dict, from our
     checkpoints or the authors' release (its dict says kind "official", no training metadata)."""
-    def build(ckpt):
-        cfg = H.config_from_dict(CoordTokConfig, ckpt["model_config"], path)
-        return H.build_lean(lambda: CoordTok(cfg), ckpt["model"])
-
-    model, ckpt = H.load_model_file(path, "coordtok_tokenizer", build, CoordTok.from_official,
+    model, ckpt = H.load_model_file(path, "coordtok_tokenizer", CoordTokConfig,
+                                    lambda cfg, _: CoordTok(cfg), "model", CoordTok.from_official,
                                     "tokenizer")
     return model.to(device).eval(), ckpt
 
 
 @torch.no_grad()
-def reconstruct_clips(model, dataset, indices, device):
-    """Inputs, reconstructions (B, T, H, W, 3) in [-1, 1] and real frames (B,) of clips."""
-    items = [dataset[i] for i in indices]
-    video = data.from_uint8(torch.stack([it["video"] for it in items]).to(device))
-    n_frames = torch.stack([it["n_frames"] for it in items]).to(device)
-    with H.autocast(device):
-        recon = model.decode_video(model.encode(video, n_frames))
-    return video, recon, n_frames
-
-
-def evaluate_psnr(model, val_set, num_clips, batch_size, device):
-    """Mean full-clip PSNR (every patch decoded) over the first held-out clips, real frames."""
+def evaluate(model, val_set, num_clips, batch_size, device, picture=""):
+    """Mean full-clip PSNR (every patch decoded) over the real frames of the first held-out
+    clips; picture: a PNG path for the first four (rows of input, reconstruction, error x4)."""
     total, count, n = 0.0, 0, min(num_clips, len(val_set))
     for first in range(0, n, batch_size):
-        video, recon, n_frames = reconstruct_clips(
-            model, val_set, range(first, min(first + batch_size, n)), device)
+        items = [val_set[i] for i in range(first, min(first + batch_size, n))]
+        video = data.from_uint8(torch.stack([it["video"] for it in items]).to(device))
+        n_frames = torch.stack([it["n_frames"] for it in items]).to(device)
+        with H.autocast(device):
+            recon = model.decode_video(model.encode(video, n_frames))        # (B, T, H, W, 3)
         real = torch.arange(video.shape[1], device=device) < n_frames[:, None]
-        total += psnr_per_frame(recon, video)[real].sum().item()
-        count += real.sum().item()
-    return total / max(count, 1)
-
-
-def write_reconstruction_picture(model, dataset, path, device, num_clips=4):
-    """Input, reconstruction and error x4 of the first held-out clips (data.comparison_grid)."""
-    video, recon, n_frames = reconstruct_clips(model, dataset, range(min(num_clips, len(dataset))),
-                                               device)
-    real = int(n_frames.min())
-    grid = data.comparison_grid(data.to_uint8(video[:, :real]).cpu(),
-                                data.to_uint8(recon[:, :real]).cpu())
-    zoom = max(1, round(64 / video.shape[2]))                        # small frames to ~64 pixels
-    data.write_png(path, grid.repeat(zoom, axis=0).repeat(zoom, axis=1))
+        total, count = total + psnr_per_frame(recon, video)[real].sum().item(), count + real.sum()
+        if picture and first == 0:
+            shown = int(n_frames[:4].min())
+            grid = data.comparison_grid(*(data.to_uint8(v[:4, :shown]).cpu() for v in (video, recon)))
+            zoom = max(1, round(64 / video.shape[2]))                       # small frames to ~64 px
+            data.write_png(picture, grid.repeat(zoom, axis=0).repeat(zoom, axis=1))
+    return total / max(int(count), 1)
 
 
 def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
@@ -723,10 +703,13 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
             out_of_time = H.time_is_up(tc, step, t_start, dist)
             done = step == tc.max_iters or out_of_time
             if dist.is_main and (step % tc.eval_interval == 0 or done) and len(val_set):
-                psnr = evaluate_psnr(raw_model.eval(), val_set, tc.eval_clips, tc.batch_size, device)
+                picture = os.path.join(tc.out_dir, "tokenizer.png") if done else ""
+                psnr = evaluate(raw_model.eval(), val_set, max(tc.eval_clips, 4 * bool(picture)),
+                                max(tc.batch_size, 4), device, picture)
                 raw_model.train()
+                shown = f"; {picture}: rows of input, reconstruction, error x4" if picture else ""
                 bar.write(f"step {step}: held-out full-clip PSNR {psnr:.2f} dB "
-                          f"({min(tc.eval_clips, len(val_set))} clips)")
+                          f"({min(tc.eval_clips, len(val_set))} clips){shown}")
             if dist.is_main and (step % tc.ckpt_interval == 0 or done):
                 save(step)
             if out_of_time:
@@ -735,10 +718,6 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
         bar.close()
     if dist.is_main:
         print(f"saved {ckpt_path} (step {step})")
-        if len(val_set):
-            picture = os.path.join(tc.out_dir, "tokenizer.png")
-            write_reconstruction_picture(raw_model.eval(), val_set, picture, device)
-            print(f"wrote {picture}: held-out clips, rows of input, reconstruction, error x4")
     H.cleanup_distributed(dist)
 
 
@@ -758,22 +737,18 @@ def encode_dataset(tc: TrainConfig):
     if not data_dir:
         raise ValueError(f"{ckpt_path} does not name the data it was trained on; pass --data DIR.")
     dataset = data.VideoDataset(data_dir, cfg.frame_size, cfg.num_frames, "all")
-    mine = dist.share(len(dataset.files))
-    fields = ("z_xy", "z_xt", "z_yt", "label", "n_frames", "video_index", "start")
-    encoded = {k: [] for k in fields}
+    mine, encoded = dist.share(len(dataset.files)), []
     windows = data.batched_windows(dataset, mine, tc.encode_stride or cfg.num_frames,
                                    tc.batch_size)
     for batch in tqdm(windows, desc=f"encoding {len(mine)} videos", disable=not dist.is_main):
         with H.autocast(dist.device):
-            video = data.from_uint8(batch["video"].to(dist.device))
+            video = data.from_uint8(batch.pop("video").to(dist.device))
             triplane = model.encode(video, batch["n_frames"].to(dist.device))
-        for name, z in zip(fields, triplane):
-            encoded[name].append(z.float().cpu())
-        for name in fields[3:]:
-            encoded[name].append(batch[name])
-    shares = H.gather_to_main(dist, {k: torch.cat(v) for k, v in encoded.items() if v})
+        encoded.append({**batch, **dict(zip(data.PLANES, (z.float().cpu() for z in triplane)))})
+    shares = H.gather_to_main(dist, encoded)
     if dist.is_main:
-        merged = {k: torch.cat([s[k] for s in shares if s]) for k in fields}
+        batches = [b for share in shares for b in share]
+        merged = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
         order = torch.argsort(merged["video_index"] * (1 << 40) + merged["start"])
         merged = {k: v[order] for k, v in merged.items()}                  # in dataset order
         data.save_tokens(tc.encode, merged, dataset.class_names, ckpt_path, asdict(cfg),
@@ -791,92 +766,6 @@ def main(argv=None):
         encode_dataset(tc) if tc.encode else train(cfg, tc, explicit)
     except (ValueError, FileNotFoundError, OSError, H.WeightsUnavailable) as e:
         raise SystemExit(f"error: {e}")
-
-
-# -----------------------------------------------------------------------------
-# the authors' weights (github.com/huiwon-jang/CoordTok, models/coordtok/): their names,
-# layouts and packed attention weights mapped onto our modules at load time
-
-# their constructor arguments for the paper's CoordTok (their own defaults differ)
-OFFICIAL_PAPER_KWARGS = dict(
-    video_shape=(128, 128, 128), enc_embed_dim=1024, enc_num_layers=24, enc_num_heads=16,
-    enc_patch_size_xy=16, enc_patch_size_t=8, enc_patch_type="transformer",
-    enc_patch_num_layers=8, latent_resolution_xy=16, latent_resolution_t=32, latent_n_features=8,
-    latent_patch_size_xy=8, latent_patch_size_t=16, dec_embed_dim=1024, dec_num_layers=24,
-    dec_num_heads=16, dec_patch_size_xy=8, dec_patch_size_t=1, lpips_loss_scale=0.0)
-
-# their names -> ours. Their planes are (xy, yt, xt) and their "x" is the row axis: their `yt`
-# plane is indexed by (t, column), our z_xt; their `xt` (t, row) is our z_yt
-OFFICIAL_TOKENIZER_NAMES = [
-    (r"^encoder\.encoder\.patch_embed\.proj\.", "patch_embed."),
-    (r"^encoder\.encoder\.cls_token$", "cls_token"), (r"^encoder\.encoder\.pos_emb$", "enc_pos"),
-    (r"^encoder\.encoder\.layers\.", "enc_blocks."), (r"^encoder\.encoder\.norm\.", "ln_enc."),
-    (r"^encoder\.cross_pos_emb$", "cross_pos"),
-    (r"^weight_tokens_xy$", "plane_xy"), (r"^weight_tokens_yt$", "plane_xt"),
-    (r"^weight_tokens_xt$", "plane_yt"),
-    (r"^encoder\.patch_embeds_xy\.proj\.", "query_embed_xy."),
-    (r"^encoder\.patch_embeds_yt\.proj\.", "query_embed_xt."),
-    (r"^encoder\.patch_embeds_xt\.proj\.", "query_embed_yt."),
-    (r"^encoder\.transformer\.layers\.", "query_blocks."),
-    (r"^encoder\.transformer\.norm\.", "ln_query."),
-    (r"^encoder\.projectors_xy\.", "to_xy."), (r"^encoder\.projectors_yt\.", "to_xt."),
-    (r"^encoder\.projectors_xt\.", "to_yt."),
-    (r"^decoder\.transformer\.pos_embed$", "dec_pos"),
-    (r"^decoder\.transformer\.patch_embed\.", "dec_embed."),
-    (r"^decoder\.transformer\.layers\.", "dec_blocks."),
-    (r"^decoder\.transformer\.norm\.", "ln_dec."), (r"^decoder\.projector\.", "to_pixels."),
-    # in the query blocks: torch's MultiheadAttention (packed in_proj) and an nn.Sequential MLP
-    (r"_attn\.in_proj_weight$", "_attn.qkv.weight"), (r"_attn\.out_proj\.", "_attn.proj."),
-    (r"\.mlp\.0\.", ".mlp.fc1."), (r"\.mlp\.3\.", ".mlp.fc2."),
-]
-
-
-def config_from_official(official_kwargs=None):
-    """Our CoordTokConfig for the authors' CoordTok(**official_kwargs), the paper's by default."""
-    unknown = set(official_kwargs or {}) - set(OFFICIAL_PAPER_KWARGS)
-    if unknown:
-        raise ValueError(f"unknown official CoordTok arguments {sorted(unknown)}; use some of "
-                         f"{', '.join(OFFICIAL_PAPER_KWARGS)}.")
-    k = {**OFFICIAL_PAPER_KWARGS, **(official_kwargs or {})}
-    frames, height, width = k["video_shape"]
-    if height != width or k["enc_patch_type"] != "transformer":
-        raise ValueError(f"the authors' code builds square frames and enc_patch_type "
-                         f"'transformer' only, not {k['video_shape']} and {k['enc_patch_type']!r}.")
-    return CoordTokConfig(
-        num_frames=frames, img_size=height, enc_patch_t=k["enc_patch_size_t"],
-        enc_patch_s=k["enc_patch_size_xy"], enc_width=k["enc_embed_dim"],
-        enc_heads=k["enc_num_heads"], enc_layers=k["enc_patch_num_layers"],
-        query_layers=k["enc_num_layers"], triplane_rs=k["latent_resolution_xy"],
-        triplane_rt=k["latent_resolution_t"], triplane_c=k["latent_n_features"],
-        query_patch_s=k["latent_patch_size_xy"], query_patch_t=k["latent_patch_size_t"],
-        dec_width=k["dec_embed_dim"], dec_heads=k["dec_num_heads"],
-        dec_layers=k["dec_num_layers"], dec_patch_t=k["dec_patch_size_t"],
-        dec_patch_s=k["dec_patch_size_xy"],  # their evaluation decodes 1024 patches per call
-        decode_chunk=max(1, 1024 // (height // k["dec_patch_size_xy"]) ** 2))
-
-
-def convert_official(path_or_state_dict, official_kwargs=None):
-    state = H.unwrap_state_dict(path_or_state_dict, "encoder.encoder.patch_embed.proj.weight",
-                                "tokenizer")
-    cfg, ours = config_from_official(official_kwargs), {}
-    for name, tensor in state.items():
-        for pattern, replacement in OFFICIAL_TOKENIZER_NAMES:
-            name = re.sub(pattern, replacement, name)
-        if name.startswith("plane_"):                                   # (1, R, R', C) -> ours
-            tensor = rearrange(tensor, "1 h w c -> 1 c h w").contiguous()
-        elif name == "dec_pos":                                         # (1, gt, gh, gw, D)
-            tensor = tensor[0]
-        if name.endswith("cross_attn.qkv.weight"):  # packed (3D, D): our q and kv projections
-            q, kv = tensor[:len(tensor) // 3], tensor[len(tensor) // 3:]
-            ours[name.replace("qkv", "q")], ours[name.replace("qkv", "kv")] = q, kv
-        else:
-            ours[name] = tensor
-    hint = (f"official_kwargs {official_kwargs}" if official_kwargs else
-            "the paper's configuration") + " (pass the arguments they were built with as " \
-        "official_kwargs)"
-    with torch.device("meta"):
-        model = CoordTok(cfg)
-    return H.load_state(model, ours, "official tokenizer", hint)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,17 @@ import torch
 import data as D
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+# no test downloads: a proxy that refuses every connection makes a command's download fail at once
+NO_NETWORK = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **NO_NETWORK}
+
+
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch):
+    """In this process too: a download is an error the test sees (tests may patch their own in)."""
+    def refuse(url, *args, **kwargs):
+        raise RuntimeError(f"a test tried to download {url}")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
 
 # a tokenizer that trains in seconds on 2 cores: 8 frames of 16x16, (4, 8, 8) planes -> 192 tokens
 MICRO = dict(num_frames=8, img_size=16, enc_patch_t=4, enc_patch_s=8, enc_width=32, enc_heads=2,

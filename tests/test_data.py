@@ -463,3 +463,152 @@ def test_random_flips_mirror_about_half_of_the_clips_and_nothing_else():
     # two processes with half the batch each mirror the clips one process mirrors
     halves = [T.random_flips(video[r * 200:(r + 1) * 200], torch.Generator().manual_seed(0), (r, 2)) for r in (0, 1)]
     assert torch.equal(torch.cat(halves), flipped)
+
+
+# -----------------------------------------------------------------------------
+# long videos, wrong headers, rotation, frame shapes, nested classes
+
+
+def numbered_clip(num_frames, height=32, width=48):
+    """Frames that tell their index: a grey level of 4 x index in the top-left block over a smooth clip."""
+    clip = smooth_clip(num_frames, height, width)
+    for i in range(num_frames):
+        clip[i, :16, :16] = 4 * i % 256
+    return clip
+
+
+SEEKABLE_FORMATS = [  # the format matrix, with keyframes every 8 frames where the codec has them
+    ("h264.mp4", "libx264", "yuv420p", {"g": "8", "bf": "2"}),
+    ("ten_bit.mp4", "libx264", "yuv420p10le", {"g": "8"}),
+    ("mpeg4.avi", "mpeg4", "yuv420p", {"g": "8"}),
+    ("ffv1.mkv", "ffv1", "yuv444p", {"g": "8"}),
+    ("vp9.webm", "libvpx-vp9", "yuv420p", {"g": "8"}),
+    ("mjpeg.mov", "mjpeg", "yuvj420p", None),
+    ("raw.mov", "rawvideo", "rgb24", None),
+    ("huffyuv.avi", "huffyuv", "rgb24", None),
+]
+
+
+@pytest.mark.parametrize("name,codec,pix_fmt,options", SEEKABLE_FORMATS)
+def test_a_seek_gives_exactly_the_frames_of_a_sequential_read(tmp_path, name, codec, pix_fmt, options):
+    path = str(tmp_path / name)
+    encode(path, numbered_clip(40), codec, pix_fmt, options=options)
+    info = D.probe_video(path)
+    assert info["n_frames"] == 40
+    sequential = np.stack(list(D.frames_from(path, (16, 24))))               # from frame 0, no seek
+    assert len(sequential) == 40
+    for start in (1, 7, 8, 9, 15, 23, 31, 32, 36, 39):
+        clip, n = D.read_clip(path, (16, 24), 8, start, info=info)
+        assert n == min(8, 40 - start) and np.array_equal(clip[:n], sequential[start:start + n]), start
+    windows = list(D.iter_windows(path, (16, 24), 16, 12, info))          # one pass over the video
+    assert [s for s, _, _ in windows] == [0, 12, 24]
+    for start, clip, n in windows:
+        assert n == 16 and np.array_equal(clip, sequential[start:start + 16])
+
+
+def test_every_window_is_read_in_one_pass(tmp_path, monkeypatch):
+    path = str(tmp_path / "long.mp4")
+    D.write_video(path, numbered_clip(100, 16, 16))
+    converted, to_rgb = [], D.to_rgb
+    monkeypatch.setattr(D, "to_rgb", lambda *a: converted.append(1) or to_rgb(*a))
+    windows = list(D.iter_windows(path, 16, 8, 8))
+    assert [s for s, _, _ in windows] == list(range(0, 93, 8)) + [92]
+    assert len(converted) == 100                                             # each frame once
+
+
+def test_frames_are_counted_not_taken_from_the_header(tmp_path):
+    # a WebM written live has no duration in its header
+    path = str(tmp_path / "live.webm")
+    with av.open(path, "w", format="webm", options={"live": "1"}) as container:
+        stream = container.add_stream("libvpx-vp9", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
+        for image in numbered_clip(64, 24, 32):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    with av.open(path) as container:
+        assert not container.streams.video[0].frames and container.duration is None
+    assert D.probe_video(path)["n_frames"] == 64
+    assert D.VideoDataset(str(tmp_path), 16, 64, "all")[0]["n_frames"] == 64
+    # a variable-frame-rate file: 20 frames over 10 s, which a duration times a mean rate overstates
+    vfr = str(tmp_path / "vfr" / "vfr.mkv")
+    os.makedirs(os.path.dirname(vfr))
+    encode(vfr, numbered_clip(20, 24, 32), "ffv1", "yuv444p", pts=[0, 40] + [500 * k for k in range(1, 19)])
+    assert D.probe_video(vfr)["n_frames"] == 20
+    assert [s for s, _, _ in D.iter_windows(vfr, 16, 8, 8)] == [0, 8, 12]
+    # a header that says more frames than the stream holds: warned, and no window starts beyond it
+    truncated = str(tmp_path / "cut.avi")
+    D.write_video(truncated, numbered_clip(30, 24, 32), codec="mpeg4")
+    data = open(truncated, "rb").read()
+    open(truncated, "wb").write(data[:len(data) * 2 // 3])
+    with pytest.warns(UserWarning, match="the header says 30 frames, the stream holds"):
+        info = D.probe_video(truncated)
+    starts = [s for s, _, n in D.iter_windows(truncated, 16, 8, 8, info)]
+    assert max(starts) < info["n_frames"] < 30
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_rotated_videos_are_read_upright(tmp_path, degrees):
+    upright = numbered_clip(4, 40, 24)                                       # a portrait clip
+    stored = np.ascontiguousarray(np.rot90(upright, -degrees // 90, axes=(1, 2)))  # as a phone stores it
+    path = str(tmp_path / "phone.mp4")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = stored.shape[2], stored.shape[1], "yuv444p"
+        stream.set_display_rotation(degrees)
+        for image in stored:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    clip, _ = D.read_clip(path, (40, 24), 4, 0)
+    assert psnr(clip, upright) > 35
+
+
+def test_frames_of_any_shape_are_scaled_to_cover_and_centre_cropped(tmp_path):
+    wide = np.zeros((2, 64, 128, 3), np.uint8)                               # 2:1, red left, blue right
+    wide[:, :, :64, 0], wide[:, :, 64:, 2] = 200, 200
+    wide[:, :, 60:68] = 255                                                   # a white stripe at the centre
+    path = str(tmp_path / "wide.mkv")
+    D.write_video(path, wide, lossless=True)
+    same, _ = D.read_clip(path, (32, 64), 2, 0)                              # the model's aspect: all of it
+    assert same[0, :, :28, 0].min() > 150 and same[0, :, 36:, 2].min() > 150 and same[0, :, 31:33].min() > 200
+    square, _ = D.read_clip(path, (32, 32), 2, 0)                            # a square model: the centre
+    assert square[0, :, 14:18].min() > 200 and square[0, :, :10, 0].min() > 150 and square[0, :, 22:, 2].min() > 150
+    tall, _ = D.read_clip(path, (48, 16), 2, 0)                              # scaled to cover 48 rows
+    assert tall.shape == (2, 48, 16, 3) and tall[0, :, 5:11].min() > 200
+
+
+def test_the_class_is_the_folder_below_the_data_folder(tmp_path):
+    write_set(str(tmp_path), ["a/clips/x.mp4", "b/clips/y.mp4", "b/z.mp4", "top.mp4"])
+    assert [c for _, c in D.find_videos(str(tmp_path))] == ["a/clips", "b/clips", "b", tmp_path.name]
+
+
+def test_unreadable_folders_are_skipped_with_a_warning(tmp_path, monkeypatch):
+    write_set(str(tmp_path), ["a/x.mp4", "secret/y.mp4"])
+    scandir = os.scandir
+
+    def refuse(path):
+        if os.path.basename(path) == "secret":
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    with pytest.warns(UserWarning, match="skipping unreadable folder .*secret"):
+        assert [c for _, c in D.find_videos(str(tmp_path))] == ["a"]
+
+
+def test_a_tokens_file_is_checked_field_by_field(tmp_path):
+    planes = (torch.randn(4, 2, 4, 4), torch.randn(4, 2, 6, 4), torch.randn(4, 2, 6, 4))
+    clips = {**dict(zip(D.PLANES, planes)), "label": torch.tensor([0, 1, 0, 1]),
+             "n_frames": torch.full((4,), 8), "video_index": torch.arange(4), "start": torch.zeros(4)}
+    path = str(tmp_path / "tokens.pt")
+    D.save_tokens(path, clips, ["a", "b"], "ckpt.pt", {}, "f00d", [])
+    good = torch.load(path, weights_only=False)
+    damages = {"labels out of range": ({"labels": torch.tensor([0, 1, 2, 1])}, r"labels are not in \[0, 2\)"),
+               "fewer labels": ({"labels": torch.tensor([0, 1])}, "z_xy holds 4 clips, not 2"),
+               "clip counts differ": ({"start": torch.zeros(3)}, "start holds 3 clips, not 4"),
+               "a NaN std": ({"std": {**good["std"], "z_xt": torch.tensor([1.0, float("nan")])}}, "std of z_xt"),
+               "a zero std": ({"std": {**good["std"], "z_yt": torch.zeros(2)}}, "std of z_yt is not positive"),
+               "no planes": ({"z_xy": None}, "missing or malformed")}
+    for what, (change, message) in damages.items():
+        torch.save({**good, **change}, path)
+        with pytest.raises(ValueError, match=message):
+            D.load_tokens(path)

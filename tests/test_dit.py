@@ -3,6 +3,8 @@ learning a two-mode mixture, guidance, adaLN-Zero, EMA, the training loop's guar
 tokenizer.py -> dit.py -> sample.py end to end."""
 
 import dataclasses
+import subprocess
+import sys
 import math
 import os
 
@@ -10,13 +12,13 @@ import av
 import numpy as np
 import pytest
 import torch
+from conftest import ENV, MICRO, MICRO_SIT_FLAGS, MICRO_TRAIN_FLAGS, ROOT, run_script
 
 import data as D
 import dit
 import harness as H
 import sample as S
 import tokenizer as T
-from conftest import MICRO, MICRO_SIT_FLAGS, MICRO_TRAIN_FLAGS, run_script
 
 MICRO_SIT = dit.SiTConfig(width=32, depth=1, heads=2)
 SHAPES = [(4, 4, 4), (4, 6, 4), (4, 6, 4)]                         # a triplane (C, Rs, Rs), (C, Rt, Rs) x2
@@ -379,3 +381,100 @@ def test_tokenizer_dit_sample_pipeline_samples_what_the_checkpoint_says(tmp_path
     with av.open(str(tmp_path / "c" / "000_discs.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 3 and frames[0].shape == (16, 16, 3) and (tmp_path / "c" / "grid.png").exists()
+
+
+# -----------------------------------------------------------------------------
+# frames of any shape, sampling under torchrun, and what sample.py trusts
+
+
+def test_the_whole_pipeline_at_32x48(tmp_path, micro_videos):
+    # a non-square model: z_xy 8x12, z_xt 8x12 (time x width), z_yt 8x8 (time x height)
+    shape = ["--img_size=32", "--img_width=48", "--enc_patch_s=8", "--dec_patch_s=4"]
+    tok = run_script("tokenizer.py", *MICRO_TRAIN_FLAGS, *shape, f"--data={micro_videos}", f"--out_dir={tmp_path}",
+                     "--max_iters=2")
+    assert tok.returncode == 0, tok.stderr[-3000:]
+    model, _ = T.load_tokenizer(str(tmp_path / "tokenizer.pt"))
+    assert model.triplane_shapes == ((4, 8, 12), (4, 8, 12), (4, 8, 8)) and model.grid_size == (8, 8, 12)
+    tokens = str(tmp_path / "tokens.pt")
+    enc = run_script("tokenizer.py", f"--out_dir={tmp_path}", f"--encode={tokens}", "--num_workers=0")
+    assert enc.returncode == 0, enc.stderr[-3000:]
+    assert [tuple(D.load_tokens(tokens)[k].shape[1:]) for k in D.PLANES] == list(model.triplane_shapes)
+    train = run_script("dit.py", f"--tokens={tokens}", f"--out_dir={tmp_path}", *MICRO_SIT_FLAGS, "--max_iters=2",
+                       "--batch_size=2")
+    assert train.returncode == 0, train.stderr[-3000:]
+    out = run_script("sample.py", "--num_samples=2", "--steps=3", f"--out_dir={tmp_path / 's'}",
+                     f"--ckpt={tmp_path / 'dit.pt'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert read_clips(tmp_path / "s", (32, 48), 8)["000_discs.mp4"].shape == (8, 32, 48, 3)
+    with av.open(str(tmp_path / "s" / "000_discs.mp4")) as container:
+        assert (container.streams.video[0].height, container.streams.video[0].width) == (32, 48)
+    ev = run_script("eval.py", f"--ckpt={tmp_path / 'tokenizer.pt'}", "--num_workers=0", f"--out_dir={tmp_path}",
+                    "--i3d=none", "--lpips_vgg=none", "--lpips_lin=none")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "resolution       32x48" in ev.stdout or "32x48" in ev.stdout
+
+
+def sit_pipeline(tmp_path, micro_videos):
+    """A trained micro tokenizer, its tokens and a micro SiT, in tmp_path."""
+    for script, flags in (("tokenizer.py", [*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=2"]),
+                          ("tokenizer.py", [f"--encode={tmp_path / 'tokens.pt'}", "--num_workers=0"]),
+                          ("dit.py", [f"--tokens={tmp_path / 'tokens.pt'}", *MICRO_SIT_FLAGS, "--max_iters=2",
+                                      "--batch_size=2"])):
+        out = run_script(script, *flags, f"--out_dir={tmp_path}")
+        assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_two_processes_sample_the_files_one_process_writes(tmp_path, micro_videos):
+    sit_pipeline(tmp_path, micro_videos)
+    common = [f"--ckpt={tmp_path / 'dit.pt'}", "--num_samples=5", "--steps=3", "--format=lossless",
+              "--batch_size=2", "--grid_clips=3"]
+    for name, nproc in (("one", None), ("two", 2)):
+        out = run_script("sample.py", *common, f"--out_dir={tmp_path / name}", nproc=nproc)
+        assert out.returncode == 0, out.stderr[-3000:]
+    one, two = read_clips(tmp_path / "one", 16, 8), read_clips(tmp_path / "two", 16, 8)
+    assert list(one) == list(two) and len(one) == 5
+    for name in one:
+        assert np.abs(one[name].astype(int) - two[name].astype(int)).max() <= 1, name
+    grid = D.find_videos  # the grid holds the first --grid_clips clips only, a row each
+    import skimage.io
+    assert skimage.io.imread(str(tmp_path / "two" / "grid.png")).shape[0] == 3 * 16 * 6 and grid
+
+
+def test_sample_refuses_another_tokenizer_and_keeps_names_inside_its_folder(tmp_path, micro_videos):
+    sit_pipeline(tmp_path, micro_videos)
+    # the same config, other weights: refused unless forced
+    other = torch.load(tmp_path / "tokenizer.pt", weights_only=False)
+    other["model"] = {k: v + 0.01 for k, v in other["model"].items()}
+    torch.save(other, tmp_path / "other.pt")
+    common = [f"--ckpt={tmp_path / 'dit.pt'}", "--num_samples=2", "--steps=2"]
+    with pytest.raises(SystemExit, match="comes from another tokenizer than .*other.pt.*--force"):
+        S.main(common + [f"--tokenizer={tmp_path / 'other.pt'}", f"--out_dir={tmp_path / 'a'}"])
+    S.main(common + [f"--tokenizer={tmp_path / 'other.pt'}", "--force", f"--out_dir={tmp_path / 'a'}"])
+    # class names from a file decide no path outside --out_dir
+    ckpt = torch.load(tmp_path / "dit.pt", weights_only=False)
+    ckpt["class_names"] = ["x/../../../escaped", ".hidden"]
+    torch.save(ckpt, tmp_path / "dit.pt")
+    S.main(common + [f"--out_dir={tmp_path / 'b'}"])
+    assert sorted(os.listdir(tmp_path / "b")) == ["000_x_.._.._.._escaped.mp4", "001_hidden.mp4", "grid.png"]
+    assert not (tmp_path.parent / "escaped").exists()
+
+
+def test_a_sit_checkpoint_is_read_lean(tmp_path):
+    # a checkpoint whose EMA is small and whose optimizer state is large: only the EMA is read
+    code = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import bench, dit
+before = bench.resident_peak_bytes()  # the peak so far: torch and the modules, imported
+model, _ = dit.load_dit({path!r})
+assert sum(p.numel() for p in model.parameters()) > 0
+print(bench.resident_peak_bytes() - before)
+"""
+    model = dit.SiT(MICRO_SIT, SHAPES, 1)
+    torch.save({"kind": "coordtok_dit", "model": model.state_dict(), "ema": model.state_dict(),
+                "optimizer": {"state": {"huge": torch.ones(2 ** 27)}}, "model_config": dataclasses.asdict(MICRO_SIT),
+                "plane_shapes": SHAPES, "num_classes": 1}, tmp_path / "dit.pt")
+    out = subprocess.run([sys.executable, "-c", code.format(root=ROOT, path=str(tmp_path / "dit.pt"))],
+                         capture_output=True, text=True, timeout=120, env=ENV)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.strip()) < 200 * 2 ** 20                    # far below the 512 MiB the file holds

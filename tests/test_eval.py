@@ -17,14 +17,23 @@ import scipy.linalg
 import skimage.io
 import torch
 import torch.nn.functional as F
+from conftest import (
+    ENV,
+    LPIPS_SCALE,
+    LPIPS_SHIFT,
+    LPIPS_TAPS,
+    MICRO,
+    MICRO_TOKENS,
+    ROOT,
+    VGG16_FEATURES,
+    published_lpips_lin,
+    published_vgg16,
+)
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import data as D
 import eval as E
 import tokenizer as T
-
-from conftest import (ENV, LPIPS_SHIFT, LPIPS_SCALE, LPIPS_TAPS, MICRO, MICRO_TOKENS, ROOT, VGG16_FEATURES,
-                      published_lpips_lin, published_vgg16)
 
 
 class StandInI3D(torch.nn.Module):
@@ -503,3 +512,81 @@ def test_token_table_of_the_paper_configuration(capsys):
     assert "1280" in out and "8192 tokens" in out and "614.4x compression" in out
     # the paper's larger triplane (Rs = 32): 32*32 + 2*32*32 = 3072 tokens
     assert E.main(["--tokens", "--preset", "large", "--triplane_rs", "32"])["tokens"] == 3072
+
+
+# -----------------------------------------------------------------------------
+# a user's own video, whole; the yardsticks; evaluation under torchrun
+
+
+def read_all(path, size):
+    info = D.probe_video(path)
+    return D.read_clip(path, size, info["n_frames"], 0, info=info)[0]
+
+
+def test_a_whole_video_comes_back_frame_for_frame_with_its_figures(tmp_path, checkpoint, weights):
+    video = D.make_ucf_like_video(str(tmp_path / "my clip.avi"), num_frames=125, loops=2)  # 250 frames
+    model, _ = T.load_tokenizer(checkpoint)
+    lpips = ["--lpips_vgg", weights["vgg"], "--lpips_lin", weights["lin"]]
+    results = E.main(["--ckpt", checkpoint, "--video", video, "--format", "lossless", "--batch_size=4", *lpips,
+                      f"--out_dir={tmp_path / 'out'}"])
+    (result,) = results
+    assert sorted(os.listdir(tmp_path / "out")) == ["my_clip_recon.json", "my_clip_recon.mkv",
+                                                    "my_clip_side_by_side.mp4"]
+    assert result["frames"] == 250 and D.probe_video(str(tmp_path / "out" / "my_clip_recon.mkv"))["n_frames"] == 250
+    # windows of the model's 8 frames back to back, the last ending at the last frame
+    assert [w["start"] for w in result["windows"]] == list(range(0, 241, 8)) + [242]
+    assert result["tokens"] == 32 * MICRO_TOKENS and result["tokens_per_window"] == MICRO_TOKENS
+    assert result["compression_vs_input"] == pytest.approx(250 * 320 * 240 * 3 / (32 * MICRO_TOKENS * 4))
+    # the PSNR of the two files agrees with the JSON: the frames as written are the frames scored
+    inputs, recon = read_all(video, 16), read_all(str(tmp_path / "out" / "my_clip_recon.mkv"), 16)
+    frame_psnr = [peak_signal_noise_ratio(a, b, data_range=255) for a, b in zip(inputs, recon)]
+    assert result["psnr"] == pytest.approx(np.mean(frame_psnr), abs=1e-4)
+    assert result["windows"][3]["psnr"] == pytest.approx(np.mean(frame_psnr[24:32]), abs=1e-4)
+    boundary = [i for s in range(8, 249, 8) for i in (s - 1, s)] + [241, 242]  # the joins; the last start
+    assert result["boundary_psnr"] == pytest.approx(np.mean([frame_psnr[i] for i in sorted(set(boundary))]),
+                                                    abs=1e-4)
+    # each frame is its window's decoding (the last window's frames, shared, are averaged)
+    clip = torch.from_numpy(inputs[16:24])[None]
+    with torch.no_grad():
+        window = D.to_uint8(model.decode_video(model.encode(D.from_uint8(clip)))).numpy()[0]
+    assert np.abs(window.astype(int) - recon[16:24].astype(int)).max() <= 1
+    # overlapping windows, blended; a video shorter than a window; a default (H.264) output
+    result = E.main(["--ckpt", checkpoint, "--video", video, "--overlap", "4", *lpips,
+                     f"--out_dir={tmp_path / 'ov'}"])[0]
+    assert result["frames"] == 250 and [w["start"] for w in result["windows"]][:3] == [0, 4, 8]
+    assert D.probe_video(str(tmp_path / "ov" / "my_clip_recon.mp4"))["n_frames"] == 250
+    short = str(tmp_path / "short.mp4")
+    D.write_video(short, read_all(video, 32)[:5])
+    result = E.main(["--ckpt", checkpoint, "--video", short, *lpips, f"--out_dir={tmp_path / 'short'}"])[0]
+    assert result["frames"] == 5 and len(result["windows"]) == 1
+    with pytest.raises(SystemExit, match="--overlap 8 must be below the model's 8 frames"):
+        E.main(["--ckpt", checkpoint, "--video", short, "--overlap", "8", *lpips])
+    with pytest.raises(SystemExit, match="--video .*nope.mp4 does not exist"):
+        E.main(["--ckpt", checkpoint, "--video", str(tmp_path / "nope.mp4"), *lpips])
+
+
+def test_the_yardsticks_are_the_mean_frame_and_the_patch_blur():
+    clip = torch.rand(2, 4, 8, 8, 3) * 2 - 1
+    marks = E.yardsticks(clip, (1, 4, 4))
+    assert torch.allclose(marks["temporal_mean"][:, 2], clip.mean(1))
+    block = marks["patch_blur"][1, 3, 4:8, 0:4]                               # one 4x4 patch, one value each
+    assert torch.allclose(block, clip[1, 3, 4:8, 0:4].mean(dim=(0, 1)).expand_as(block))
+
+
+def test_two_processes_evaluate_what_one_does(tmp_path, checkpoint, micro_videos, weights):
+    flags = ["--ckpt", checkpoint, "--data", micro_videos, "--split=all", "--num_workers=0", "--batch_size=2",
+             "--i3d", weights["i3d"], "--lpips_vgg", weights["vgg"], "--lpips_lin", weights["lin"]]
+    one = run_eval(*flags, f"--out_dir={tmp_path / 'one'}")
+    two = run_eval(*flags, f"--out_dir={tmp_path / 'two'}", nproc=2)
+    assert two["processes"] == 2 and one["clips"] == two["clips"] == 6 and one["rfvd_clips"] == two["rfvd_clips"]
+    for k in ("psnr", "ssim", "lpips", "rfvd"):
+        assert two[k] == pytest.approx(one[k], rel=1e-6), k
+    assert two["yardsticks"] == pytest.approx(one["yardsticks"])
+
+
+def run_eval(*flags, nproc=None):
+    from conftest import run_script
+    out = run_script("eval.py", *flags, nproc=nproc)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out_dir = next(f.split("=", 1)[1] for f in flags if f.startswith("--out_dir="))
+    return json.loads(open(os.path.join(out_dir, "eval.json")).read())

@@ -9,10 +9,10 @@ import urllib.error
 
 import pytest
 import torch
+from conftest import MICRO
 
 import harness as H
 import tokenizer as T
-from conftest import MICRO
 
 
 def test_optimizer_step_clips_only_when_asked_and_skips_non_finite_steps(tmp_path):
@@ -172,8 +172,9 @@ class Planted:
 
 
 def test_cached_weights_are_read_as_tensors_only_and_hash_checked(tmp_path, monkeypatch):
-    from eval import LPIPS, LPIPS_LIN_URL, VGG16_URL
     from conftest import published_lpips_lin, published_vgg16
+
+    from eval import LPIPS, LPIPS_LIN_URL, VGG16_URL
     hub = tmp_path / "hub"
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
     os.makedirs(hub / "checkpoints")
@@ -211,7 +212,7 @@ def test_the_authors_files_by_name_fetch_once_and_fail_offline_with_the_url_and_
         sample.main(["--ckpt", "coordtok_sit_l2_ucf101", f"--out_dir={tmp_path / 's'}"])
     # online: fetched once into the cache, then read from it (a stand-in of the authors' layout)
     fixture = torch.load(os.path.join(os.path.dirname(__file__), "fixtures", "official_micro.pt"), weights_only=False)
-    monkeypatch.setattr(T, "OFFICIAL_PAPER_KWARGS", {**T.OFFICIAL_PAPER_KWARGS,
+    monkeypatch.setattr(H, "OFFICIAL_PAPER_KWARGS", {**H.OFFICIAL_PAPER_KWARGS,
                                                      **fixture["tokenizer"]["official_kwargs"]})
     fetched = []
 

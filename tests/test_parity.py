@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import dit
+import harness as H
 import tokenizer as T
 
 pytestmark = pytest.mark.parity  # `python -m pytest -m "not parity"` runs the rest, for changed models
@@ -85,7 +86,7 @@ def tokenizer_layout(k):
 
 def sit_layout(k):
     """Their SiT's state dict: name -> shape (missing arguments: the paper's SiT-L/2)."""
-    k = {**dit.OFFICIAL_SIT_PAPER_KWARGS, **k}
+    k = {**H.OFFICIAL_SIT_PAPER_KWARGS, **k}
     (rt, rs), p, D, C = k["input_size"], k["patch_size"], k["hidden_size"], k["in_channels"]
     hidden, c_out = int(D * k["mlp_ratio"]), C * (2 if k["learn_sigma"] else 1)
     shapes = {"pos_embed_xy": (1, (rs // p) ** 2, D), "pos_embed_t": (1, (rt // p) * (rs // p), D),
@@ -209,7 +210,7 @@ def reference_decode(sd, k, planes, patch_index):
 
 def reference_sit(sd, k, planes, t, y):
     """Their SiT.forward: planes xy, yt, xt (B, C, R, R') -> velocities of the same shapes."""
-    k = {**dit.OFFICIAL_SIT_PAPER_KWARGS, **k}
+    k = {**H.OFFICIAL_SIT_PAPER_KWARGS, **k}
     p, heads, C = k["patch_size"], k["num_heads"], k["in_channels"]
     embed = lambda z, name: F.conv2d(z, sd[f"x_embedder_{name}.proj.weight"], sd[f"x_embedder_{name}.proj.bias"],
                                      stride=p).flatten(2).transpose(1, 2)
@@ -320,12 +321,12 @@ OTHER_TOKENIZERS = [
 
 @pytest.mark.parametrize("kwargs", OTHER_TOKENIZERS)
 def test_from_official_tokenizer_holds_for_other_configurations(kwargs):
-    state = random_state(tokenizer_layout({**T.OFFICIAL_PAPER_KWARGS, **kwargs}), seed=1)
+    state = random_state(tokenizer_layout({**H.OFFICIAL_PAPER_KWARGS, **kwargs}), seed=1)
     for name in state:  # LayerNorm weights near one, as trained ones are
         if "norm" in name and name.endswith("weight"):
             state[name] += 1
     model = T.CoordTok.from_official(state, kwargs).eval()
-    k = {**T.OFFICIAL_PAPER_KWARGS, **kwargs}
+    k = {**H.OFFICIAL_PAPER_KWARGS, **kwargs}
     gen = torch.Generator().manual_seed(2)
     video = torch.rand(2, *k["video_shape"], 3, generator=gen) * 2 - 1
     index = torch.stack([torch.randint(0, g, (2, 20), generator=gen) for g in model.grid_size], dim=-1)
@@ -360,11 +361,11 @@ def test_the_paper_presets_are_the_authors_models():
         large = T.CoordTok(T.PRESETS["large"])
         sit = dit.SiT(dit.PRESETS["L/2"], [(8, 16, 16), (8, 32, 16), (8, 32, 16)], num_classes=1)
     assert sum(p.numel() for p in large.parameters()) == 853_410_496
-    assert T.config_from_official() == T.PRESETS["large"]                # from_official with no kwargs builds it
+    assert T.CoordTokConfig(**H.official_tokenizer_fields()) == T.PRESETS["large"]                # from_official with no kwargs builds it
     assert sum(p.numel() for p in large.parameters()) == \
-        sum(math.prod(s) for s in tokenizer_layout(T.OFFICIAL_PAPER_KWARGS).values())
+        sum(math.prod(s) for s in tokenizer_layout(H.OFFICIAL_PAPER_KWARGS).values())
     assert sum(p.numel() for p in sit.parameters()) == \
-        sum(math.prod(s) for s in sit_layout(dit.OFFICIAL_SIT_PAPER_KWARGS).values())
+        sum(math.prod(s) for s in sit_layout(H.OFFICIAL_SIT_PAPER_KWARGS).values())
     assert large.num_tokens() == 1280 and math.prod(large.enc_grid) == 1024
     assert sum(h * w for h, w in large.query_grids) == 12
     for name, sizes in (("small", (512, 8, 8, 8)), ("base", (768, 12, 8, 12))):  # width, heads, ViT, query blocks
@@ -409,8 +410,8 @@ def test_the_command_lines_take_the_released_files(fixture, tmp_path, micro_vide
     import eval as E
     import sample as S
     tok, sit = fixture["tokenizer"], fixture["sit"]
-    monkeypatch.setattr(T, "OFFICIAL_PAPER_KWARGS", {**T.OFFICIAL_PAPER_KWARGS, **tok["official_kwargs"]})
-    monkeypatch.setattr(dit, "OFFICIAL_SIT_PAPER_KWARGS", {**dit.OFFICIAL_SIT_PAPER_KWARGS, **sit["official_kwargs"]})
+    monkeypatch.setattr(H, "OFFICIAL_PAPER_KWARGS", {**H.OFFICIAL_PAPER_KWARGS, **tok["official_kwargs"]})
+    monkeypatch.setattr(H, "OFFICIAL_SIT_PAPER_KWARGS", {**H.OFFICIAL_SIT_PAPER_KWARGS, **sit["official_kwargs"]})
     released_tokenizer, released_sit = str(tmp_path / "CoordTok_UCF101_1M_50K.pth"), str(tmp_path / "SiT_L_2.pt")
     torch.save({"epoch": 1, "model": {f"module.{k}": v for k, v in tok["state_dict"].items()}}, released_tokenizer)
     torch.save({"model": sit["state_dict"], "ema": sit["state_dict"], "opt": {}, "args": argparse.Namespace()},

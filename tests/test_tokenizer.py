@@ -7,11 +7,11 @@ import subprocess
 
 import pytest
 import torch
+from conftest import MICRO, MICRO_TRAIN_FLAGS, run_script
 
 import data as D
 import harness as H
 import tokenizer as T
-from conftest import MICRO, MICRO_FLAGS, MICRO_TRAIN_FLAGS, ROOT, run_script
 
 
 def run_cli(*args, **kwargs):
@@ -347,3 +347,40 @@ def test_wrong_or_missing_checkpoint_is_a_clear_error(tmp_path):
         T.load_tokenizer(str(tmp_path / "nope.pt"))
     out = run_cli(f"--out_dir={tmp_path / 'empty'}", "--resume")
     assert out.returncode != 0 and "does not exist" in out.stderr
+
+
+def test_small_holes_are_closed_before_any_work(tmp_path, micro_videos):
+    out_dir = tmp_path / "run"
+    first = run_cli(*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=3", f"--out_dir={out_dir}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    trained = (out_dir / "tokenizer.pt").read_bytes()
+    # a resumed run already past --max_iters trains nothing, saves nothing, and says so
+    done = run_cli("--resume", f"--out_dir={out_dir}", "--max_iters=2")
+    assert done.returncode == 0 and "is at step 3: nothing to train" in done.stdout and "saved" not in done.stdout
+    assert (out_dir / "tokenizer.pt").read_bytes() == trained
+    # a fresh run into a trained folder is refused first, before the data is even looked at, and so is it
+    # on every rank under torchrun, without a traceback of the process group
+    for nproc in (None, 2):
+        again = run_cli(*MICRO_TRAIN_FLAGS, f"--data={tmp_path / 'no_such_folder'}", f"--out_dir={out_dir}",
+                        nproc=nproc)
+        assert again.returncode != 0 and "already holds a trained checkpoint" in again.stderr
+        assert "tokenizer.py\", line" not in again.stderr and "gloo" not in again.stderr.lower()  # no trace
+    # a negative stride is refused
+    bad = run_cli(f"--out_dir={out_dir}", f"--encode={tmp_path / 'tokens.pt'}", "--encode_stride=-5")
+    assert bad.returncode != 0 and "--encode_stride must be >= 0" in bad.stderr
+
+
+def test_resume_says_when_the_held_out_videos_are_not_the_folder_s_now(tmp_path):
+    videos = tmp_path / "videos"
+    D.make_synthetic(str(videos), num_classes=2, videos_per_class=3, num_frames=10, size=24, seed=1)
+    run = run_cli(*MICRO_TRAIN_FLAGS, f"--data={videos}", "--max_iters=1", f"--out_dir={tmp_path / 'out'}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    held_out = torch.load(tmp_path / "out" / "tokenizer.pt", weights_only=False)["held_out"]
+    assert held_out == ["discs/discs_000.mp4", "squares/squares_000.mp4"]
+    D.make_synthetic(str(tmp_path / "more"), num_classes=2, videos_per_class=12, num_frames=10, size=24, seed=2)
+    for path, _ in D.find_videos(str(tmp_path / "more")):                 # 24 more videos, other names
+        os.rename(path, path.replace(str(tmp_path / "more"), str(videos)).replace(".mp4", "_new.mp4"))
+    resumed = run_cli("--resume", f"--out_dir={tmp_path / 'out'}", "--max_iters=2")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "are not the folder's now: 0 gone" in resumed.stderr and "new" in resumed.stderr
+    assert set(held_out) <= set(torch.load(tmp_path / "out" / "tokenizer.pt", weights_only=False)["held_out"])
