@@ -177,7 +177,8 @@ def dit_step(sit_cfg, latent, shapes, batch_size, device):
 
 def estimated_clips_per_s(cfg):  # an H100 at ASSUMED_MFU, forward and backward (3x the forward)
     model = shape_model(cfg)  # decoding 1/32 of the clip's patches
-    return ASSUMED_MFU * H100_BF16_FLOPS / (3 * model.flops_per_clip(math.prod(model.grid_size) // 32))
+    flops = 3 * model.flops_per_clip(math.prod(model.grid_size) // 32)
+    return ASSUMED_MFU * H100_BF16_FLOPS / flops
 
 
 def seconds(s):
@@ -185,7 +186,8 @@ def seconds(s):
 
 
 def size(b):
-    return "-" if b is None else f"{b / 2 ** 20:.0f} MiB" if b < 2 ** 30 else f"{b / 2 ** 30:.2f} GiB"
+    return "-" if b is None else f"{b / 2 ** 20:.0f} MiB" if b < 2 ** 30 else \
+        f"{b / 2 ** 30:.2f} GiB"
 
 
 def cells(r, base=None):  # a measurement's time (or why none) and memory, then ratios to base's
@@ -255,9 +257,9 @@ def part_throughput(cfg, batch_size, device):
             r = rows[name] = measure(call, device)
             r.update(clips_per_s=batch_size / r["seconds"],
                      frames_per_s=batch_size * frames / r["seconds"])
+            ratio = rows["decode_video"]["seconds"] / r["seconds"] if name != "encode" else None
             row(name, seconds(r["seconds"]), f"{r['clips_per_s']:,.1f}",
-                f"{r['frames_per_s']:,.0f}",
-                f"{rows['decode_video']['seconds'] / r['seconds']:.2f}x" if name != "encode" else "")
+                f"{r['frames_per_s']:,.0f}", f"{ratio:.2f}x" if ratio else "")
     return rows
 
 
@@ -296,7 +298,7 @@ def part_gpu(cfg, device, dry_run):
     compiled = torch.compile(model, backend=backend)
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
-    def forward(*inputs):  # one graph for every batch of the search (not 1: compile specialises)
+    def forward(*inputs, compiled=compiled):  # one graph for every batch (compile specialises 1)
         for tensor in inputs:
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
         return compiled(*inputs)
@@ -409,7 +411,7 @@ def main(argv=None):
             name = next((line.split(":", 1)[1].strip() for line in f
                          if line.startswith("model name")), "CPU")
     threads = torch.get_num_threads()
-    where = name + (f", {threads} torch thread{'s' * (threads > 1)}" if device.type == "cpu" else "")
+    where = name + (f", {threads} torch thread{'s' * (threads > 1)}" * (device.type == "cpu"))
     what = "dry run: the tiny tokenizer" if args.dry_run else f"`{args.preset}` preset"
     print(f"## CoordTok bench: {what} on {device} ({where}), torch {torch.__version__}\n\n"
           f"`{command}`", flush=True)

@@ -1,13 +1,10 @@
 """
 Video data for CoordTok: reading clips with PyAV (any file FFmpeg reads, any length, any frame
-shape), writing videos, a resized copy of a data set for fast reading, the train / held-out
-split, the built-in synthetic set, and the tokens file that dit.py reads.
+shape), writing videos, a resized copy of a data set, the dataset and its loader, the train /
+held-out split, the built-in synthetic set, and the tokens file that dit.py reads.
 
   python data.py --synthetic data/synthetic                # write the synthetic set
   python data.py --prepare UCF-101 ucf128 --img_size 128   # a copy resized once, read ~10x faster
-
-Reading order: probing and reading videos, writing them, preparing a copy, the dataset and its
-loader, the split, the synthetic set, the tokens file.
 """
 
 import argparse
@@ -314,16 +311,23 @@ def write_png(path, image):
                 + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9)) + chunk(b"IEND", b""))
 
 
-def comparison_grid(inputs, recons, num_columns=8, error_gain=4):
-    """uint8 clips (K, T, H, W, 3) x2 -> one image (3*K*H, F*W, 3): three rows per clip (input,
-    reconstruction, |error| x error_gain), num_columns evenly spaced frames per row."""
-    inputs, recons = np.asarray(inputs), np.asarray(recons)
-    columns = np.unique(np.linspace(0, inputs.shape[1] - 1, min(num_columns, inputs.shape[1]))
+def frame_grid(videos, num_columns=8, zoom=1):
+    """uint8 clips (N, T, H, W, 3) -> one image: a row per clip, num_columns evenly spaced frames
+    per row, each pixel repeated zoom x zoom times."""
+    videos = np.asarray(videos)
+    columns = np.unique(np.linspace(0, videos.shape[1] - 1, min(num_columns, videos.shape[1]))
                         .round().astype(int))
-    error = np.abs(inputs.astype(np.int16) - recons.astype(np.int16)) * error_gain
-    rows = np.stack([inputs[:, columns], recons[:, columns],
-                     np.clip(error[:, columns], 0, 255).astype(np.uint8)], axis=1)
-    return rearrange(rows, "k r f h w c -> (k r h) (f w) c")
+    grid = rearrange(videos[:, columns], "n f h w c -> (n h) (f w) c")
+    return grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
+
+
+def comparison_grid(inputs, recons, num_columns=8, zoom=1, error_gain=4):
+    """uint8 clips (K, T, H, W, 3) x2 -> frame_grid's image of three rows per clip: input,
+    reconstruction, |error| x error_gain."""
+    inputs, recons = np.asarray(inputs), np.asarray(recons)
+    error = np.clip(np.abs(inputs.astype(np.int16) - recons.astype(np.int16)) * error_gain, 0, 255)
+    rows = np.stack([inputs, recons, error.astype(np.uint8)], 1)              # (K, 3, T, H, W, 3)
+    return frame_grid(rearrange(rows, "k r t h w c -> (k r) t h w c"), num_columns, zoom)
 
 
 # -----------------------------------------------------------------------------
@@ -383,12 +387,12 @@ IN_MEMORY_BYTES = 2 ** 29  # a data set whose decoded frames fit in this is kept
 
 
 class VideoDataset(torch.utils.data.Dataset):
-    """One clip of num_frames frames per video of a folder, at frame_size (img_size or (H, W)).
+    """A clip of num_frames frames per video of a folder, at frame_size (img_size or (H, W)).
 
-    split: "train", "val" (held out, see held_out_paths) or "all". An item is {"video": uint8
-    (T, H, W, 3), "n_frames": real frames, "label", "video_index", "start"}. The index may be
-    (index, seed) from ClipSampler, which fixes the random start, so a resumed run reads the same
-    clips. Unreadable files are skipped with a warning when the dataset is built."""
+    split: "train", "val" (held out: held_out_paths) or "all". An item is {"video": uint8 (T, H,
+    W, 3), "n_frames": real frames, "label", "video_index", "start"}; the index may be (index,
+    seed) from ClipSampler, whose seed fixes the random start. Unreadable files are skipped with
+    a warning when the dataset is built."""
 
     def __init__(self, root, frame_size, num_frames, split="train", val_fraction=0.1,
                  split_file="", random_start=None):
@@ -403,7 +407,8 @@ class VideoDataset(torch.utils.data.Dataset):
         self.num_frames = num_frames
         self.random_start = split == "train" if random_start is None else random_start
         held_out = set() if split == "all" else held_out_paths(videos, val_fraction, split_file)
-        chosen = [(p, name) for p, name in videos if split == "all" or (p in held_out) == (split == "val")]
+        chosen = [(p, name) for p, name in videos
+                  if split == "all" or (p in held_out) == (split == "val")]
         self.files, self.info, unreadable = [], [], []
         for path, name in chosen:
             try:
@@ -471,17 +476,16 @@ def batched_windows(dataset, videos, stride, batch_size):
 
 
 class ClipSampler(torch.utils.data.Sampler):
-    """An endless, deterministic stream of (index, seed) pairs for one process.
-
-    The global stream is a permutation of the clips per epoch (seeded by seed + epoch); it is cut
-    into global batches of batch_size x world_size and rank r takes rows r * batch_size ...
-    (r + 1) * batch_size of each, so the ranks read together what one process with the global
-    batch reads. The stream starts anywhere (a resumed run skips without decoding) and each clip
-    carries the seed of its random start."""
+    """An endless, deterministic stream of (index, seed) pairs for one process: a permutation of
+    the clips per epoch (seeded by seed + epoch), cut into global batches of batch_size x
+    world_size, of which rank r takes rows r * batch_size ... (r + 1) * batch_size, so the ranks
+    read together what one process with the global batch reads. It starts anywhere (a resumed
+    run skips without decoding), and each clip carries the seed of its random start."""
 
     def __init__(self, num_items, shuffle, seed, rank, world_size, batch_size, start=0):
         self.num_items, self.shuffle, self.seed = num_items, shuffle, seed
-        self.rank, self.world_size, self.batch_size, self.start = rank, world_size, batch_size, start
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.start = start
 
     def __iter__(self):
         orders = {}
@@ -717,9 +721,12 @@ def load_tokens(path):
 def check_tokens_path(path):
     """--encode PATH may replace a tokens file, never anything else (a checkpoint, a video)."""
     if os.path.exists(path):
-        kind = H.file_kind(path) if os.path.isfile(path) else "folder"
+        try:
+            kind = H.read_torch_file(path).get("kind")
+        except (ValueError, AttributeError, FileNotFoundError):  # not a torch dict, or a folder
+            kind = None
         if kind != "coordtok_tokens":
-            raise ValueError(f"--encode {path} is a {kind} file, not a tokens file; pass a new path.")
+            raise ValueError(f"--encode {path} exists and is not a tokens file; pass a new path.")
     H.check_out_dir(os.path.dirname(os.path.abspath(path)), "--encode")
 
 

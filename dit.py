@@ -422,9 +422,9 @@ def load_dit(path, device="cpu"):
     """The EMA weights of a SiT (eval mode; only they are read from the file) and its checkpoint
     dict, ours or the authors' release (kind "official": no token statistics, classes or
     tokenizer; those must be given)."""
-    model, ckpt = H.load_model_file(
-        path, "coordtok_dit", SiTConfig, lambda cfg, c: SiT(cfg, c["plane_shapes"], c["num_classes"]),
-        "ema", SiT.from_official, "SiT")
+    model, ckpt = H.load_model_file(path, "coordtok_dit", SiTConfig,
+                                    lambda cfg, c: SiT(cfg, c["plane_shapes"], c["num_classes"]),
+                                    "ema", SiT.from_official, "SiT")
     if ckpt["kind"] == "official":
         ckpt.update(plane_shapes=model.plane_shapes, num_classes=model.num_classes, class_names=[])
     return model.to(device).eval().requires_grad_(False), ckpt

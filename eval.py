@@ -2,25 +2,20 @@
 Evaluate a CoordTok tokenizer the way the paper reports it: PSNR, SSIM and LPIPS per frame, rFVD
 on whole clips, and how many tokens a clip becomes; reconstruct whole videos of any length.
 
-  python eval.py                                  # out/tokenizer.pt on the held-out clips of its data
+  python eval.py                                  # out/tokenizer.pt on its held-out clips
   python eval.py --ckpt coordtok_ucf101 --data UCF-101_test     # the authors' tokenizer, by name
   torchrun --nproc_per_node=8 eval.py --ckpt out/stage2/tokenizer.pt   # each rank a share
   python eval.py --video my.mp4 other.mkv --overlap 4    # whole videos back, with their figures
   python eval.py --tokens --preset large          # the token table of a preset (1280 tokens)
   python eval.py --fvd --real DIR --fake DIR      # FVD between two folders (sample.py's output)
 
-Writes out/eval.json, out/recon.mp4 (input | reconstruction) and out/recon.png; --video writes
-OUT_DIR/<stem>_recon.mp4 (.mkv with --format lossless), <stem>_side_by_side.mp4, <stem>_recon.json.
-
-* PSNR, SSIM, LPIPS: per frame on [0, 1] after clamping, averaged over every real frame. SSIM: an
-  11x11 Gaussian window (sigma 1.5), population covariance, K1, K2 = 0.01, 0.03 (scikit-image's
-  gaussian_weights=True, averaged over channels). LPIPS: VGG16 with the v0.1 linear layers.
-* rFVD / FVD: the StyleGAN-V protocol: its TorchScript I3D called on whole uint8 clips (B, 3, T,
-  H, W) with rescale, resize and return_features, features in float64, the Frechet distance of
-  the two Gaussians. FVD on few clips is biased upward: the clip count is printed beside it.
-Weights are fetched on first use to the torch hub cache or read from --i3d / --lpips_vgg /
---lpips_lin; a metric without its weights, or whose detector refuses clips this short, is
-reported unavailable with the reason (null in the JSON).
+Writes out/eval.json, recon.mp4 (input | reconstruction) and recon.png; --video writes
+<stem>_recon.mp4 (.mkv with --format lossless), <stem>_side_by_side.mp4 and <stem>_recon.json.
+PSNR, SSIM (an 11x11 Gaussian window, sigma 1.5: scikit-image's) and LPIPS (VGG16, v0.1) are
+per frame on [0, 1] after clamping, over every real frame; rFVD / FVD are StyleGAN-V's (its
+TorchScript I3D on whole uint8 clips, the Frechet distance of the two Gaussians; biased upward on
+few clips, so the count is printed beside). A metric without its weights (fetched on first use,
+or --i3d / --lpips_vgg / --lpips_lin) is reported unavailable with the reason, null in the JSON.
 """
 
 import argparse
@@ -476,14 +471,14 @@ def report(result, metrics, preview, out_dir):
     frames_row = f"{frames}" + (f" (model: {model_frames})" if frames != model_frames else "")
     if result["real_frames"] != clips * frames:
         frames_row += f"; {result['real_frames']} real frames evaluated"
-    no_split = "; the checkpoint carries no training split" if result["train_config"] is None else ""
+    no_split = "; the checkpoint carries no training split" * (result["train_config"] is None)
     marks = result["yardsticks"]
     rows = [("clips", f"{clips} ({result['split']} split of {result['data']}{no_split})"),
             ("frames per clip", frames_row), ("resolution", "{}x{}".format(*result["resolution"])),
             *[(label, show(name, fmt)) for name, (label, fmt, _) in metrics.items()],
             ("rFVD", show("rfvd", "{:.1f} ({rfvd_clips} clips)")),
-            ("yardsticks: PSNR of", f"the clip's mean frame {marks['temporal_mean']:.2f} dB, a blur "
-             f"over each decoder patch {marks['patch_blur']:.2f} dB"),
+            ("yardsticks: PSNR of", f"the clip's mean frame {marks['temporal_mean']:.2f} dB, a "
+             f"blur over each decoder patch {marks['patch_blur']:.2f} dB"),
             *token_rows(result["tokens"]), ("encode + decode",
                                             f"{result['encode_decode_clips_per_s']:.2f} clips/s "
                                             f"on {result['device']}")]

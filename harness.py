@@ -1,10 +1,8 @@
 """The training harness the scripts share; a first reader may skip this file.
 
-Nothing here is CoordTok: processes and DDP, the device, autocast and compile, the optimizer and
-its guarded step, the learning-rate schedule, flags and resumed configs, checkpoint files and
-their safety (atomic writes, run locks, weights read as tensors only), and fetching weights.
-tokenizer.py and dit.py hold the method; they import their plumbing from here, as nanoGPT keeps
-configurator.py and SiT train_utils.py beside their models.
+Processes and DDP, the device, autocast and compile, the optimizer and its guarded step, the
+learning-rate schedule, flags and resumed configs, checkpoint files and their safety (atomic
+writes, run locks, weights read as tensors only, fetched and hash-checked), the authors' files.
 """
 
 import argparse
@@ -53,7 +51,8 @@ def pick_device(flag="auto"):
     if flag != "cpu" and not re.fullmatch(r"cuda(:\d+)?", flag):
         raise ValueError(f"--device {flag!r} is not one of auto, cpu, cuda, cuda:N.")
     if flag.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {flag} asks for CUDA, but CUDA is not available; use --device cpu.")
+        raise ValueError(f"--device {flag} asks for CUDA, but CUDA is not available; use "
+                         f"--device cpu.")
     if flag.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return torch.device(flag)
@@ -87,11 +86,9 @@ def gather_to_main(dist, obj):
     return out
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; plain fp32 on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(device):  # bf16 on CUDA, fp32 on the CPU
+    cuda = device.type == "cuda"
+    return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
 
 def use_compile(flag, device):
@@ -144,8 +141,7 @@ def optimizer_step(model, optimizer, grad_clip, bad_steps=0, max_bad_steps=20, c
     grads = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(grads, grad_clip if grad_clip > 0 else math.inf)
     finite = bool(torch.isfinite(norm))
-    if finite:
-        optimizer.step()
+    optimizer.step() if finite else None
     optimizer.zero_grad(set_to_none=True)
     if finite:
         return 0
@@ -159,8 +155,7 @@ def optimizer_step(model, optimizer, grad_clip, bad_steps=0, max_bad_steps=20, c
 
 
 def mfu_text(bar, start_step, flops_per_step, peak_flops):
-    """Model FLOPs utilisation since the loop started: one device's FLOPs per step over the mean
-    step time of the tqdm bar, as a fraction of the device's peak (nanoGPT's estimate)."""
+    """Model FLOPs utilisation since the loop started, from the tqdm bar's mean step time."""
     seconds_per_step = bar.format_dict["elapsed"] / max(bar.n - start_step, 1)
     return f"{flops_per_step / seconds_per_step / peak_flops:.1%}"
 
@@ -181,11 +176,9 @@ def time_is_up(tc, step, t_start, dist):
 
 
 def _parse_bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    if s.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() in ("1", "true", "yes", "on")
 
 
 def check_train_config(tc, problems=(), **at_least):
@@ -215,12 +208,10 @@ def parse_config(config_classes, presets, argv=None, description="", default_pre
     for base in bases:
         group = parser.add_argument_group(type(base).__name__)
         for f in dataclasses.fields(base):
-            default = getattr(base, f.name)
-            if isinstance(default, bool):  # `--resume` alone means true
-                group.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True,
-                                   default=default)
-            else:
-                group.add_argument(f"--{f.name}", type=type(default), default=default)
+            default = getattr(base, f.name)  # a bool alone (`--resume`) means true
+            kind = dict(type=_parse_bool, nargs="?", const=True) if isinstance(default, bool) \
+                else dict(type=type(default))
+            group.add_argument(f"--{f.name}", default=default, **kind)
     args = vars(parser.parse_args(argv))
     explicit = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
     configs = tuple(type(b)(**{f.name: args[f.name] for f in dataclasses.fields(b)}) for b in bases)
@@ -228,22 +219,20 @@ def parse_config(config_classes, presets, argv=None, description="", default_pre
 
 
 def config_from_dict(cls, saved, source):
-    """cls(**saved) from a file, field by field: an unknown field is an error; a missing one is
-    an error unless the class lists it in `added_later`, whose defaults are what files written
-    before the field existed meant."""
+    """cls(**saved) from a file: an unknown field is an error, and a missing one unless the class
+    lists it in `added_later` (its default is what files written before it meant)."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(saved) - names)
     missing = sorted(names - set(saved) - set(getattr(cls, "added_later", ())))
     if unknown or missing:
         raise ValueError(f"{source} holds a {cls.__name__} of another version (unknown fields "
                          f"{unknown}, missing {missing}); use the code version that wrote it.")
-    return cls(**{k: v for k, v in saved.items()})
+    return cls(**saved)
 
 
 def resumed_config(saved, given, explicit, keep=()):
-    """The training config a resumed run continues with: the checkpoint's values, but the flags
-    written on this command line and the fields in keep come from `given`; fields the checkpoint
-    lacks take given's. Returns it and the overrides, as lines to print."""
+    """A resumed run's training config: the checkpoint's values, but `given`'s for the flags on
+    this command line, the fields in keep and those it lacks; and the overrides, to print."""
     unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(given)})
     if unknown:
         raise ValueError(f"the checkpoint's training config has fields this code does not know "
@@ -266,7 +255,8 @@ def resume_from(ckpt_path, kind, cfg, tc, explicit, keep):
                and getattr(cfg, n) != getattr(saved, n)]
     if changed:
         raise ValueError(f"--resume continues {ckpt_path} with its own model, but "
-                         f"{', '.join(changed)} differ from it; drop them or use another --out_dir.")
+                         f"{', '.join(changed)} differ from it; drop them, or use another "
+                         f"--out_dir.")
     return (ckpt, saved, *resumed_config(ckpt["train_config"], tc, explicit, keep))
 
 
@@ -288,11 +278,9 @@ def check_out_dir(path, flag="--out_dir"):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """A new temporary path beside `path` to write it through: renamed to path when the block
-    ends without error, removed otherwise. It is created exclusively (a planted file or link is
-    never followed), hidden (data folders skip it) and keeps the extension (writers pick the
-    format by it), so two writers of one path never share it and a kill never leaves a
-    truncated `path`."""
+    """A new temporary path beside `path` to write it through, renamed to path when the block
+    ends without error: made exclusively (no planted link is followed, no two writers share it),
+    hidden (data folders skip it), with path's extension (writers choose the format by it)."""
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     stem, extension = os.path.splitext(name)
@@ -394,15 +382,6 @@ def read_torch_file(path, what="checkpoint"):
                          f"({type(e).__name__}: {str(e)[:200]}).") from None
 
 
-def file_kind(path):
-    """The "kind" of one of our files, "official" for the authors' weights, or what it is."""
-    try:
-        content = read_torch_file(path)
-    except ValueError:
-        return "non-torch"
-    return (content.get("kind") or "official") if isinstance(content, dict) else "other"
-
-
 def load_checkpoint(path, kind, ckpt=None):
     ckpt = read_torch_file(path) if ckpt is None else ckpt
     found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -470,15 +449,15 @@ class WeightsUnavailable(RuntimeError):
 
 
 def fetch(url, path="", flag=""):
-    """The local file of url: `path` (given with `flag`) or the torch hub cache, downloaded there
-    first. A name carrying a hash (torchvision's vgg16-397923af.pth) is checked against it."""
+    """The local file of url: `path` (given with `flag`), or the torch hub cache, downloaded there
+    first; a name carrying a hash (torchvision's vgg16-397923af.pth) is checked against it."""
     name = os.path.basename(url).split("?")[0]
     if path:
         if not os.path.isfile(path):
             raise WeightsUnavailable(f"{path} does not exist; pass the path of {name} with {flag}.")
         return path
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", name)
-    expected = re.search(r"-([a-f0-9]{8,})\.", os.path.basename(cached))
+    cached, expected = os.path.join(torch.hub.get_dir(), "checkpoints", name), \
+        re.search(r"-([a-f0-9]{8,})\.", name)
     if not os.path.isfile(cached):
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(60)  # a silent network fails in a minute instead of hanging
@@ -487,9 +466,9 @@ def fetch(url, path="", flag=""):
             os.makedirs(os.path.dirname(cached), exist_ok=True)
             torch.hub.download_url_to_file(url, cached, expected and expected[1], progress=False)
         except Exception as e:
+            advice = f" or pass its path with {flag}" if flag else ""
             raise WeightsUnavailable(f"could not fetch {url} ({type(e).__name__}: {e}); download "
-                                     f"it to {cached}" + (f" or pass its path with {flag}." if flag
-                                                          else ".")) from None
+                                     f"it to {cached}{advice}.") from None
         finally:
             socket.setdefaulttimeout(previous)
     elif expected:
@@ -498,9 +477,10 @@ def fetch(url, path="", flag=""):
             for block in iter(lambda: f.read(2 ** 20), b""):
                 digest.update(block)
         if not digest.hexdigest().startswith(expected[1]):
-            raise WeightsUnavailable(f"{cached} does not match the hash in its name; delete "
-                                         f"it and fetch {url} again.")
+            raise WeightsUnavailable(f"{cached} does not match the hash in its name; delete it "
+                                     f"and fetch {url} again.")
     return cached
+
 
 # -----------------------------------------------------------------------------
 # the authors' released files (github.com/huiwon-jang/CoordTok): their constructor arguments,
@@ -586,8 +566,7 @@ OFFICIAL_FIELDS = dict(
 
 
 def official_tokenizer_fields(official_kwargs=None):
-    """Our CoordTokConfig's fields for the authors' CoordTok(**official_kwargs), the paper's by
-    default."""
+    """Our CoordTokConfig's fields for the authors' CoordTok(**official_kwargs), the paper's."""
     unknown = set(official_kwargs or {}) - set(OFFICIAL_PAPER_KWARGS)
     if unknown:
         raise ValueError(f"unknown official CoordTok arguments {sorted(unknown)}; use some of "

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from einops import rearrange
 from tqdm import tqdm
 
 import data
@@ -86,15 +85,6 @@ def parse_frames(spec, num_frames):
     if not 0 <= start < stop <= num_frames:
         raise ValueError(f"--frames {spec!r} is outside the clip's frames 0:{num_frames}.")
     return range(start, stop)
-
-
-def frame_grid(videos, num_columns, zoom):
-    """(N, T, H, W, 3) uint8 -> one image: a row per clip, num_columns evenly spaced frames."""
-    t, h = videos.shape[1:3]
-    columns = np.linspace(0, t - 1, min(num_columns, t)).round().astype(int)
-    grid = rearrange(videos[:, columns], "n k h w c -> (n h) (k w) c")
-    zoom = zoom or max(1, round(96 / h))
-    return grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
 
 
 def load_models(sc, device):
@@ -163,8 +153,9 @@ def sample(sc: SampleConfig):
         rows = {k: v for g, _ in shares for k, v in g.items()}
         grid_path = os.path.join(sc.out_dir, "grid.png")
         if rows:
-            data.write_png(grid_path, frame_grid(np.stack([rows[k] for k in sorted(rows)]),
-                                                 sc.grid_frames, sc.grid_zoom))
+            zoom = sc.grid_zoom or max(1, round(96 / tokenizer.config.img_size))
+            data.write_png(grid_path, data.frame_grid(np.stack([rows[k] for k in sorted(rows)]),
+                                                      sc.grid_frames, zoom))
         per_clip = sum(s for _, s in shares) / sc.num_samples
         height, width = tokenizer.config.frame_size
         print(f"wrote {sc.num_samples} clips of {len(frames)} frames (frames {frames.start}:"

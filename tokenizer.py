@@ -144,8 +144,8 @@ class QueryBlock(nn.Module):
         self.self_attn = Attention(dim, heads, qkv_bias=False, proj_bias=False)
         self.norm3, self.mlp = nn.LayerNorm(dim, eps=1e-6), MLP(dim, mlp_ratio)
         bound = (6 / (4 * dim)) ** 0.5  # xavier over a packed (3 dim, dim) in_proj, as torch's MHA
-        for weight in (self.cross_attn.q.weight, self.cross_attn.kv.weight, self.self_attn.qkv.weight):
-            nn.init.uniform_(weight, -bound, bound)
+        for linear in (self.cross_attn.q, self.cross_attn.kv, self.self_attn.qkv):
+            nn.init.uniform_(linear.weight, -bound, bound)
 
     def forward(self, q, video, mask=None):
         q = q + self.cross_attn(self.norm1(q), video, mask=mask)
@@ -253,7 +253,7 @@ class CoordTok(nn.Module):
             real = self.real_video_tokens(n_frames)                                  # (B, Nv)
             cross_mask = real[:, None, None, :]                                      # (B, 1, 1, Nv)
             vit_mask = F.pad(real, (1, 0), value=True)[:, None, None, :]            # CLS is real
-        x = self.patch_embed(rearrange(video, "b t h w c -> b c t h w"))            # (B, W, t, h, w)
+        x = self.patch_embed(rearrange(video, "b t h w c -> b c t h w"))           # (B, W, t, h, w)
         x = rearrange(x, "b c t h w -> b (t h w) c") + self.enc_pos                 # (B, Nv, W)
         x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)    # (B, 1+Nv, W)
         for block in self.enc_blocks:
@@ -305,7 +305,8 @@ class CoordTok(nn.Module):
         """coords (B, N, 3) integer (t, y, x) patch indices -> patch pixels (B, N, pt*ph*pw*3),
         in (pt, row, col, rgb) order. The coordinates of a clip attend to each other."""
         t, y, x = coords.unbind(-1)
-        x = self.dec_embed(lookup_triplane(triplane, coords, self.grid_size)) + self.dec_pos[t, y, x]
+        features = lookup_triplane(triplane, coords, self.grid_size)               # (B, N, 3C)
+        x = self.dec_embed(features) + self.dec_pos[t, y, x]                      # (B, N, Wd)
         for block in self.dec_blocks:
             x = block(x)                                                     # (B, N, Wd)
         return self.to_pixels(self.ln_dec(x))
@@ -344,8 +345,8 @@ class CoordTok(nn.Module):
         n_query = sum(h * w for h, w in self.query_grids)
 
         def blocks(n, width, layers, m=0):  # qkv, proj, MLP; q@k, a@v; cross-attention to m
-            return layers * (24 * n * width ** 2 + 4 * n * n * width
-                             + bool(m) * (4 * n * width ** 2 + 4 * m * width ** 2 + 4 * n * m * width))
+            cross = 4 * n * width ** 2 + 4 * m * width ** 2 + 4 * n * m * width if m else 0
+            return layers * (24 * n * width ** 2 + 4 * n * n * width + cross)
 
         return (2 * n_video * self.patch_embed.weight[0].numel() * c.enc_width
                 + blocks(n_video + 1, c.enc_width, c.enc_layers)
@@ -548,7 +549,8 @@ def validate_train_config(cfg, tc):
         f"--stage must be 1 or 2, got {tc.stage}" * (tc.stage not in (1, 2)),
         f"--num_frames_stage2 must be in [1, {gt}] (the clip's temporal patches)"
         * (tc.stage == 2 and not 1 <= tc.num_frames_stage2 <= gt),
-        f"--val_fraction must be in [0, 1), got {tc.val_fraction}" * (not 0 <= tc.val_fraction < 1)],
+        f"--val_fraction must be in [0, 1), got {tc.val_fraction}"
+        * (not 0 <= tc.val_fraction < 1)],
         eval_interval=1, num_workers=0, eval_clips=0, encode_stride=0)
 
 
@@ -575,10 +577,9 @@ def evaluate(model, val_set, num_clips, batch_size, device, picture=""):
         real = torch.arange(video.shape[1], device=device) < n_frames[:, None]
         total, count = total + psnr_per_frame(recon, video)[real].sum().item(), count + real.sum()
         if picture and first == 0:
-            shown = int(n_frames[:4].min())
-            grid = data.comparison_grid(*(data.to_uint8(v[:4, :shown]).cpu() for v in (video, recon)))
-            zoom = max(1, round(64 / video.shape[2]))                       # small frames to ~64 px
-            data.write_png(picture, grid.repeat(zoom, axis=0).repeat(zoom, axis=1))
+            shown, zoom = int(n_frames[:4].min()), max(1, round(64 / video.shape[2]))  # ~64 px
+            clips = (data.to_uint8(v[:4, :shown]).cpu() for v in (video, recon))
+            data.write_png(picture, data.comparison_grid(*clips, zoom=zoom))
     return total / max(int(count), 1)
 
 

@@ -9,11 +9,11 @@ import os
 
 import pytest
 import torch
-from conftest import run_script
 
 import bench as B
 import dit
 import eval as evaluation
+from conftest import run_script
 from tokenizer import PRESETS
 
 CPU = torch.device("cpu")

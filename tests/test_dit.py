@@ -3,22 +3,22 @@ learning a two-mode mixture, guidance, adaLN-Zero, EMA, the training loop's guar
 tokenizer.py -> dit.py -> sample.py end to end."""
 
 import dataclasses
-import subprocess
-import sys
 import math
 import os
+import subprocess
+import sys
 
 import av
 import numpy as np
 import pytest
 import torch
-from conftest import ENV, MICRO, MICRO_SIT_FLAGS, MICRO_TRAIN_FLAGS, ROOT, run_script
 
 import data as D
 import dit
 import harness as H
 import sample as S
 import tokenizer as T
+from conftest import ENV, MICRO, MICRO_SIT_FLAGS, MICRO_TRAIN_FLAGS, ROOT, run_script
 
 MICRO_SIT = dit.SiTConfig(width=32, depth=1, heads=2)
 SHAPES = [(4, 4, 4), (4, 6, 4), (4, 6, 4)]                         # a triplane (C, Rs, Rs), (C, Rt, Rs) x2

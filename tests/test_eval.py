@@ -17,6 +17,11 @@ import scipy.linalg
 import skimage.io
 import torch
 import torch.nn.functional as F
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+import data as D
+import eval as E
+import tokenizer as T
 from conftest import (
     ENV,
     LPIPS_SCALE,
@@ -29,11 +34,6 @@ from conftest import (
     published_lpips_lin,
     published_vgg16,
 )
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-import data as D
-import eval as E
-import tokenizer as T
 
 
 class StandInI3D(torch.nn.Module):

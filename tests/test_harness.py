@@ -9,10 +9,10 @@ import urllib.error
 
 import pytest
 import torch
-from conftest import MICRO
 
 import harness as H
 import tokenizer as T
+from conftest import MICRO
 
 
 def test_optimizer_step_clips_only_when_asked_and_skips_non_finite_steps(tmp_path):
@@ -173,7 +173,6 @@ class Planted:
 
 def test_cached_weights_are_read_as_tensors_only_and_hash_checked(tmp_path, monkeypatch):
     from conftest import published_lpips_lin, published_vgg16
-
     from eval import LPIPS, LPIPS_LIN_URL, VGG16_URL
     hub = tmp_path / "hub"
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))

@@ -143,7 +143,7 @@ def torch_mha(x, context, sd, prefix, heads):  # torch's MultiheadAttention with
 
 def reference_encode(sd, k, video):
     """Their Encoder.forward on full clips: video (B, T, H, W, 3) -> planes xy, yt, xt as (B, R, R', C)."""
-    B, D, heads = video.shape[0], k["enc_embed_dim"], k["enc_num_heads"]
+    B, heads = video.shape[0], k["enc_num_heads"]
     pt, ps = k["enc_patch_size_t"], k["enc_patch_size_xy"]
     x = F.conv3d(video.permute(0, 4, 1, 2, 3), sd["encoder.encoder.patch_embed.proj.weight"],
                  sd["encoder.encoder.patch_embed.proj.bias"], stride=(pt, ps, ps))     # (B, D, T', H', W')

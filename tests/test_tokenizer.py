@@ -7,11 +7,11 @@ import subprocess
 
 import pytest
 import torch
-from conftest import MICRO, MICRO_TRAIN_FLAGS, run_script
 
 import data as D
 import harness as H
 import tokenizer as T
+from conftest import MICRO, MICRO_TRAIN_FLAGS, run_script
 
 
 def run_cli(*args, **kwargs):
@@ -286,7 +286,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path,
     r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     # each rank reads its own clips ((index, clip seed) pairs never repeat across ranks), together all of
     # the training videos
-    n_train = len(D.VideoDataset(micro_videos, 16, 8, "train"))
+    n_train = len(D.VideoDataset(micro_videos, 16, 8, "train", val_fraction=0.4))
     assert r0["seen"] and r1["seen"] and r0["seen"].isdisjoint(r1["seen"])
     assert {index for index, _ in r0["seen"] | r1["seen"]} == set(range(n_train))
     single = torch.load(tmp_path / "one" / "tokenizer.pt", weights_only=False)["model"]
