@@ -384,3 +384,28 @@ def test_resume_says_when_the_held_out_videos_are_not_the_folder_s_now(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "are not the folder's now: 0 gone" in resumed.stderr and "new" in resumed.stderr
     assert set(held_out) <= set(torch.load(tmp_path / "out" / "tokenizer.pt", weights_only=False)["held_out"])
+
+
+def test_the_loss_is_l2_on_the_patches_and_stage_two_adds_lpips():
+    pred, target = torch.randn(2, 5, 12), torch.randn(2, 5, 12)
+    assert T.reconstruction_loss(pred, target).item() == pytest.approx(((pred - target) ** 2).mean().item())
+    lpips = lambda a, b: (a - b).abs().mean(dim=(1, 2, 3))                    # a stand-in distance per image
+    to_frames = lambda p: p.reshape(-1, 3, 4, 5)
+    expected = ((pred - target) ** 2).mean() + 0.5 * lpips(to_frames(pred), to_frames(target)).mean()
+    assert T.reconstruction_loss(pred, target, lpips, 0.5, to_frames).item() == pytest.approx(expected.item())
+
+
+def test_the_logged_psnr_is_the_psnr_whatever_the_loss(tmp_path, micro_videos, monkeypatch, capsys):
+    # the first step's numbers come from the initial weights: only the loss function differs between the runs
+    logged = {}
+    for name, scale in (("l2", 1.0), ("doubled", 2.0)):
+        loss = T.reconstruction_loss
+        monkeypatch.setattr(T, "reconstruction_loss", lambda *a, s=scale, **k: s * loss(*a, **k))
+        T.main([*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=1", "--eval_interval=100",
+                f"--out_dir={tmp_path / name}"])
+        err = capsys.readouterr().err
+        logged[name] = {k: float(err.rsplit(f"{k}=", 1)[1].split(",")[0].rstrip("]")) for k in ("loss", "psnr")}
+        monkeypatch.undo()
+    assert logged["doubled"]["loss"] == pytest.approx(2 * logged["l2"]["loss"], rel=1e-3)
+    assert logged["doubled"]["psnr"] == logged["l2"]["psnr"]
+    assert 3 < logged["l2"]["psnr"] < 30                                       # a PSNR in dB of an untrained model
