@@ -550,11 +550,20 @@ def test_a_whole_video_comes_back_frame_for_frame_with_its_figures(tmp_path, che
     with torch.no_grad():
         window = D.to_uint8(model.decode_video(model.encode(D.from_uint8(clip)))).numpy()[0]
     assert np.abs(window.astype(int) - recon[16:24].astype(int)).max() <= 1
-    # overlapping windows, blended; a video shorter than a window; a default (H.264) output
-    result = E.main(["--ckpt", checkpoint, "--video", video, "--overlap", "4", *lpips,
+    # overlapping windows, blended: frame 6 is position 6 of window 0 and 2 of window 4, whose weights ramp up
+    # and down over the 4 shared frames (min(j + 1, 8 - j, 5): 2 and 3)
+    result = E.main(["--ckpt", checkpoint, "--video", video, "--overlap", "4", "--format", "lossless", *lpips,
                      f"--out_dir={tmp_path / 'ov'}"])[0]
     assert result["frames"] == 250 and [w["start"] for w in result["windows"]][:3] == [0, 4, 8]
-    assert D.probe_video(str(tmp_path / "ov" / "my_clip_recon.mp4"))["n_frames"] == 250
+    blended = read_all(str(tmp_path / "ov" / "my_clip_recon.mkv"), 16)
+    with torch.no_grad():
+        windows = [model.decode_video(model.encode(D.from_uint8(torch.from_numpy(inputs[s:s + 8])[None])))[0]
+                   for s in (0, 4)]
+    expected = D.to_uint8((2 * windows[0][6] + 3 * windows[1][2]) / 5).numpy()
+    assert np.abs(blended[6].astype(int) - expected.astype(int)).max() <= 1
+    # a video shorter than a window; the default (H.264) output
+    result = E.main(["--ckpt", checkpoint, "--video", video, *lpips, f"--out_dir={tmp_path / 'h264'}"])[0]
+    assert D.probe_video(str(tmp_path / "h264" / "my_clip_recon.mp4"))["n_frames"] == 250
     short = str(tmp_path / "short.mp4")
     D.write_video(short, read_all(video, 32)[:5])
     result = E.main(["--ckpt", checkpoint, "--video", short, *lpips, f"--out_dir={tmp_path / 'short'}"])[0]
