@@ -15,7 +15,6 @@ measure). Times: the median of up to 3 calls after an untimed one, where compili
 import argparse
 import dataclasses
 import gc
-import json
 import math
 import multiprocessing
 import os
@@ -435,9 +434,7 @@ def main(argv=None):
     for part in sorted(set(args.parts or default), key=PARTS.index):
         results[part] = measure_part[part]()
         if args.json:  # after every part: a part that fails leaves the numbers of those before it
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
+            evaluation.write_json(args.json, results)
     return results
 
 

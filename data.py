@@ -8,7 +8,6 @@ held-out split, the built-in synthetic set, and the tokens file that dit.py read
 """
 
 import argparse
-import bisect
 import collections
 import contextlib
 import hashlib
@@ -90,9 +89,11 @@ def probe_video(path):
     if stream.frames and stream.frames != len(packets):
         warnings.warn(f"{path}: the header says {stream.frames} frames, the stream holds "
                       f"{len(packets)}; reading {len(packets)}")
-    timed = all(pts is not None for pts, _ in packets)  # no times: read from the start
-    return {"n_frames": len(packets), "pts": sorted(p for p, _ in packets) if timed else None,
-            "keys": sorted(p for p, key in packets if key) if timed else None}
+    if not all(pts is not None for pts, _ in packets):  # no times: read from the start
+        return {"n_frames": len(packets), "pts": None, "keys": None}
+    times = np.array(packets, dtype=np.int64).reshape(-1, 2)                # (N, 2): time, key
+    keys = times[times[:, 1] == 1, 0]
+    return {"n_frames": len(packets), "pts": np.sort(times[:, 0]), "keys": np.sort(keys)}
 
 
 def hw(size):
@@ -129,13 +130,13 @@ def frames_from(path, size, start=0, info=None):
     container, stream, size = *_open_video(path), hw(size)
     pts, scaler, index, out = (info or {}).get("pts"), VideoReformatter(), -1, 0
     try:
-        if pts and start > 0 and start < len(pts):
+        if pts is not None and 0 < start < len(pts):
             keys = info["keys"]
-            container.seek(keys[max(bisect.bisect_right(keys, pts[start]) - 1, 0)],
-                           stream=stream, backward=True)
+            key = keys[max(int(np.searchsorted(keys, pts[start], side="right")) - 1, 0)]
+            container.seek(int(key), stream=stream, backward=True)
         for frame in container.decode(stream):
-            timed = pts and frame.pts is not None
-            index = bisect.bisect_left(pts, frame.pts) if timed else index + 1
+            timed = pts is not None and frame.pts is not None
+            index = int(np.searchsorted(pts, frame.pts)) if timed else index + 1
             if index >= start:
                 yield to_rgb(frame, size, scaler)
                 out += 1
