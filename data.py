@@ -130,7 +130,7 @@ def frames_from(path, size, start=0, info=None):
     container, stream, size = *_open_video(path), hw(size)
     pts, scaler, index, out = (info or {}).get("pts"), VideoReformatter(), -1, 0
     try:
-        if pts is not None and 0 < start < len(pts):
+        if pts is not None and len(info["keys"]) and 0 < start < len(pts):
             keys = info["keys"]
             key = keys[max(int(np.searchsorted(keys, pts[start], side="right")) - 1, 0)]
             container.seek(int(key), stream=stream, backward=True)
