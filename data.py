@@ -72,9 +72,11 @@ def _open_video(path):
 
 def probe_video(path):
     """A readable video's frame index: {"n_frames", "pts" (sorted presentation times, one per
-    frame), "keys" (the keyframes' times)}, or VideoReadError. Frames are counted from the
-    stream's packets, not taken from the header, which can be missing or wrong."""
+    frame), "keys" (the keyframes' times), "fps", "height", "width" (as stored)}, or
+    VideoReadError. Frames are counted from the stream's packets, not taken from the header,
+    which can be missing or wrong."""
     container, stream = _open_video(path)
+    shape = dict(fps=stream.average_rate or 25, height=stream.height, width=stream.width)
     packets, decodes = [], False
     try:
         for packet in container.demux(stream):  # every packet; decoded until a frame comes out
@@ -90,10 +92,10 @@ def probe_video(path):
         warnings.warn(f"{path}: the header says {stream.frames} frames, the stream holds "
                       f"{len(packets)}; reading {len(packets)}")
     if not all(pts is not None for pts, _ in packets):  # no times: read from the start
-        return {"n_frames": len(packets), "pts": None, "keys": None}
+        return {"n_frames": len(packets), "pts": None, "keys": None, **shape}
     times = np.array(packets, dtype=np.int64).reshape(-1, 2)                # (N, 2): time, key
-    keys = times[times[:, 1] == 1, 0]
-    return {"n_frames": len(packets), "pts": np.sort(times[:, 0]), "keys": np.sort(keys)}
+    keys = np.sort(times[times[:, 1] == 1, 0])
+    return {"n_frames": len(packets), "pts": np.sort(times[:, 0]), "keys": keys, **shape}
 
 
 def hw(size):
@@ -134,9 +136,13 @@ def frames_from(path, size, start=0, info=None):
             keys = info["keys"]
             key = keys[max(int(np.searchsorted(keys, pts[start], side="right")) - 1, 0)]
             container.seek(int(key), stream=stream, backward=True)
+            index = int(np.searchsorted(pts, key)) - 1
         for frame in container.decode(stream):
             timed = pts is not None and frame.pts is not None
             index = int(np.searchsorted(pts, frame.pts)) if timed else index + 1
+            if index > start and not out:  # the seek landed past the start: read from frame 0
+                yield from frames_from(path, size, start, {**info, "keys": []})
+                return
             if index >= start:
                 yield to_rgb(frame, size, scaler)
                 out += 1
@@ -345,10 +351,8 @@ def _prepare_one(job):
     if os.path.exists(target):
         return source, "exists"
     try:
-        info, (container, stream) = probe_video(source), _open_video(source)
-        fps = stream.average_rate or 25  # for playback only: frames are stored one for one
-        container.close()
-        write_video(target, frames_from(source, size, 0, info), fps=fps, codec=codec)
+        info = probe_video(source)  # its fps for playback only: frames are stored one for one
+        write_video(target, frames_from(source, size, 0, info), fps=info["fps"], codec=codec)
         return source, "written"
     except VideoReadError as e:  # only reading is skipped: a failed write (disk full) stops
         return source, str(e)
@@ -424,10 +428,10 @@ class VideoDataset(torch.utils.data.Dataset):
                 f"no readable video in the {split!r} split of {root!r}: all {len(chosen)} videos "
                 f"chosen for it failed (e.g. {', '.join(unreadable[:2])}), the other "
                 f"{len(videos) - len(chosen)} videos are in the other split; replace the files.")
-        # a data set this small (the synthetic one) is decoded once: a clip is then a slice of it
-        self.decoded = None
-        if sum(i["n_frames"] for i in self.info) * 3 * np.prod(self.size) <= IN_MEMORY_BYTES:
-            self.decoded = [np.stack(list(frames_from(p, self.size))) for p, _ in self.files]
+        # a data set this small (the synthetic one) is decoded once, each video when first read:
+        # its clips are then slices
+        small = sum(i["n_frames"] for i in self.info) * 3 * np.prod(self.size) <= IN_MEMORY_BYTES
+        self.decoded = {} if small else None
 
     def __len__(self):
         return len(self.files)
@@ -439,10 +443,12 @@ class VideoDataset(torch.utils.data.Dataset):
         index, seed = index if isinstance(index, (tuple, list)) else (index, index)
         for attempt in range(len(self.files)):  # a file that fails now: take the next one
             i = (index + attempt) % len(self.files)
-            (path, label), rng = self.files[i], np.random.default_rng(seed)
-            n = len(self.decoded[i]) if self.decoded is not None else self.info[i]["n_frames"]
-            start = random_start(n, self.num_frames, rng) if self.random_start else 0
+            (path, label), rng, n = self.files[i], np.random.default_rng(seed), None
             try:
+                if self.decoded is not None and i not in self.decoded:
+                    self.decoded[i] = np.stack(list(frames_from(path, self.size, 0, self.info[i])))
+                n = len(self.decoded[i]) if self.decoded is not None else self.info[i]["n_frames"]
+                start = random_start(n, self.num_frames, rng) if self.random_start else 0
                 if self.decoded is not None:  # the slice read_clip would read
                     window = self.decoded[i][start:start + self.num_frames]
                     clip = np.zeros((self.num_frames, *window.shape[1:]), np.uint8)
@@ -495,7 +501,7 @@ class ClipSampler(torch.utils.data.Sampler):
             position = (batch * self.world_size + self.rank) * self.batch_size + row  # global
             epoch, i = divmod(position, self.num_items)
             if epoch not in orders:
-                gen = torch.Generator().manual_seed(self.seed + epoch)
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
                 orders = {epoch: torch.randperm(self.num_items, generator=gen).tolist()
                           if self.shuffle else list(range(self.num_items))}
             index = orders[epoch][i]
@@ -511,7 +517,7 @@ def make_loader(dataset, batch_size, shuffle, num_workers, dist=None, seed=0, st
     if len(dataset) == 0:
         raise FileNotFoundError("the data set has no readable clips for this split; add videos "
                                 "or lower --val_fraction.")
-    if getattr(dataset, "decoded", None) is not None:
+    if getattr(getattr(dataset, "dataset", dataset), "decoded", None) is not None:
         num_workers = 0
     options = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                    persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
@@ -676,7 +682,8 @@ def save_tokens(path, clips, class_names, tokenizer_ckpt, tokenizer_config, fing
     per-plane per-channel mean and std (population, over clips and positions), the class names,
     the video files, and the tokenizer that made them (its path, config, weights' fingerprint)."""
     tokens = {"kind": "coordtok_tokens", "class_names": list(class_names), "videos": list(videos),
-              "tokenizer_ckpt": os.path.abspath(tokenizer_ckpt), "tokenizer_fingerprint":
+              "tokenizer_ckpt": tokenizer_ckpt if tokenizer_ckpt in H.RELEASED else
+              os.path.abspath(tokenizer_ckpt), "tokenizer_fingerprint":
               fingerprint, "tokenizer_config": dict(tokenizer_config), "mean": {}, "std": {},
               "labels": clips["label"].long(),
               **{k: clips[k].long() for k in CLIP_FIELDS[1:]}}
@@ -748,6 +755,13 @@ def main():
     parser.add_argument("--img_width", type=int, default=0, help="--prepare: width (0: square)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="--prepare: processes")
     args = parser.parse_args()
+    try:
+        run(args)
+    except (ValueError, OSError, VideoReadError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def run(args):
     if args.prepare:
         (source, target), begin = args.prepare, time.perf_counter()
         counts = prepare_videos(source, target, (args.img_size, args.img_width or args.img_size),

@@ -13,7 +13,7 @@ x_t = (1 - t) noise + t x1; the model predicts v = x1 - noise. Sampling integrat
 t = 0 to 1 (Euler or Heun), or SiT's SDE with the same marginals (Euler-Maruyama, `integrate`).
 
 Reading order: config, the model, flow matching, guidance and the samplers, EMA, the training
-loop; then the conversion of the authors' weights.
+loop. harness.py maps the authors' weights onto the model (from_official).
 """
 
 import copy
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import data
 import harness as H
-from tokenizer import MLP, Attention
+from tokenizer import MLP, Attention  # the transformer layers, shared with the tokenizer
 
 
 @dataclass
@@ -48,7 +48,7 @@ class SiTConfig:
 
 
 PRESETS = {
-    # a 2-core CPU on the tiny tokenizer's triplanes (~9 steps/s), class-conditional
+    # a 2-core CPU on the tiny tokenizer's triplanes, class-conditional (guidance)
     "cpu": SiTConfig(conditional=True, class_dropout=0.1),
     # the authors' sizes; L/2 is the paper's generator (unconditional on UCF-101)
     "S/2": SiTConfig(width=384, depth=12, heads=6),
@@ -171,8 +171,8 @@ class SiT(nn.Module):
         return self.num_classes > 1
 
     @property
-    def null_class(self):  # the label that means "no label", or None without one
-        return self.num_classes if self.config.class_dropout > 0 else None
+    def null_class(self):  # the label that means "no label": None without one, or without classes
+        return self.num_classes if self.config.class_dropout > 0 and self.conditional else None
 
     def forward(self, planes, t, y):
         pos_t = rearrange(self.pos_t, "1 (t s) d -> t s d", s=self.time_columns)
@@ -190,7 +190,7 @@ class SiT(nn.Module):
                 self.plane_shapes):
             plane = rearrange(head(x_plane, c), "b (h w) (p1 p2 c) -> b c (h p1) (w p2)",
                               h=gh, w=gw, p1=p, p2=p)
-            out.append(plane[:, :channels])                   # learn_sigma: the variance half goes
+            out.append(plane[:, :channels])  # the first C channels: learn_sigma's other half unused
         return tuple(out)
 
     def flops_per_sample(self):
@@ -560,8 +560,8 @@ def main(argv=None):
                                          default_preset="cpu")
     try:
         train(cfg, tc, explicit)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise SystemExit(f"error: {e}")
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from tqdm import tqdm
 
 import data
@@ -68,7 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--i3d_batch", type=int, default=1, help="clips per I3D call (StyleGAN-V: 1)")
     p.add_argument("--num_frames", type=int, default=0, help="clip length (0: the model's; shorter "
                    "clips are padded and masked); --fvd: 0 takes the first fake video's")
-    p.add_argument("--img_size", type=int, default=0, help="--fvd: frame size (0: the fakes')")
+    p.add_argument("--img_size", type=int, default=0, help="--fvd: frame size (0: the fakes'); "
+                   "--tokens: the model's frame height")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--num_workers", type=int, default=2, help="processes decoding video")
     p.add_argument("--out_dir", default="out")
@@ -133,8 +134,8 @@ def ssim_images(x, y):
     x, y = x.double(), y.double()
     moments = torch.cat([x, y, x * x, y * y, x * y], dim=1)                # (N, 15, H, W)
     g, k = gaussian_window(device=x.device), moments.shape[1]
-    moments = F.conv2d(moments, g.view(1, 1, -1, 1).expand(k, 1, -1, 1), groups=k)  # along H
-    moments = F.conv2d(moments, g.view(1, 1, 1, -1).expand(k, 1, 1, -1), groups=k)  # along W
+    moments = F.conv2d(moments, repeat(g, "n -> k 1 n 1", k=k), groups=k)        # along H
+    moments = F.conv2d(moments, repeat(g, "n -> k 1 1 n", k=k), groups=k)        # along W
     mu_x, mu_y, e_xx, e_yy, e_xy = moments.chunk(5, dim=1)                 # (N, 3, h', w') each
     var_x, var_y, cov_xy = e_xx - mu_x ** 2, e_yy - mu_y ** 2, e_xy - mu_x * mu_y
     c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2                                    # data range 1
@@ -293,6 +294,9 @@ def clip_loader(folder, frame_size, num_frames, split="all", random_start=False,
         raise ValueError(f"the {split!r} split of {folder} has no clips; add videos, or pass "
                          f"--split all.")
     chosen = range(len(dataset))
+    if dist and min(num_clips or len(dataset), len(dataset)) < dist.world_size:
+        raise ValueError(f"{folder} gives fewer clips than the {dist.world_size} processes; run "
+                         f"fewer processes.")
     if 0 < num_clips < len(dataset):
         chosen = torch.linspace(0, len(dataset) - 1, num_clips).round().long().tolist()
     mine = [chosen[i] for i in (dist.share(len(chosen)) if dist else range(len(chosen)))]
@@ -573,9 +577,7 @@ def reconstruct_video(model, path, args, metrics, device):
     info, overlap = data.probe_video(path), args.overlap
     if overlap >= T:
         raise ValueError(f"--overlap {overlap} must be below the model's {T} frames.")
-    container, stream = data._open_video(path)
-    fps, source_pixels = stream.average_rate or 25, stream.width * stream.height
-    container.close()
+    fps, source_pixels = info["fps"], info["width"] * info["height"]
     stem = data.safe_name(os.path.splitext(os.path.basename(path))[0])
     out = os.path.join(args.out_dir, stem)
     recon_path = out + ("_recon.mkv" if args.format == "lossless" else "_recon.mp4")
@@ -596,9 +598,9 @@ def reconstruct_video(model, path, args, metrics, device):
             write_recon(frame)
             write_pair(pair)
         for name, (_, _, metric) in metrics.items():
-            if metric:
-                scores[name] += metric(data.from_uint8(recon[None]),
-                                       data.from_uint8(inputs[None]))[0].tolist()
+            if metric:  # on the device the metrics' weights are on
+                scores[name] += metric(data.from_uint8(recon[None].to(device)),
+                                       data.from_uint8(inputs[None].to(device)))[0].tolist()
         written = upto
 
     windows = data.iter_windows(path, model.config.frame_size, T, T - overlap, info)
@@ -663,7 +665,8 @@ def video_command(args, device):
 def tokens_command(args, model_flags):
     """The token table of a preset (plus model flags), on the meta device: no memory."""
     (cfg,), _ = H.parse_config((CoordTokConfig,), PRESETS, model_flags, "eval.py --tokens")
-    cfg = dataclasses.replace(cfg, num_frames=args.num_frames or cfg.num_frames)
+    cfg = dataclasses.replace(cfg, num_frames=args.num_frames or cfg.num_frames,
+                              img_size=args.img_size or cfg.img_size)
     with torch.device("meta"):
         model = CoordTok(cfg)
     counts = token_counts(model, cfg.num_frames)
@@ -689,11 +692,9 @@ def fvd_command(args, device):
         first = data.find_videos(args.fake)
         if not first:
             raise FileNotFoundError(f"no video in --fake {args.fake!r}; pass sample.py's folder.")
-        container, stream = data._open_video(first[0][0])
-        height, width = stream.height, stream.width
-        container.close()
-        num_frames = num_frames or data.probe_video(first[0][0])["n_frames"]
-        frame_size = (frame_size, frame_size) if frame_size else (height, width)
+        info = data.probe_video(first[0][0])
+        num_frames = num_frames or info["n_frames"]
+        frame_size = (frame_size, frame_size) if frame_size else (info["height"], info["width"])
     real, fake = (folder_features(detector, folder, num_frames, frame_size, device,
                                   args.i3d_batch, random_start=random_start,
                                   num_clips=args.num_clips, batch_size=args.batch_size,
@@ -719,6 +720,8 @@ def main(argv=None):
             return tokens_command(args, model_flags)
         H.check_out_dir(args.out_dir)  # before any work
         if args.fvd or args.video:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ValueError("--fvd and --video run in one process; run them without torchrun.")
             device = H.pick_device(args.device)
             return fvd_command(args, device) if args.fvd else video_command(args, device)
         dist = H.setup_distributed(args.device)
@@ -726,8 +729,8 @@ def main(argv=None):
             return evaluate_command(args, dist)
         finally:
             H.cleanup_distributed(dist)
-    except (ValueError, FileNotFoundError, OSError, data.VideoReadError) as e:
-        raise SystemExit(f"error: {e}")
+    except (ValueError, OSError, data.VideoReadError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

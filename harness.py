@@ -8,6 +8,7 @@ writes, run locks, weights read as tensors only, fetched and hash-checked), the 
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import math
 import os
@@ -246,17 +247,24 @@ def resumed_config(saved, given, explicit, keep=()):
     return type(given)(**values), overrides
 
 
+def check_model_flags(trained, cfg, explicit, source):
+    """Model flags cannot change under a trained model: those written that differ from it."""
+    changed = [f"--{n}" for n in sorted(explicit) if hasattr(trained, n)
+               and getattr(cfg, n) != getattr(trained, n)]
+    if changed:
+        raise ValueError(f"{source} holds a trained model, and {', '.join(changed)} differ from "
+                         f"it; drop them, or start a new model without it.")
+
+
 def resume_from(ckpt_path, kind, cfg, tc, explicit, keep):
-    """A resumed run's checkpoint, its model config (model flags cannot change under a trained
-    model), and its training config with this command line's flags as overrides."""
+    """A resumed run's checkpoint, its model config and its training config with this command
+    line's flags as overrides."""
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"--resume found no checkpoint at {ckpt_path}; pass the --out_dir "
+                                f"of the run, or drop --resume to start a new one.")
     ckpt = load_checkpoint(ckpt_path, kind)
     saved = config_from_dict(type(cfg), ckpt["model_config"], ckpt_path)
-    changed = [f"--{n}" for n in sorted(explicit) if hasattr(saved, n)
-               and getattr(cfg, n) != getattr(saved, n)]
-    if changed:
-        raise ValueError(f"--resume continues {ckpt_path} with its own model, but "
-                         f"{', '.join(changed)} differ from it; drop them, or use another "
-                         f"--out_dir.")
+    check_model_flags(saved, cfg, explicit, f"--resume's {ckpt_path}")
     return (ckpt, saved, *resumed_config(ckpt["train_config"], tc, explicit, keep))
 
 
@@ -276,6 +284,10 @@ def check_out_dir(path, flag="--out_dir"):
                          f"pass a writable folder.") from None
 
 
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """A new temporary path beside `path` to write it through, renamed to path when the block
@@ -288,9 +300,9 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield temporary
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # the permissions a plain open() would give
+        os.chmod(temporary, 0o666 & ~UMASK)  # the permissions a plain open() would give
+        with open(temporary, "rb") as f:
+            os.fsync(f.fileno())  # on disk before it takes the name
         os.replace(temporary, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         free = shutil.disk_usage(folder).free
@@ -318,55 +330,25 @@ def refuse_overwrite(ckpt_path, resume):
 
 @contextlib.contextmanager
 def run_lock(ckpt_path):
-    """Hold ckpt_path while this run writes it: two runs never write one checkpoint. The lock
-    file names the process ("pid host"); one left by a dead process, or holding anything else,
-    is taken over."""
-    lock, host = ckpt_path + ".lock", socket.gethostname()
-    fd, claim = tempfile.mkstemp(prefix=".lock.", dir=os.path.dirname(os.path.abspath(lock)))
-    try:  # written whole first, then linked: a lock file never exists half-written
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {host}")
-        for _ in range(2):
-            try:
-                os.link(claim, lock)
-                break
-            except FileExistsError:
-                owner = _lock_owner(lock)
-                if owner and owner[1] == host and _process_alive(owner[0]):
-                    raise ValueError(f"another run (process {owner[0]}) is writing {ckpt_path}; "
-                                     f"wait for it or pass another --out_dir.") from None
-                if owner and owner[1] != host:
-                    raise ValueError(f"a run on {owner[1]} holds {lock}; wait for it, or delete "
-                                     f"the file if no such run exists.") from None
-                os.remove(lock)  # left by a run that was killed, or not a lock of ours
-    finally:
-        os.remove(claim)
-    try:
+    """Hold ckpt_path while this run writes it: two runs never write one checkpoint. The lock is
+    the kernel's (flock) on a hidden file beside it, so it ends with its process however that
+    ends, and whatever the file holds; the file only names the holder."""
+    folder, name = os.path.split(os.path.abspath(ckpt_path))
+    lock = os.path.join(folder, f".{name}.lock")
+    if os.path.isdir(lock) or os.path.islink(lock):
+        raise ValueError(f"{lock} is a folder or a link, where a lock file belongs; remove it.")
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ValueError(f"another run ({f.read(100).strip()}) is writing {ckpt_path}; wait "
+                             f"for it or pass another --out_dir.") from None
+        with contextlib.suppress(OSError):  # a full disk: the lock holds without its note
+            f.truncate(0)
+            f.write(f"process {os.getpid()} on {socket.gethostname()}")
+            f.flush()
         yield
-    finally:
-        os.remove(lock)
-
-
-def _lock_owner(lock):
-    """(pid, host) from a lock file, or None when it holds anything else."""
-    if os.path.isdir(lock):
-        raise ValueError(f"{lock} is a folder, where a lock file belongs; remove it.")
-    try:
-        with open(lock, "rb") as f:
-            pid, host = f.read(300).decode().split(" ", 1)
-        return int(pid), host
-    except (ValueError, UnicodeDecodeError, OSError):
-        return None
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError, ValueError):
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return pid > 0
 
 
 def read_torch_file(path, what="checkpoint"):

@@ -4,7 +4,7 @@ trained on.
 
   python sample.py                         # out/dit.pt -> out/samples/*.mp4 and grid.png
   python sample.py --num_samples 16 --class_label stars --cfg_scale 2 --sampler heun --steps 50
-  python sample.py --frames 64:72          # decode only frames 64..71 of each clip
+  python sample.py --frames 8:16           # decode only frames 8..15 of each clip
   torchrun --nproc_per_node=8 sample.py --num_samples 2048 --format lossless   # for FVD
   python sample.py --ckpt coordtok_sit_l2_ucf101 --tokenizer coordtok_ucf101 --tokens T.pt
 
@@ -170,8 +170,8 @@ def main(argv=None):
                               description=__doc__.split("\n\n")[1], default_preset="default")
     try:
         sample(sc)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise SystemExit(f"error: {e}")
+    except (ValueError, OSError, data.VideoReadError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ grow with the length of the clip. Presets small, base and large are the authors'
   python tokenizer.py --encode out/tokens.pt          # the triplane of every clip, for dit.py
 
 Reading order: config, the model, the patch geometry it is trained on, the loss, the training
-loop, --encode; then the conversion of the authors' weights.
+loop, --encode. harness.py maps the authors' weights onto the model (from_official).
 """
 
 import math
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange, reduce, repeat
 from tqdm import tqdm
 
 import data
@@ -178,41 +178,41 @@ class CoordTok(nn.Module):
         super().__init__()
         validate_config(config)
         self.config = cfg = config
-        W, C, (height, width) = cfg.enc_width, cfg.triplane_c, cfg.frame_size
+        D, C, (height, width) = cfg.enc_width, cfg.triplane_c, cfg.frame_size
         # encoder: 3D patches of the clip -> tokens ordered (t, row, col) -> ViT with a CLS token
         patch = (cfg.enc_patch_t, cfg.enc_patch_s, cfg.enc_patch_s)
         self.enc_grid = tuple(n // p for n, p in zip((cfg.num_frames, height, width), patch))
         n_video = math.prod(self.enc_grid)
-        self.patch_embed = nn.Conv3d(3, W, kernel_size=patch, stride=patch)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, W))
-        self.enc_pos = nn.Parameter(torch.randn(1, n_video, W))
-        self.enc_blocks = nn.ModuleList(Block(W, cfg.enc_heads, cfg.mlp_ratio, False, cfg.block_eps)
+        self.patch_embed = nn.Conv3d(3, D, kernel_size=patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, D))
+        self.enc_pos = nn.Parameter(torch.randn(1, n_video, D))
+        self.enc_blocks = nn.ModuleList(Block(D, cfg.enc_heads, cfg.mlp_ratio, False, cfg.block_eps)
                                         for _ in range(cfg.enc_layers))
-        self.ln_enc = nn.LayerNorm(W)
-        self.cross_pos = nn.Parameter(torch.randn(1, n_video, W))  # video positions for the queries
+        self.ln_enc = nn.LayerNorm(D)
+        self.cross_pos = nn.Parameter(torch.randn(1, n_video, D))  # video positions for the queries
         # the learned triplane, cut into patches and embedded by a conv: the query tokens
         (_, rs, rs_w), (_, rt, _), _ = self.triplane_shapes
         self.plane_xy = nn.Parameter(torch.randn(1, C, rs, rs_w))
         self.plane_xt = nn.Parameter(torch.randn(1, C, rt, rs_w))
         self.plane_yt = nn.Parameter(torch.randn(1, C, rt, rs))
         qs, qt = cfg.query_patch_s, cfg.query_patch_t
-        self.query_embed_xy = nn.Conv2d(C, W, kernel_size=(qs, qs), stride=(qs, qs))
-        self.query_embed_xt = nn.Conv2d(C, W, kernel_size=(qt, qs), stride=(qt, qs))
-        self.query_embed_yt = nn.Conv2d(C, W, kernel_size=(qt, qs), stride=(qt, qs))
-        self.query_blocks = nn.ModuleList(QueryBlock(W, cfg.enc_heads, cfg.mlp_ratio)
+        self.query_embed_xy = nn.Conv2d(C, D, kernel_size=(qs, qs), stride=(qs, qs))
+        self.query_embed_xt = nn.Conv2d(C, D, kernel_size=(qt, qs), stride=(qt, qs))
+        self.query_embed_yt = nn.Conv2d(C, D, kernel_size=(qt, qs), stride=(qt, qs))
+        self.query_blocks = nn.ModuleList(QueryBlock(D, cfg.enc_heads, cfg.mlp_ratio)
                                           for _ in range(cfg.query_layers))
-        self.ln_query = nn.LayerNorm(W, eps=1e-6)
+        self.ln_query = nn.LayerNorm(D, eps=1e-6)
         # each query token -> its patch of the triplane, one projection per plane
-        self.to_xy = nn.Linear(W, qs * qs * C)
-        self.to_xt, self.to_yt = nn.Linear(W, qt * qs * C), nn.Linear(W, qt * qs * C)
+        self.to_xy = nn.Linear(D, qs * qs * C)
+        self.to_xt, self.to_yt = nn.Linear(D, qt * qs * C), nn.Linear(D, qt * qs * C)
         # decoder: triplane features + the coordinate's learned position -> ViT -> patch pixels
-        Wd = cfg.dec_width
-        self.dec_embed = nn.Linear(3 * C, Wd)
-        self.dec_pos = nn.Parameter(Wd ** -0.5 * torch.randn(*self.grid_size, Wd))  # a row a patch
-        self.dec_blocks = nn.ModuleList(Block(Wd, cfg.dec_heads, cfg.mlp_ratio, True, cfg.block_eps)
+        Dd = cfg.dec_width
+        self.dec_embed = nn.Linear(3 * C, Dd)
+        self.dec_pos = nn.Parameter(Dd ** -0.5 * torch.randn(*self.grid_size, Dd))  # a row a patch
+        self.dec_blocks = nn.ModuleList(Block(Dd, cfg.dec_heads, cfg.mlp_ratio, True, cfg.block_eps)
                                         for _ in range(cfg.dec_layers))
-        self.ln_dec = nn.LayerNorm(Wd)
-        self.to_pixels = nn.Linear(Wd, math.prod(self.patch_size) * 3)
+        self.ln_dec = nn.LayerNorm(Dd)
+        self.to_pixels = nn.Linear(Dd, math.prod(self.patch_size) * 3)
 
     @property
     def triplane_shapes(self):  # (C, Rs, Rs'), (C, Rt, Rs'), (C, Rt, Rs)
@@ -253,26 +253,25 @@ class CoordTok(nn.Module):
             real = self.real_video_tokens(n_frames)                                  # (B, Nv)
             cross_mask = real[:, None, None, :]                                      # (B, 1, 1, Nv)
             vit_mask = F.pad(real, (1, 0), value=True)[:, None, None, :]            # CLS is real
-        x = self.patch_embed(rearrange(video, "b t h w c -> b c t h w"))           # (B, W, t, h, w)
-        x = rearrange(x, "b c t h w -> b (t h w) c") + self.enc_pos                 # (B, Nv, W)
-        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)    # (B, 1+Nv, W)
+        x = self.patch_embed(rearrange(video, "b t h w c -> b c t h w"))           # (B, D, t, h, w)
+        x = rearrange(x, "b d t h w -> b (t h w) d") + self.enc_pos                 # (B, Nv, D)
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)    # (B, 1+Nv, D)
         for block in self.enc_blocks:
             x = block(x, mask=vit_mask)
-        video_tokens = self.ln_enc(x[:, 1:]) + self.cross_pos                       # (B, Nv, W)
-        q = self.initial_queries().expand(B, -1, -1)                                # (B, Nq, W)
+        video_tokens = self.ln_enc(x[:, 1:]) + self.cross_pos                       # (B, Nv, D)
+        q = self.initial_queries().expand(B, -1, -1)                                # (B, Nq, D)
         if cfg.pooled_queries:
-            q = q + self.pooled_queries(video_tokens, real)
+            q = q + self.pool_video_tokens(video_tokens, real)
         for block in self.query_blocks:
             q = block(q, video_tokens, mask=cross_mask)
+        (_, w_xy), (_, w_xt), (_, w_yt) = self.query_grids                          # tokens a row
         q_xy, q_xt, q_yt = self.ln_query(q).split([h * w for h, w in self.query_grids], dim=1)
         qs, qt = cfg.query_patch_s, cfg.query_patch_t
-        planes = []
-        for tokens, to_plane, (_, cols), ph in ((q_xy, self.to_xy, self.query_grids[0], qs),
-                                                (q_xt, self.to_xt, self.query_grids[1], qt),
-                                                (q_yt, self.to_yt, self.query_grids[2], qt)):
-            planes.append(rearrange(to_plane(tokens), "b (h w) (ph pw c) -> b c (h ph) (w pw)",
-                                    w=cols, ph=ph, pw=qs))                          # (B, C, ., .)
-        return tuple(planes)
+        patches = "b (h w) (ph pw c) -> b c (h ph) (w pw)"                         # tokens -> plane
+        z_xy = rearrange(self.to_xy(q_xy), patches, w=w_xy, ph=qs, pw=qs)          # (B, C, Rs, Rs')
+        z_xt = rearrange(self.to_xt(q_xt), patches, w=w_xt, ph=qt, pw=qs)          # (B, C, Rt, Rs')
+        z_yt = rearrange(self.to_yt(q_yt), patches, w=w_yt, ph=qt, pw=qs)          # (B, C, Rt, Rs)
+        return z_xy, z_xt, z_yt
 
     def real_video_tokens(self, n_frames):
         """(B, Nv) bool: the encoder tokens that hold a real frame. A temporal patch counts as
@@ -282,34 +281,33 @@ class CoordTok(nn.Module):
         return repeat(first_frame < n_frames[:, None], "b t -> b (t hw)", hw=eh * ew)
 
     def initial_queries(self):
-        """The learned planes, each cut into patches and embedded: (1, Nq, W), xy, xt, yt."""
+        """The learned planes, each cut into patches and embedded: (1, Nq, D), xy, xt, yt."""
         planes = ((self.query_embed_xy, self.plane_xy), (self.query_embed_xt, self.plane_xt),
                   (self.query_embed_yt, self.plane_yt))
-        return torch.cat([rearrange(embed(p), "1 w h s -> 1 (h s) w") for embed, p in planes], 1)
+        return torch.cat([rearrange(embed(p), "1 d h w -> 1 (h w) d") for embed, p in planes], 1)
 
-    def pooled_queries(self, video_tokens, real=None):
+    def pool_video_tokens(self, video_tokens, real=None):
         """The video tokens averaged along each plane's missing axis, a vector per query token
-        (B, Nq, W): every query starts from the content of its own region of the clip."""
+        (B, Nq, D): every query starts from the content of its own region of the clip."""
         (et, eh, ew), grids = self.enc_grid, self.query_grids
-        x = rearrange(video_tokens, "b (t h w) c -> b c t h w", t=et, h=eh, w=ew)
-        weight = torch.ones(1, 1, et, 1, 1, device=x.device, dtype=x.dtype)
+        x = rearrange(video_tokens, "b (t h w) d -> b d t h w", t=et, h=eh, w=ew)
+        weight = torch.ones(1, 1, et, 1, 1, device=x.device, dtype=x.dtype)      # time steps
         if real is not None:  # the xy plane averages over real time steps only
-            weight = rearrange(real.to(x.dtype), "b (t h w) -> b 1 t h w", t=et, h=eh, w=ew)
-            weight = weight[..., :1, :1]
-        xy = (x * weight).sum(2) / weight.sum(2)                     # (B, C, eh, ew)
-        pooled = [F.adaptive_avg_pool2d(plane, grid) for plane, grid in
-                  zip((xy, x.mean(3), x.mean(4)), grids)]            # xt: (B, C, et, ew) pooled
-        return torch.cat([rearrange(p, "b c h w -> b (h w) c") for p in pooled], dim=1)
+            weight = reduce(real.to(x.dtype), "b (t h w) -> b 1 t 1 1", "max", t=et, h=eh, w=ew)
+        xy = (x * weight).sum(2) / weight.sum(2)                                  # (B, D, eh, ew)
+        pooled = [F.adaptive_avg_pool2d(plane, grid) for plane, grid in  # onto the query grids
+                  zip((xy, x.mean(3), x.mean(4)), grids)]      # xt: (B, D, et, ew), yt: (.., eh)
+        return torch.cat([rearrange(p, "b d h w -> b (h w) d") for p in pooled], dim=1)
 
     def decode(self, triplane, coords):
         """coords (B, N, 3) integer (t, y, x) patch indices -> patch pixels (B, N, pt*ph*pw*3),
         in (pt, row, col, rgb) order. The coordinates of a clip attend to each other."""
         t, y, x = coords.unbind(-1)
         features = lookup_triplane(triplane, coords, self.grid_size)               # (B, N, 3C)
-        x = self.dec_embed(features) + self.dec_pos[t, y, x]                      # (B, N, Wd)
+        h = self.dec_embed(features) + self.dec_pos[t, y, x]                      # (B, N, Dd)
         for block in self.dec_blocks:
-            x = block(x)                                                     # (B, N, Wd)
-        return self.to_pixels(self.ln_dec(x))
+            h = block(h)                                                           # (B, N, Dd)
+        return self.to_pixels(self.ln_dec(h))
 
     def forward(self, video, coords, n_frames=None):
         """Encode the clip and decode the patches at coords (B, N, 3): (B, N, pt*ph*pw*3)."""
@@ -321,6 +319,8 @@ class CoordTok(nn.Module):
         grid decoder lacks. Returns (B, len(frames), H, W, 3). The temporal patches that hold them
         are decoded `chunk` (default decode_chunk) at a time, one attention each."""
         frames = torch.as_tensor(frames, device=triplane[0].device).long().flatten()
+        if len(frames) == 0 or frames.min() < 0 or frames.max() >= self.config.num_frames:
+            raise ValueError(f"frames to decode must be in [0, {self.config.num_frames}).")
         (_, gh, gw), pt, B = self.grid_size, self.config.dec_patch_t, triplane[0].shape[0]
         slots = torch.unique(frames // pt)                          # temporal patches, sorted
         chunk = chunk or self.config.decode_chunk
@@ -346,7 +346,7 @@ class CoordTok(nn.Module):
 
         def blocks(n, width, layers, m=0):  # qkv, proj, MLP; q@k, a@v; cross-attention to m
             cross = 4 * n * width ** 2 + 4 * m * width ** 2 + 4 * n * m * width if m else 0
-            return layers * (24 * n * width ** 2 + 4 * n * n * width + cross)
+            return layers * ((8 + 4 * c.mlp_ratio) * n * width ** 2 + 4 * n * n * width + cross)
 
         return (2 * n_video * self.patch_embed.weight[0].numel() * c.enc_width
                 + blocks(n_video + 1, c.enc_width, c.enc_layers)
@@ -596,6 +596,7 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
                          f"--max_iters {tc.max_iters}.")
     elif tc.init_from:  # ours or the authors' released weights
         init_model, init_ckpt = load_tokenizer(tc.init_from)
+        H.check_model_flags(init_model.config, cfg, explicit - {"preset"}, tc.init_from)
         cfg = init_model.config
         # stage 2 goes on with the data and split of the run it starts from, unless told otherwise
         inherited = {k: v for k, v in init_ckpt.get("train_config", {}).items()
@@ -703,14 +704,15 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
                 bar.set_postfix(post)
             out_of_time = H.time_is_up(tc, step, t_start, dist)
             done = step == tc.max_iters or out_of_time
-            if dist.is_main and (step % tc.eval_interval == 0 or done) and len(val_set):
-                picture = os.path.join(tc.out_dir, "tokenizer.png") if done else ""
-                psnr = evaluate(raw_model.eval(), val_set, max(tc.eval_clips, 4 * bool(picture)),
-                                max(tc.batch_size, 4), device, picture)
+            picture = os.path.join(tc.out_dir, "tokenizer.png") if done else ""
+            n_eval = min(max(tc.eval_clips, 4 if picture else 0), len(val_set))
+            if dist.is_main and (step % tc.eval_interval == 0 or done) and n_eval:
+                psnr = evaluate(raw_model.eval(), val_set, n_eval, max(tc.batch_size, 4), device,
+                                picture)
                 raw_model.train()
                 shown = f"; {picture}: rows of input, reconstruction, error x4" if picture else ""
-                bar.write(f"step {step}: held-out full-clip PSNR {psnr:.2f} dB "
-                          f"({min(tc.eval_clips, len(val_set))} clips){shown}")
+                bar.write(f"step {step}: held-out full-clip PSNR {psnr:.2f} dB ({n_eval} clips)"
+                          f"{shown}")
             if dist.is_main and (step % tc.ckpt_interval == 0 or done):
                 save(step)
             if out_of_time:
@@ -765,8 +767,8 @@ def main(argv=None):
                                          description=__doc__.split("\n\n")[1])
     try:
         encode_dataset(tc) if tc.encode else train(cfg, tc, explicit)
-    except (ValueError, FileNotFoundError, OSError, H.WeightsUnavailable) as e:
-        raise SystemExit(f"error: {e}")
+    except (ValueError, OSError, H.WeightsUnavailable, data.VideoReadError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -442,7 +442,9 @@ def test_a_small_data_set_is_decoded_once_and_gives_the_same_clips(tmp_path, mon
     root = str(tmp_path / "set")
     write_set(root, ["a/v0.mp4", "a/v1.mp4", "b/v2.mp4"])
     kept = D.VideoDataset(root, 16, 4, split="all", random_start=True)
-    assert kept.decoded is not None and [len(v) for v in kept.decoded] == [i["n_frames"] for i in kept.info]
+    assert kept.decoded == {}                                          # decoded when first read, once
+    kept[1], kept[1]
+    assert list(kept.decoded) == [1] and len(kept.decoded[1]) == kept.info[1]["n_frames"]
     monkeypatch.setattr(D, "IN_MEMORY_BYTES", 0)                      # too big to keep: read from the files
     read = D.VideoDataset(root, 16, 4, split="all", random_start=True)
     assert read.decoded is None

@@ -5,6 +5,8 @@ import os
 import pickle
 import shutil
 import socket
+import subprocess
+import sys
 import urllib.error
 
 import pytest
@@ -12,7 +14,7 @@ import torch
 
 import harness as H
 import tokenizer as T
-from conftest import MICRO
+from conftest import MICRO, ROOT
 
 
 def test_optimizer_step_clips_only_when_asked_and_skips_non_finite_steps(tmp_path):
@@ -110,37 +112,50 @@ def test_a_full_disk_is_said_with_which_file_is_intact(tmp_path, monkeypatch):
     assert torch.load(path)["step"] == 1
 
 
-def test_run_lock_takes_over_leftovers_of_any_content_and_never_leaves_a_half_written_one(tmp_path, monkeypatch):
+def test_run_lock_is_held_by_a_live_process_only_whatever_its_file_holds(tmp_path, monkeypatch):
     ckpt = str(tmp_path / "tokenizer.pt")
-    lock = ckpt + ".lock"
+    lock = str(tmp_path / ".tokenizer.pt.lock")
+    note = f"process {os.getpid()} on {socket.gethostname()}"
     for content in (b"", b"not a pid", b"99999999999999999999999 " + socket.gethostname().encode(), b"\xff\xfe\x00",
-                    f"{os.getpid()}".encode()):
+                    f"{os.getpid()} {socket.gethostname()}".encode()):  # leftovers, and a live pid's note
         with open(lock, "wb") as f:
             f.write(content)
         with H.run_lock(ckpt):
-            assert open(lock).read() == f"{os.getpid()} {socket.gethostname()}"
-        assert sorted(os.listdir(tmp_path)) == []                        # lock and claim removed
+            assert open(lock).read() == note
+    # a lock a live process holds refuses, naming it; when that process dies, however, the lock is free
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import harness, time\n"
+                               f"with harness.run_lock({ckpt!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ValueError, match=f"another run \\(process {holder.pid} on .*\\) is writing"):
+        with H.run_lock(ckpt):
+            pass
+    holder.kill()
+    holder.wait()
+    with H.run_lock(ckpt):
+        pass
+    os.remove(lock)
     os.mkdir(lock)
-    with pytest.raises(ValueError, match="is a folder, where a lock file belongs; remove it"):
+    with pytest.raises(ValueError, match="is a folder or a link, where a lock file belongs; remove it"):
         with H.run_lock(ckpt):
             pass
     os.rmdir(lock)
-    # a disk that is full while the lock is written: no lock is left behind to refuse the next run
-    real_fdopen = os.fdopen
+    # a disk that is full when the note is written: the lock holds all the same, and no file is left half-made
+    real_open = open
 
-    def full_fdopen(fd, *args, **kwargs):
-        f = real_fdopen(fd, *args, **kwargs)
-        f.write = lambda text: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    def full_disk_open(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        if path == lock:
+            f.write = lambda text: (_ for _ in ()).throw(OSError(28, "No space left on device"))
         return f
 
-    monkeypatch.setattr(os, "fdopen", full_fdopen)
-    with pytest.raises(OSError, match="No space left"):
-        with H.run_lock(ckpt):
-            pass
-    monkeypatch.undo()
-    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr("builtins.open", full_disk_open)
     with H.run_lock(ckpt):
-        pass
+        monkeypatch.undo()
+        with pytest.raises(ValueError, match="another run"):
+            with H.run_lock(ckpt):
+                pass
+    assert sorted(os.listdir(tmp_path)) == [".tokenizer.pt.lock"]
 
 
 def test_configs_of_another_version_are_refused_by_name(tmp_path):

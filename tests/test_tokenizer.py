@@ -3,7 +3,6 @@ tokens file, and the errors a user meets at the command line."""
 
 import os
 import socket
-import subprocess
 
 import pytest
 import torch
@@ -251,18 +250,14 @@ def test_a_users_checkpoints_are_never_destroyed(tmp_path, micro_videos):
     # a fresh run into the same folder is refused, saying how to continue or start over
     again = run_cli(*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=1", f"--out_dir={out_dir}")
     assert again.returncode != 0 and "--resume" in again.stderr and "another --out_dir" in again.stderr
-    # a second run writing the same checkpoint is refused while the first is alive (its lock names it)
-    (out_dir / "tokenizer.pt.lock").write_text(f"{os.getpid()} {socket.gethostname()}")
-    concurrent = run_cli("--resume", f"--out_dir={out_dir}", "--max_iters=2")
-    assert concurrent.returncode != 0 and f"process {os.getpid()}" in concurrent.stderr
+    # a second run writing the same checkpoint is refused while the first is alive (the lock names it)
+    with H.run_lock(str(out_dir / "tokenizer.pt")):
+        concurrent = run_cli("--resume", f"--out_dir={out_dir}", "--max_iters=2")
+    assert concurrent.returncode != 0 and f"process {os.getpid()} on {socket.gethostname()}" in concurrent.stderr
     assert (out_dir / "tokenizer.pt").read_bytes() == trained
-    # a lock left by a dead process is taken over
-    finished = subprocess.Popen(["true"])
-    finished.wait()
-    (out_dir / "tokenizer.pt.lock").write_text(f"{finished.pid} {socket.gethostname()}")
+    # the lock of a run that has ended, however it ended, holds nothing back
     resumed = run_cli("--resume", f"--out_dir={out_dir}", "--max_iters=2")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert not (out_dir / "tokenizer.pt.lock").exists()
     assert T.load_tokenizer(str(out_dir / "tokenizer.pt"))[1]["step"] == 2
     # --encode never writes over anything but a tokens file, and its advice names no such path
     before = (out_dir / "tokenizer.pt").read_bytes()
