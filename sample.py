@@ -113,20 +113,20 @@ def load_models(sc, device):
 
 
 @torch.no_grad()
-def sample(sc: SampleConfig):
+def sample(sc: SampleConfig, explicit=frozenset()):
     if sc.sampler not in SAMPLERS or sc.format not in ("mp4", "lossless"):
         raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)} and --format mp4 or "
                          f"lossless, got {sc.sampler!r} and {sc.format!r}.")
     if min(sc.num_samples, sc.batch_size, sc.steps) < 1 or sc.grid_clips < 0:
-        raise ValueError("--num_samples, --batch_size and --steps must be >= 1.")
+        raise ValueError("--num_samples, --batch_size and --steps must be >= 1, --grid_clips >= 0.")
     H.check_out_dir(sc.out_dir)
     dist = H.setup_distributed(sc.device)
     device = dist.device
     model, stats, class_names, tokenizer = load_models(sc, device)
     frames = parse_frames(sc.frames, tokenizer.config.num_frames)
     labels, names = parse_labels(sc.class_label, class_names, sc.num_samples, model)
-    if model.null_class is None and (sc.class_label or sc.cfg_scale != 1.0) and dist.is_main:
-        print("the checkpoint has no null class: --class_label none and --cfg_scale are ignored")
+    if model.null_class is None and "cfg_scale" in explicit and dist.is_main:
+        print("the checkpoint has no null class, so --cfg_scale (guidance) is ignored")
     forward = torch.compile(model) if H.use_compile(sc.compile, device) else model
     extension = ".mkv" if sc.format == "lossless" else ".mp4"
     mine, grid, seconds = list(dist.share(sc.num_samples)), {}, 0.0
@@ -166,10 +166,10 @@ def sample(sc: SampleConfig):
 
 
 def main(argv=None):
-    (sc,), _ = H.parse_config((SampleConfig,), {"default": SampleConfig()}, argv,
-                              description=__doc__.split("\n\n")[1], default_preset="default")
+    (sc,), explicit = H.parse_config((SampleConfig,), {"default": SampleConfig()}, argv,
+                                     description=__doc__.split("\n\n")[1], default_preset="default")
     try:
-        sample(sc)
+        sample(sc, explicit)
     except (ValueError, OSError, data.VideoReadError) as e:
         raise SystemExit(f"error: {e}") from None
 

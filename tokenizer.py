@@ -63,6 +63,11 @@ class CoordTokConfig:
     def frame_size(self):  # (H, W)
         return self.img_size, self.img_width or self.img_size
 
+    @property
+    def grid_size(self):  # the decoder's patch grid (gt, gh, gw)
+        return (self.num_frames // self.dec_patch_t, self.img_size // self.dec_patch_s,
+                self.frame_size[1] // self.dec_patch_s)
+
 
 def paper(**kw):  # the paper's clip, triplane and decoder patch, with the sizes in kw
     return CoordTokConfig(**dict(num_frames=128, img_size=128, enc_patch_t=8, enc_patch_s=16,
@@ -227,8 +232,7 @@ class CoordTok(nn.Module):
 
     @property
     def grid_size(self):  # decoder patch grid (gt, gh, gw)
-        c = self.config
-        return tuple(n // p for n, p in zip((c.num_frames, *c.frame_size), self.patch_size))
+        return self.config.grid_size
 
     def num_tokens(self):
         return sum(h * w for _, h, w in self.triplane_shapes)
@@ -324,13 +328,10 @@ class CoordTok(nn.Module):
         (_, gh, gw), pt, B = self.grid_size, self.config.dec_patch_t, triplane[0].shape[0]
         slots = torch.unique(frames // pt)                          # temporal patches, sorted
         chunk = chunk or self.config.decode_chunk
-        frame_grid = full_grid((1, gh, gw), frames.device)          # (gh*gw, 3), t = 0
         patches = []
         for start in range(0, len(slots), chunk):
-            chosen = slots[start:start + chunk]                                       # (K,)
-            coords = frame_grid[None] + F.pad(chosen[:, None, None], (0, 2))          # (K, P, 3)
-            coords = rearrange(coords, "k p d -> 1 (k p) d").expand(B, -1, -1)
-            patches.append(self.decode(triplane, coords))
+            coords = frame_coords(slots[start:start + chunk][None], gh, gw)           # (1, K*P, 3)
+            patches.append(self.decode(triplane, coords.expand(B, -1, -1)))
         patches = rearrange(torch.cat(patches, 1), "b (k h w) d -> b k h w d", h=gh, w=gw)
         video = unpatchify(patches.float(), self.patch_size)        # (B, K*pt, H, W, 3)
         return video[:, torch.searchsorted(slots, frames // pt) * pt + frames % pt]
@@ -367,22 +368,25 @@ class CoordTok(nn.Module):
 
 def validate_config(cfg):
     """Fail at start, naming the flag to change, instead of deep inside a reshape."""
-    sizes = {**asdict(cfg), "img_width": cfg.frame_size[1], "triplane_rs'": cfg.triplane_rs
-             * cfg.frame_size[1] // cfg.img_size if cfg.img_size > 0 else 0}
-    low = {n: 0 if n.endswith("layers") or n == "img_width" else 1 for n, v in sizes.items()
-           if isinstance(v, int) and not isinstance(v, bool)}
-    problems = [f"--{n} must be >= {m}" for n, m in low.items() if sizes[n] < m]
+    (height, width), sizes = cfg.frame_size, asdict(cfg)
+    may_be_zero = ("img_width", "enc_layers", "query_layers", "dec_layers")
+    problems = [f"--{n} must be >= {int(n not in may_be_zero)}" for n, v in sizes.items()
+                if type(v) is int and v < (n not in may_be_zero)]
     problems += [f"--{n} must be > 0" for n in ("mlp_ratio", "block_eps") if sizes[n] <= 0]
+    if problems:  # divisibility only means something for positive sizes
+        raise ValueError("invalid configuration: " + "; ".join(problems) + ".")
+    sizes["img_width"] = width
     pairs = (("img_size", "enc_patch_s"), ("img_width", "enc_patch_s"), ("num_frames",
              "enc_patch_t"), ("img_size", "dec_patch_s"), ("img_width", "dec_patch_s"),
-             ("num_frames", "dec_patch_t"), ("triplane_rs", "query_patch_s"), ("triplane_rs'",
-             "query_patch_s"), ("triplane_rt", "query_patch_t"), ("enc_width", "enc_heads"),
-             ("dec_width", "dec_heads"))
-    if not problems:  # divisibility only means something for positive sizes
-        problems = [f"--{a} {sizes[a]} is not divisible by --{b} {sizes[b]}" for a, b in pairs
-                    if sizes[a] % sizes[b]]
-        if cfg.triplane_rs * cfg.frame_size[1] % cfg.img_size:
-            problems.append("--triplane_rs x --img_width is not divisible by --img_size")
+             ("num_frames", "dec_patch_t"), ("triplane_rs", "query_patch_s"), ("triplane_rt",
+             "query_patch_t"), ("enc_width", "enc_heads"), ("dec_width", "dec_heads"))
+    problems = [f"--{a} {sizes[a]} is not divisible by --{b} {sizes[b]}" for a, b in pairs
+                if sizes[a] % sizes[b] and (cfg.img_width or a != "img_width")]
+    rs_width = cfg.triplane_rs * width / height  # the triplane's width: in proportion to the frame
+    if rs_width != int(rs_width) or int(rs_width) % cfg.query_patch_s:
+        problems.append(f"the triplane's width, --triplane_rs x --img_width / --img_size = "
+                        f"{rs_width:g}, must be a multiple of --query_patch_s {cfg.query_patch_s}; "
+                        f"change --triplane_rs or --img_width")
     if problems:
         raise ValueError("invalid configuration: " + "; ".join(problems) + ".")
 
@@ -463,9 +467,15 @@ def sample_frames(video, n_frames, num_frames_k, patch_size, generator=None, sha
     real_t = (n_frames // patch_size[0]).clamp_min(1)[:, None]              # (B, 1)
     keys = keys.masked_fill(torch.arange(gt, device=video.device) >= real_t, float("inf"))
     frames = smallest(keys, num_frames_k, real_t)                           # (B, K)
-    coords = full_grid((1, gh, gw), video.device) + F.pad(frames[..., None, None], (0, 2))
-    coords = rearrange(coords, "b k p d -> b (k p) d")                      # (B, K*gh*gw, 3)
+    coords = frame_coords(frames, gh, gw)                                   # (B, K*gh*gw, 3)
     return coords, gather_patches(video, coords, patch_size)
+
+
+def frame_coords(t, gh, gw):
+    """Every patch coordinate of the temporal patches t (B, K): (B, K*gh*gw, 3), K-major."""
+    grid = full_grid((1, gh, gw), t.device)                                 # (gh*gw, 3), t = 0
+    coords = grid + F.pad(t[..., None, None], (0, 2))                       # (B, K, gh*gw, 3)
+    return rearrange(coords, "b k p d -> b (k p) d")
 
 
 def random_flips(video, generator=None, share=(0, 1)):
@@ -541,8 +551,7 @@ class TrainConfig:
 
 
 def validate_train_config(cfg, tc):
-    gt, gh, gw = (n // p for n, p in zip((cfg.num_frames, *cfg.frame_size),
-                                         (cfg.dec_patch_t, cfg.dec_patch_s, cfg.dec_patch_s)))
+    gt, gh, gw = cfg.grid_size
     H.check_train_config(tc, [
         f"--num_samples must be in [1, {gt * gh * gw}] (the patches of a clip)"
         * (not 1 <= tc.num_samples <= gt * gh * gw),
