@@ -344,16 +344,17 @@ def part_gpu(cfg, device, dry_run):
     return out
 
 
-def part_loader(cfg, needed_clips_per_s, needed_from):
+def part_loader(cfg, needed_clips_per_s, needed_from, loops=10):
     table(f"Loader: one process reading {cfg.num_frames}-frame clips at "
           f"{'x'.join(map(str, cfg.frame_size))} as training does (read_clip), against the "
           f"{needed_clips_per_s:,.1f} clips/s one GPU trains on ({needed_from})", "read path",
           "frames/s", "clips/s", "decoding alone: frames/s", "processes per GPU",
-          "a clip at the start / middle / end of a 1,750-frame video")
+          f"a clip at the start / middle / end of a {175 * loops:,}-frame video")
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         clip = os.path.join("Bench", "v_Bench_g01_c01")  # UCF-101's layout: class folder, clip
-        source = data.make_ucf_like_video(os.path.join(folder, "source", clip + ".avi"), loops=10)
+        source = data.make_ucf_like_video(os.path.join(folder, "source", clip + ".avi"),
+                                          loops=loops)
         paths = {"source: MPEG-4 .avi, 320x240 (UCF-101's format)": source}
         for codec, extension in data.PREPARED_FORMATS.items():
             data.prepare_videos(os.path.join(folder, "source"), os.path.join(folder, codec),
@@ -427,7 +428,8 @@ def main(argv=None):
                                 args.batch_size, device),
         "gpu": lambda: part_gpu(gpu_cfg, device, args.dry_run),
         "loader": lambda: part_loader(gpu_cfg, results["gpu"]["clips_per_s"],
-                                      f"measured by gpu on {where}") if "gpu" in results
+                                      f"measured by gpu on {where}", 1 if args.dry_run else 10)
+        if "gpu" in results
         else part_loader(large, estimated_clips_per_s(large), estimate)}
     default = ["gpu", "loader"] if device.type == "cuda" or args.dry_run else \
         [p for p in PARTS if p != "gpu"]

@@ -178,19 +178,18 @@ class LPIPS(nn.Module):
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
 
     def load_published(self, vgg_state, lin_state):
-        vgg = {k: v for k, v in vgg_state.items()
-               if k.startswith("features.") and int(k.split(".")[1]) <= LPIPS_TAPS[-1]}
-        expected = self.state_dict()
-        for given, prefix, name in ((vgg, "features.", "torchvision's vgg16 (--lpips_vgg)"),
+        """torchvision's vgg16 state dict (the layers up to relu5_3 are used) and LPIPS's."""
+        expected, state = self.state_dict(), {"shift": self.shift, "scale": self.scale}
+        for given, prefix, name in ((vgg_state, "features.", "torchvision's vgg16 (--lpips_vgg)"),
                                     (lin_state, "lin", "LPIPS v0.1's vgg.pth (--lpips_lin)")):
+            state.update({k: v for k, v in given.items() if k.startswith(prefix) and k in expected})
             wrong = [k for k in expected if k.startswith(prefix)
-                     and (k not in given or given[k].shape != expected[k].shape)]
+                     and (k not in state or state[k].shape != expected[k].shape)]
             if wrong:
                 raise H.WeightsUnavailable(f"the file given as {name} has another layout "
                                            f"({wrong[0]} missing or reshaped); pass the "
                                            f"published file.")
-        lin = {k: lin_state[k] for k in expected if k.startswith("lin")}
-        self.load_state_dict({**vgg, **lin, "shift": self.shift, "scale": self.scale})
+        self.load_state_dict(state)
         return self
 
     @classmethod
@@ -505,9 +504,8 @@ def write_json(path, obj):
 
 
 def describe(device):
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    cuda = device.type == "cuda"
+    return f"{device} ({torch.cuda.get_device_name(device) if cuda else torch.get_num_threads()})"
 
 
 def evaluate_command(args, dist):
@@ -621,30 +619,27 @@ def reconstruct_video(model, path, args, metrics, device):
             bar.update(len(batch))
         flush(max(pending, default=written - 1) + 1, write, write_pair)
         bar.close()
-    per_frame_scores = {name: np.array(v) for name, v in scores.items() if v}
+    per_frame = {name: np.array(v) for name, v in scores.items() if v}
     boundary = np.zeros(written, bool)  # frames next to a window's start or end, inside the video
     for s in starts:
         boundary[[i for i in (s - 1, s, s + T - 1, s + T) if 0 < i < written - 1]] = True
     windows_out = [{"start": s, "frames": min(T, written - s),
-                    **{k: float(v[s:s + T].mean()) for k, v in per_frame_scores.items()}}
+                    **{k: float(v[s:s + T].mean()) for k, v in per_frame.items()}}
                    for s in starts if s < written]
-    psnr = per_frame_scores["psnr"]
-    tokens = model.num_tokens() * len(windows_out)
+    psnr, tokens = per_frame["psnr"], model.num_tokens() * len(windows_out)
     result = dict(
         video=os.path.abspath(path), checkpoint=os.path.abspath(H.released_file(args.ckpt)),
-        frames=written, fps=float(fps), frame_size=list(model.config.frame_size),
-        overlap=overlap, windows=windows_out, **{k: float(v.mean()) for k, v in
-                                                per_frame_scores.items()},
+        frames=written, fps=float(fps), frame_size=list(model.config.frame_size), overlap=overlap,
+        windows=windows_out, **{k: float(v.mean()) for k, v in per_frame.items()},
         boundary_psnr=float(psnr[boundary].mean()) if boundary.any() else None,
         other_psnr=float(psnr[~boundary].mean()) if (~boundary).any() else None,
         tokens_per_window=model.num_tokens(), tokens=tokens,
         compression_vs_input=written * source_pixels * 3 / (tokens * model.config.triplane_c),
-        seconds=time.perf_counter() - begin, outputs=[recon_path, out + "_side_by_side.mp4"],
-        scored="the frames as written (uint8) against the input at the model's frame size")
+        seconds=time.perf_counter() - begin, outputs=[recon_path, out + "_side_by_side.mp4"])
     write_json(out + "_recon.json", result)
     print(f"{path}: {written} frames in {len(windows_out)} windows, PSNR {result['psnr']:.2f} dB "
-          f"(next to window boundaries {result['boundary_psnr'] or float('nan'):.2f}), "
-          f"{tokens} tokens, {result['seconds']:.1f} s -> {recon_path}")
+          f"({result['boundary_psnr'] or float('nan'):.2f} next to a window boundary), {tokens} "
+          f"tokens, {result['seconds']:.1f} s -> {recon_path}")
     return result
 
 

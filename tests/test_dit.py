@@ -5,6 +5,7 @@ tokenizer.py -> dit.py -> sample.py end to end."""
 import dataclasses
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ import torch
 
 import data as D
 import dit
+import eval as E
 import harness as H
 import sample as S
 import tokenizer as T
@@ -337,22 +339,16 @@ def read_clips(folder, size, frames):
 
 
 def test_tokenizer_dit_sample_pipeline_samples_what_the_checkpoint_says(tmp_path, micro_videos):
-    tok = run_script("tokenizer.py", *MICRO_TRAIN_FLAGS, f"--data={micro_videos}", f"--out_dir={tmp_path}",
-                     "--max_iters=2")
-    assert tok.returncode == 0, tok.stderr[-3000:]
+    T.main([*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", f"--out_dir={tmp_path}", "--max_iters=2"])
     tokens = str(tmp_path / "tokens.pt")
-    enc = run_script("tokenizer.py", f"--out_dir={tmp_path}", f"--encode={tokens}", "--num_workers=0")
-    assert enc.returncode == 0, enc.stderr[-3000:]
+    T.main([f"--out_dir={tmp_path}", f"--encode={tokens}", "--num_workers=0"])
     # an EMA that lags the model by far, so that sampling from the wrong weights shows
-    train = run_script("dit.py", f"--tokens={tokens}", f"--out_dir={tmp_path}", *MICRO_SIT_FLAGS, "--max_iters=3",
-                       "--batch_size=2", "--warmup_iters=1", "--ema_warmup=false", "--ema_decay=0.99",
-                       "--learning_rate=0.03")
-    assert train.returncode == 0, train.stderr[-3000:]
+    dit.main([f"--tokens={tokens}", f"--out_dir={tmp_path}", *MICRO_SIT_FLAGS, "--max_iters=3", "--batch_size=2",
+              "--warmup_iters=1", "--ema_warmup=false", "--ema_decay=0.99", "--learning_rate=0.03"])
     common = [f"--ckpt={tmp_path / 'dit.pt'}", "--num_samples=3", "--steps=4", "--seed=7", "--cfg_scale=2",
               "--format=lossless"]
     for name, batch in (("a", 2), ("b", 3)):
-        out = run_script("sample.py", *common, f"--out_dir={tmp_path / name}", f"--batch_size={batch}")
-        assert out.returncode == 0, out.stderr[-3000:]
+        S.main([*common, f"--out_dir={tmp_path / name}", f"--batch_size={batch}"])
     a, b = read_clips(tmp_path / "a", 16, 8), read_clips(tmp_path / "b", 16, 8)
     assert list(a) == ["000_discs.mkv", "001_squares.mkv", "002_discs.mkv"] == list(b)
     for name in a:  # sample k is the same clip whatever the batch it was drawn in (up to float rounding)
@@ -376,8 +372,7 @@ def test_tokenizer_dit_sample_pipeline_samples_what_the_checkpoint_says(tmp_path
     for wrong in (by_hand(weights="model"), by_hand(denormalize=False)):                   # the test can tell
         assert np.abs(wrong.astype(int) - expected.astype(int)).mean() > 3
     # random access: frames 2..4 of each clip only; and the default mp4 output with its frame grid
-    out = run_script("sample.py", *common[:-1], f"--out_dir={tmp_path / 'c'}", "--frames=2:5")
-    assert out.returncode == 0, out.stderr[-3000:]
+    S.main([*common[:-1], f"--out_dir={tmp_path / 'c'}", "--frames=2:5"])
     with av.open(str(tmp_path / "c" / "000_discs.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 3 and frames[0].shape == (16, 16, 3) and (tmp_path / "c" / "grid.png").exists()
@@ -387,46 +382,40 @@ def test_tokenizer_dit_sample_pipeline_samples_what_the_checkpoint_says(tmp_path
 # frames of any shape, sampling under torchrun, and what sample.py trusts
 
 
-def test_the_whole_pipeline_at_32x48(tmp_path, micro_videos):
+def test_the_whole_pipeline_at_32x48(tmp_path, micro_videos, capsys):
     # a non-square model: z_xy 8x12, z_xt 8x12 (time x width), z_yt 8x8 (time x height)
     shape = ["--img_size=32", "--img_width=48", "--enc_patch_s=8", "--dec_patch_s=4"]
-    tok = run_script("tokenizer.py", *MICRO_TRAIN_FLAGS, *shape, f"--data={micro_videos}", f"--out_dir={tmp_path}",
-                     "--max_iters=2")
-    assert tok.returncode == 0, tok.stderr[-3000:]
+    T.main([*MICRO_TRAIN_FLAGS, *shape, f"--data={micro_videos}", f"--out_dir={tmp_path}", "--max_iters=2"])
     model, _ = T.load_tokenizer(str(tmp_path / "tokenizer.pt"))
     assert model.triplane_shapes == ((4, 8, 12), (4, 8, 12), (4, 8, 8)) and model.grid_size == (8, 8, 12)
     tokens = str(tmp_path / "tokens.pt")
-    enc = run_script("tokenizer.py", f"--out_dir={tmp_path}", f"--encode={tokens}", "--num_workers=0")
-    assert enc.returncode == 0, enc.stderr[-3000:]
+    T.main([f"--out_dir={tmp_path}", f"--encode={tokens}", "--num_workers=0"])
     assert [tuple(D.load_tokens(tokens)[k].shape[1:]) for k in D.PLANES] == list(model.triplane_shapes)
-    train = run_script("dit.py", f"--tokens={tokens}", f"--out_dir={tmp_path}", *MICRO_SIT_FLAGS, "--max_iters=2",
-                       "--batch_size=2")
-    assert train.returncode == 0, train.stderr[-3000:]
-    out = run_script("sample.py", "--num_samples=2", "--steps=3", f"--out_dir={tmp_path / 's'}",
-                     f"--ckpt={tmp_path / 'dit.pt'}")
-    assert out.returncode == 0, out.stderr[-3000:]
+    dit.main([f"--tokens={tokens}", f"--out_dir={tmp_path}", *MICRO_SIT_FLAGS, "--max_iters=2", "--batch_size=2"])
+    S.main(["--num_samples=2", "--steps=3", f"--out_dir={tmp_path / 's'}", f"--ckpt={tmp_path / 'dit.pt'}"])
     assert read_clips(tmp_path / "s", (32, 48), 8)["000_discs.mp4"].shape == (8, 32, 48, 3)
     with av.open(str(tmp_path / "s" / "000_discs.mp4")) as container:
         assert (container.streams.video[0].height, container.streams.video[0].width) == (32, 48)
-    ev = run_script("eval.py", f"--ckpt={tmp_path / 'tokenizer.pt'}", "--num_workers=0", f"--out_dir={tmp_path}",
-                    "--i3d=none", "--lpips_vgg=none", "--lpips_lin=none")
-    assert ev.returncode == 0, ev.stderr[-3000:]
-    assert "resolution       32x48" in ev.stdout or "32x48" in ev.stdout
+    capsys.readouterr()
+    result = E.main([f"--ckpt={tmp_path / 'tokenizer.pt'}", "--num_workers=0", f"--out_dir={tmp_path}",
+                     "--i3d=none", "--lpips_vgg=none", "--lpips_lin=none"])
+    assert result["resolution"] == [32, 48] and result["tokens"]["tokens"] == 8 * 12 + 8 * 12 + 8 * 8
+    assert "32x48" in capsys.readouterr().out and math.isfinite(result["psnr"])
 
 
-def sit_pipeline(tmp_path, micro_videos):
-    """A trained micro tokenizer, its tokens and a micro SiT, in tmp_path."""
-    for script, flags in (("tokenizer.py", [*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=2"]),
-                          ("tokenizer.py", [f"--encode={tmp_path / 'tokens.pt'}", "--num_workers=0"]),
-                          ("dit.py", [f"--tokens={tmp_path / 'tokens.pt'}", *MICRO_SIT_FLAGS, "--max_iters=2",
-                                      "--batch_size=2"])):
-        out = run_script(script, *flags, f"--out_dir={tmp_path}")
-        assert out.returncode == 0, out.stderr[-3000:]
+@pytest.fixture(scope="module")
+def sit_run(tmp_path_factory, micro_videos):
+    """A trained micro tokenizer, its tokens and a micro SiT, in one folder."""
+    folder = tmp_path_factory.mktemp("sit_run")
+    T.main([*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=2", f"--out_dir={folder}"])
+    T.main([f"--encode={folder / 'tokens.pt'}", "--num_workers=0", f"--out_dir={folder}"])
+    dit.main([f"--tokens={folder / 'tokens.pt'}", *MICRO_SIT_FLAGS, "--max_iters=2", "--batch_size=2",
+              f"--out_dir={folder}"])
+    return folder
 
 
-def test_two_processes_sample_the_files_one_process_writes(tmp_path, micro_videos):
-    sit_pipeline(tmp_path, micro_videos)
-    common = [f"--ckpt={tmp_path / 'dit.pt'}", "--num_samples=5", "--steps=3", "--format=lossless",
+def test_two_processes_sample_the_files_one_process_writes(tmp_path, sit_run):
+    common = [f"--ckpt={sit_run / 'dit.pt'}", "--num_samples=5", "--steps=3", "--format=lossless",
               "--batch_size=2", "--grid_clips=3"]
     for name, nproc in (("one", None), ("two", 2)):
         out = run_script("sample.py", *common, f"--out_dir={tmp_path / name}", nproc=nproc)
@@ -435,13 +424,12 @@ def test_two_processes_sample_the_files_one_process_writes(tmp_path, micro_video
     assert list(one) == list(two) and len(one) == 5
     for name in one:
         assert np.abs(one[name].astype(int) - two[name].astype(int)).max() <= 1, name
-    grid = D.find_videos  # the grid holds the first --grid_clips clips only, a row each
-    import skimage.io
-    assert skimage.io.imread(str(tmp_path / "two" / "grid.png")).shape[0] == 3 * 16 * 6 and grid
+    import skimage.io  # the grid holds the first --grid_clips clips only, a row each
+    assert skimage.io.imread(str(tmp_path / "two" / "grid.png")).shape[0] == 3 * 16 * 6
 
 
-def test_sample_refuses_another_tokenizer_and_keeps_names_inside_its_folder(tmp_path, micro_videos):
-    sit_pipeline(tmp_path, micro_videos)
+def test_sample_refuses_another_tokenizer_and_keeps_names_inside_its_folder(tmp_path, sit_run):
+    shutil.copytree(sit_run, tmp_path, dirs_exist_ok=True)  # dit.pt names the tokenizer of sit_run
     # the same config, other weights: refused unless forced
     other = torch.load(tmp_path / "tokenizer.pt", weights_only=False)
     other["model"] = {k: v + 0.01 for k, v in other["model"].items()}
