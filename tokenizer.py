@@ -39,8 +39,8 @@ class CoordTokConfig:
     enc_patch_s: int = 8
     enc_width: int = 192
     enc_heads: int = 4
-    enc_layers: int = 2          # ViT blocks over the video tokens
-    query_layers: int = 2        # (cross-attn, self-attn, MLP) blocks over the queries
+    enc_layers: int = 1          # ViT blocks over the video tokens
+    query_layers: int = 1        # (cross-attn, self-attn, MLP) blocks over the queries
     # triplane: z_xy (C, Rs, Rs'), z_xt (C, Rt, Rs'), z_yt (C, Rt, Rs); Rs' = Rs * width / height
     triplane_rs: int = 8
     triplane_rt: int = 16
@@ -50,7 +50,7 @@ class CoordTokConfig:
     # decoder: self-attention over the queried coordinates, each token -> a patch of pixels
     dec_width: int = 192
     dec_heads: int = 4
-    dec_layers: int = 4
+    dec_layers: int = 2
     dec_patch_t: int = 1
     dec_patch_s: int = 4
     decode_chunk: int = 16       # temporal patches decoded per call by decode_frames
@@ -77,7 +77,7 @@ def paper(**kw):  # the paper's clip, triplane and decoder patch, with the sizes
 
 
 PRESETS = {
-    "tiny": CoordTokConfig(pooled_queries=True),  # 32 frames of 32x32, 320 tokens: a 2-core CPU
+    "tiny": CoordTokConfig(mlp_ratio=2.0, pooled_queries=True),  # 32x32x32, 320 tokens: 2 cores
     "small": paper(enc_width=512, enc_heads=8, enc_layers=8, query_layers=8,
                    dec_width=512, dec_heads=8, dec_layers=8),
     "base": paper(enc_width=768, enc_heads=12, enc_layers=8, query_layers=12,
@@ -518,7 +518,7 @@ class TrainConfig:
     encode: str = ""             # write the tokens file of every window to this path and exit
     encode_stride: int = 0       # --encode: a window every this many frames (0: back to back)
     split_file: str = ""         # a list of videos (UCF-101's trainlist01.txt) that sets the split
-    max_iters: int = 3500
+    max_iters: int = 2500
     batch_size: int = 8          # clips per step on each process
     grad_accum: int = 1
     learning_rate: float = 1e-3

@@ -93,3 +93,5 @@ def lpips_files(tmp_path_factory):
     torch.save(published_vgg16(), folder / "vgg16.pth")
     torch.save(published_lpips_lin(), folder / "vgg.pth")
     return {"vgg": str(folder / "vgg16.pth"), "lin": str(folder / "vgg.pth")}
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread each: two test processes share two cores
+    torch.set_num_threads(1)

@@ -35,12 +35,10 @@ def test_measure_reads_time_and_the_peak_memory_of_a_process_of_its_own():
     assert B.cells(died, died) == [died["error"], "-", "-", "-"]
 
 
-def test_the_cpu_parts_print_their_rows_and_write_their_numbers(tmp_path):
+def test_the_cpu_parts_print_their_rows_and_write_their_numbers(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    proc = run_script("bench.py", "--frames", "8", "4", "--batch_size=1", "--parts", "throughput", "scaling",
-                      f"--json={out}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
+    B.main(["--frames", "8", "4", "--batch_size=1", "--parts", "throughput", "scaling", f"--json={out}"])
+    lines = capsys.readouterr().out.splitlines()
     scaling = [line.split(" | ") for line in lines if line.startswith(("| 4 |", "| 8 |"))]
     assert [cells[1] for cells in scaling] == ["256", "512"]  # tiny's 32x32 frames in 4x4 patches: 64 a frame
     assert lines.index(next(line for line in lines if "clip grows" in line)) < lines.index(

@@ -204,11 +204,10 @@ def test_stage_two_fine_tunes_whole_frames_with_lpips_and_resumes_as_stage_two(t
     assert s2["train_config"]["lpips_vgg"] == lpips_files["vgg"] and s2["train_config"]["num_frames_stage2"] == 2
 
 
-def test_max_time_stops_at_a_log_step_and_saves(tmp_path, micro_videos):
-    out = run_cli(*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=1000", "--max_time=1e-6",
-                  "--log_interval=2", f"--out_dir={tmp_path}")
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "stopping after 1e-06 minutes (--max_time) at step 2" in out.stdout + out.stderr
+def test_max_time_stops_at_a_log_step_and_saves(tmp_path, micro_videos, capsys):
+    T.main([*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=1000", "--max_time=1e-6",
+            "--log_interval=2", f"--out_dir={tmp_path}"])
+    assert "stopping after 1e-06 minutes (--max_time) at step 2" in "".join(capsys.readouterr())
     assert torch.load(tmp_path / "tokenizer.pt", weights_only=False)["step"] == 2
 
 
@@ -269,8 +268,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path,
     out = run_script("tests/ddp_worker.py", "tokenizer", *flags, "--batch_size=2", f"--out_dir={tmp_path / 'ddp'}",
                      nproc=2)
     assert out.returncode == 0, out.stderr[-3000:]
-    one = run_cli(*flags, "--batch_size=4", f"--out_dir={tmp_path / 'one'}")
-    assert one.returncode == 0, one.stderr[-3000:]
+    T.main([*flags, "--batch_size=4", f"--out_dir={tmp_path / 'one'}"])
     r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     # each rank reads its own clips ((index, clip seed) pairs never repeat across ranks), together all of
     # the training videos
@@ -288,13 +286,11 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path,
     assert torch.load(tmp_path / "ddp" / "tokenizer.pt", weights_only=False)["step"] == 3
 
 
-def test_encode_covers_every_window_of_every_video_on_any_number_of_processes(tmp_path, micro_videos):
-    out = run_cli(*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=2", f"--out_dir={tmp_path}")
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "held-out full-clip PSNR" in out.stdout + out.stderr
+def test_encode_covers_every_window_of_every_video_on_any_number_of_processes(tmp_path, micro_videos, capsys):
+    T.main([*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=2", f"--out_dir={tmp_path}"])
+    assert "held-out full-clip PSNR" in "".join(capsys.readouterr())
     one, two = str(tmp_path / "tokens.pt"), str(tmp_path / "tokens_ddp.pt")
-    enc = run_cli(f"--out_dir={tmp_path}", f"--encode={one}", "--num_workers=0", "--batch_size=4")
-    assert enc.returncode == 0, enc.stderr[-2000:]
+    T.main([f"--out_dir={tmp_path}", f"--encode={one}", "--num_workers=0", "--batch_size=4"])
     tokens = D.load_tokens(one)
     # 10-frame videos, 8-frame clips: by default back to back, the last one ending at the video's end
     videos = D.find_videos(micro_videos)
@@ -312,10 +308,10 @@ def test_encode_covers_every_window_of_every_video_on_any_number_of_processes(tm
         z = model.encode(D.from_uint8(torch.from_numpy(clip)[None]))
     torch.testing.assert_close(z[1][0], tokens["z_xt"][3], rtol=1e-4, atol=1e-4)
     # two processes write the same file, with a stride of one frame; and a tokens file may be written again
-    for path in (one, two):
-        enc = run_cli(f"--out_dir={tmp_path}", f"--encode={path}", "--encode_stride=1", "--num_workers=0",
-                      "--batch_size=2", nproc=2 if path == two else None)
-        assert enc.returncode == 0, enc.stderr[-2000:]
+    flags = [f"--out_dir={tmp_path}", "--encode_stride=1", "--num_workers=0", "--batch_size=2"]
+    T.main([*flags, f"--encode={one}"])
+    enc = run_cli(*flags, f"--encode={two}", nproc=2)
+    assert enc.returncode == 0, enc.stderr[-2000:]
     a, b = D.load_tokens(one), D.load_tokens(two)
     assert a["start"].tolist() == [0, 1, 2] * len(videos)
     for k in ("labels", "n_frames", "video_index", "start"):
@@ -333,29 +329,31 @@ def test_wrong_or_missing_checkpoint_is_a_clear_error(tmp_path):
         T.load_tokenizer(str(tmp_path / "junk.pt"))
     with pytest.raises(FileNotFoundError):
         T.load_tokenizer(str(tmp_path / "nope.pt"))
-    out = run_cli(f"--out_dir={tmp_path / 'empty'}", "--resume")
-    assert out.returncode != 0 and "does not exist" in out.stderr
+    with pytest.raises(SystemExit, match="found no checkpoint"):
+        T.main([f"--out_dir={tmp_path / 'empty'}", "--resume"])
 
 
-def test_small_holes_are_closed_before_any_work(tmp_path, micro_videos):
+def test_small_holes_are_closed_before_any_work(tmp_path, micro_videos, capsys):
     out_dir = tmp_path / "run"
-    first = run_cli(*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=3", f"--out_dir={out_dir}")
-    assert first.returncode == 0, first.stderr[-2000:]
+    T.main([*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=3", f"--out_dir={out_dir}"])
     trained = (out_dir / "tokenizer.pt").read_bytes()
     # a resumed run already past --max_iters trains nothing, saves nothing, and says so
-    done = run_cli("--resume", f"--out_dir={out_dir}", "--max_iters=2")
-    assert done.returncode == 0 and "is at step 3: nothing to train" in done.stdout and "saved" not in done.stdout
+    capsys.readouterr()
+    T.main(["--resume", f"--out_dir={out_dir}", "--max_iters=2"])
+    done = capsys.readouterr().out
+    assert "is at step 3: nothing to train" in done and "saved" not in done
     assert (out_dir / "tokenizer.pt").read_bytes() == trained
     # a fresh run into a trained folder is refused first, before the data is even looked at, and so is it
     # on every rank under torchrun, without a traceback of the process group
-    for nproc in (None, 2):
-        again = run_cli(*MICRO_TRAIN_FLAGS, f"--data={tmp_path / 'no_such_folder'}", f"--out_dir={out_dir}",
-                        nproc=nproc)
-        assert again.returncode != 0 and "already holds a trained checkpoint" in again.stderr
-        assert "tokenizer.py\", line" not in again.stderr and "gloo" not in again.stderr.lower()  # no trace
+    fresh = [*MICRO_TRAIN_FLAGS, f"--data={tmp_path / 'no_such_folder'}", f"--out_dir={out_dir}"]
+    with pytest.raises(SystemExit, match="already holds a trained checkpoint"):
+        T.main(fresh)
+    again = run_cli(*fresh, nproc=2)
+    assert again.returncode != 0 and "already holds a trained checkpoint" in again.stderr
+    assert "tokenizer.py\", line" not in again.stderr and "gloo" not in again.stderr.lower()  # no trace
     # a negative stride is refused
-    bad = run_cli(f"--out_dir={out_dir}", f"--encode={tmp_path / 'tokens.pt'}", "--encode_stride=-5")
-    assert bad.returncode != 0 and "--encode_stride must be >= 0" in bad.stderr
+    with pytest.raises(SystemExit, match="--encode_stride must be >= 0"):
+        T.main([f"--out_dir={out_dir}", f"--encode={tmp_path / 'tokens.pt'}", "--encode_stride=-5"])
 
 
 def test_resume_says_when_the_held_out_videos_are_not_the_folder_s_now(tmp_path):
