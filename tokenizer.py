@@ -518,7 +518,7 @@ class TrainConfig:
     encode: str = ""             # write the tokens file of every window to this path and exit
     encode_stride: int = 0       # --encode: a window every this many frames (0: back to back)
     split_file: str = ""         # a list of videos (UCF-101's trainlist01.txt) that sets the split
-    max_iters: int = 2500
+    max_iters: int = 2000
     batch_size: int = 8          # clips per step on each process
     grad_accum: int = 1
     learning_rate: float = 1e-3

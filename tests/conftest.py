@@ -2,8 +2,11 @@
 stand-ins of the published LPIPS weight files (the layouts written out here, not taken from the code)."""
 
 import os
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 import torch
@@ -38,11 +41,32 @@ MICRO_SIT_FLAGS = ["--width=32", "--depth=1", "--heads=2"]
 
 
 def run_script(script, *args, nproc=None, timeout=300):
-    """python script args (or under torchrun with nproc processes), one thread each; the CompletedProcess."""
+    """python script args, one thread each: the CompletedProcess. With nproc, that many ranks started as
+    torchrun starts its workers (RANK, WORLD_SIZE, MASTER_ADDR, ... in their environment), without
+    torchrun's own seconds of start-up; like torchrun, the first rank to fail stops the others. Their
+    outputs are joined, and the return code is the first failing rank's."""
     cmd = [sys.executable, os.path.join(ROOT, script), *args]
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    if not nproc:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(nproc)]
+    ranks = [subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=ROOT, env={
+        **ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r, (out, err) in enumerate(logs)]
+    code, deadline = 0, time.monotonic() + timeout
+    while any(p.poll() is None for p in ranks):
+        code = code or next((p.returncode for p in ranks if p.returncode), 0)
+        if code or time.monotonic() > deadline:
+            for p in ranks:
+                p.kill()
+        time.sleep(0.05)
+    if not code and time.monotonic() > deadline:
+        raise subprocess.TimeoutExpired(cmd, timeout)
+    code = code or next((p.returncode for p in ranks if p.returncode), 0)
+    text = [[f.seek(0) or f.read() for f in pair] for pair in logs]
+    return subprocess.CompletedProcess(cmd, code, "".join(out for out, _ in text), "".join(err for _, err in text))
 
 
 @pytest.fixture(scope="session")
