@@ -32,20 +32,12 @@ import data
 import dit
 import eval as evaluation
 import harness as H
-from tokenizer import (
-    PRESETS,
-    CoordTok,
-    TrainConfig,
-    full_grid,
-    gather_patches,
-    reconstruction_loss,
-    sample_patches,
-)
+import tokenizer as T
 
 PARTS = ("scaling", "compile", "throughput", "dit", "gpu", "loader")  # in the order they run
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM: MFU's denominator
 ASSUMED_MFU = 0.4  # what a `large` step reaches on an H100, for the loader without a GPU check
-PAPER_STAGE1 = TrainConfig(learning_rate=1e-4, weight_decay=1e-3)  # the paper's stage-1 AdamW
+PAPER_STAGE1 = T.TrainConfig(learning_rate=1e-4, weight_decay=1e-3)  # the paper's stage-1 AdamW
 
 
 def measure(fn, device, repeats=3, budget_s=10.0):
@@ -100,7 +92,7 @@ def run_alone(device, fn, *args):
 
 def shape_model(cfg):  # a CoordTok on the meta device: its shapes and FLOPs, no memory
     with torch.device("meta"):
-        return CoordTok(cfg)
+        return T.CoordTok(cfg)
 
 
 def random_clip(cfg, batch_size, device):  # (B, T, H, W, 3): a step's cost ignores the pixels
@@ -124,17 +116,17 @@ def training_step(model, optimizer, forward, video, num_samples):
 
     def loss():
         if num_samples:
-            coords, targets = sample_patches(video, n_frames, num_samples, model.patch_size)
+            coords, targets = T.sample_patches(video, n_frames, num_samples, model.patch_size)
         else:
-            coords = full_grid(model.grid_size, device).expand(B, -1, -1)          # (B, P, 3)
-            targets = gather_patches(video, coords, model.patch_size)             # (B, P, D)
-        return reconstruction_loss(forward(video, coords), targets)
+            coords = T.full_grid(model.grid_size, device).expand(B, -1, -1)          # (B, P, 3)
+            targets = T.gather_patches(video, coords, model.patch_size)             # (B, P, D)
+        return T.reconstruction_loss(forward(video, coords), targets)
     return train_step(model, optimizer, loss, device)
 
 
 def tokenizer_step(cfg, batch_size, num_samples, device, compiled=False, math_attention=False):
     """measure() of training_step on a new model, and the patches it decodes per clip."""
-    model = CoordTok(cfg).to(device)
+    model = T.CoordTok(cfg).to(device)
     optimizer = H.make_optimizer(model, PAPER_STAGE1, device)
     forward = torch.compile(model) if compiled else model
     video = random_clip(cfg, batch_size, device)
@@ -144,9 +136,8 @@ def tokenizer_step(cfg, batch_size, num_samples, device, compiled=False, math_at
 
 
 class GridDiT(dit.SiT):
-    """dit.SiT on a 3D latent grid (C, T', H', W') in 1 x p x p patches: the grid is carried as
-    one plane (C, T'*H', W'), whose p x p patches these are as p divides H'. SiT is made for three
-    planes: built for three such planes and cut to the first (forward zips planes and modules)."""
+    """dit.SiT on a 3D latent grid (C, T', H', W') in 1 x p x p patches, carried as one plane
+    (C, T'*H', W'): built for three such planes, then cut to the first (forward zips them)."""
 
     def __init__(self, config, grid_shape):
         channels, frames, height, width = grid_shape
@@ -187,8 +178,7 @@ def seconds(s):
 
 
 def size(b):
-    return "-" if b is None else f"{b / 2 ** 20:.0f} MiB" if b < 2 ** 30 else \
-        f"{b / 2 ** 30:.2f} GiB"
+    return "-" if b is None else f"{b / 2**20:.0f} MiB" if b < 2**30 else f"{b / 2**30:.2f} GiB"
 
 
 def cells(r, base=None):  # a measurement's time (or why none) and memory, then ratios to base's
@@ -246,7 +236,7 @@ def part_throughput(cfg, batch_size, device):
     table(f"Encode and decode ({cfg.num_frames} frames of {'x'.join(map(str, cfg.frame_size))}, "
           f"batch {batch_size}, no gradients, {cfg.decode_chunk} temporal patches per decoder "
           "call)", "call", "time", "clips/s", "frames/s", "decode_video / this")
-    model = CoordTok(cfg).to(device).eval()
+    model = T.CoordTok(cfg).to(device).eval()
     video, rows = random_clip(cfg, batch_size, device), {}
     with torch.no_grad(), H.autocast(device):
         triplane = model.encode(video)
@@ -289,7 +279,7 @@ def part_gpu(cfg, device, dry_run):
         (dit.SiTConfig(width=64, depth=2, heads=2), 4, 4, "eager") if dry_run
         else (dit.PRESETS["L/2"], 256, 250, "inductor"))
     with torch.device(device):  # made where it runs: `large` is 853M parameters
-        model = CoordTok(cfg)
+        model = T.CoordTok(cfg)
     table(f"GPU check: CoordTok {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M on "
           f"{'x'.join(map(str, (cfg.num_frames, *cfg.frame_size)))} clips; bf16 autocast on CUDA, "
           f"torch.compile ({backend}), SDPA, AdamW", "measurement", "time", "clips/s", "MFU",
@@ -376,7 +366,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    parser.add_argument("--preset", default="tiny", choices=list(T.PRESETS))
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--parts", nargs="+", choices=PARTS,
                         help="default: all but gpu on CPU, gpu and loader on CUDA")
@@ -395,7 +385,7 @@ def main(argv=None):
         raise SystemExit(f"error: {str(e)[:-1]}, or rehearse the GPU check on the CPU with "
                          f"--dry_run.") from None
     frames = sorted(set(args.frames))
-    configs = [dataclasses.replace(PRESETS[args.preset], num_frames=n) for n in frames]
+    configs = [dataclasses.replace(T.PRESETS[args.preset], num_frames=n) for n in frames]
     try:
         patches = [math.prod(shape_model(cfg).grid_size) for cfg in configs]
     except ValueError as e:
@@ -419,7 +409,7 @@ def main(argv=None):
           f"`{command}`", flush=True)
     results = {"command": command, "device": str(device), "device_name": name, "threads": threads,
                "torch": torch.__version__, "preset": args.preset, "dry_run": args.dry_run}
-    large, gpu_cfg = PRESETS["large"], PRESETS["tiny" if args.dry_run else args.preset]
+    large, gpu_cfg = T.PRESETS["large"], T.PRESETS["tiny" if args.dry_run else args.preset]
     estimate = (f"`large`, estimated: 3 x flops_per_clip(1024) at {ASSUMED_MFU:.0%} of an H100's "
                 f"989 TFLOP/s")
     measure_part = {

@@ -746,11 +746,9 @@ def main():
                       help="every video of SRC at --img_size to DST, same folders")
     parser.add_argument("--codec", default="rawvideo", choices=PREPARED_FORMATS,
                         help="--prepare: rawvideo reads fastest, huffyuv takes 2.5x less disk")
-    parser.add_argument("--num_classes", type=int, default=4)
-    parser.add_argument("--videos_per_class", type=int, default=48)
-    parser.add_argument("--num_frames", type=int, default=32)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    for name, default in (("num_classes", 4), ("videos_per_class", 48), ("num_frames", 32),
+                          ("size", 64), ("seed", 0)):  # --synthetic: make_synthetic's
+        parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--img_size", type=int, default=128, help="--prepare: frame height")
     parser.add_argument("--img_width", type=int, default=0, help="--prepare: width (0: square)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="--prepare: processes")

@@ -518,8 +518,7 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
             for micro in range(tc.grad_accum):
                 index = batch_indices(step * tc.grad_accum + micro,
                                       tc.batch_size * dist.world_size, len(labels), tc.seed)
-                index = index[dist.rank * tc.batch_size:(dist.rank + 1) * tc.batch_size]
-                index = index.to(device)                                      # this rank's rows
+                index = index[dist.rank * tc.batch_size:(dist.rank + 1) * tc.batch_size].to(device)
                 x1 = tuple(z[index] for z in planes)                          # (B, C, H, W) each
                 last = not dist.ddp or micro == tc.grad_accum - 1
                 with nullcontext() if last else model.no_sync(), H.autocast(device):

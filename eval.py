@@ -186,9 +186,8 @@ class LPIPS(nn.Module):
             wrong = [k for k in expected if k.startswith(prefix)
                      and (k not in state or state[k].shape != expected[k].shape)]
             if wrong:
-                raise H.WeightsUnavailable(f"the file given as {name} has another layout "
-                                           f"({wrong[0]} missing or reshaped); pass the "
-                                           f"published file.")
+                raise H.WeightsUnavailable(f"{name}: {wrong[0]} missing or reshaped, not the "
+                                           f"published layout; pass the published file.")
         self.load_state_dict(state)
         return self
 

@@ -277,8 +277,7 @@ def check_out_dir(path, flag="--out_dir"):
     first save after hours of work."""
     try:
         os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
         raise ValueError(f"{flag} {path!r} is not writable ({e.strerror or e}); "
                          f"pass a writable folder.") from None

@@ -737,8 +737,8 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
 def encode_dataset(tc: TrainConfig):
     """Write the tokens file (data.save_tokens): the triplane of every window of every video, a
     window of the model's length every --encode_stride frames (default: back to back, the last
-    one ending at the video's end), each video read once. Under torchrun each rank encodes every
-    world_size-th video and rank 0 writes the file a single process would."""
+    one ending at the video's end), each video read once. Under torchrun each rank encodes a
+    contiguous share of the videos and rank 0 writes the file a single process would."""
     dist = H.setup_distributed(tc.device)
     if dist.is_main:
         data.check_tokens_path(tc.encode)
