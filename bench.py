@@ -276,7 +276,7 @@ def part_dit(clips, batch_size, device):
 
 def part_gpu(cfg, device, dry_run):
     sit_cfg, max_batch, sampling_steps, backend = (
-        (dit.SiTConfig(width=64, depth=2, heads=2), 4, 4, "eager") if dry_run
+        (dit.SiTConfig(width=64, depth=1, heads=2), 4, 4, "eager") if dry_run
         else (dit.PRESETS["L/2"], 256, 250, "inductor"))
     with torch.device(device):  # made where it runs: `large` is 853M parameters
         model = T.CoordTok(cfg)

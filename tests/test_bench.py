@@ -13,7 +13,6 @@ import torch
 import bench as B
 import dit
 import eval as evaluation
-from conftest import run_script
 from tokenizer import PRESETS
 
 CPU = torch.device("cpu")
@@ -57,11 +56,11 @@ def test_the_cpu_parts_print_their_rows_and_write_their_numbers(tmp_path, capsys
     assert one_frame["frames_per_s"] == pytest.approx(one_frame["clips_per_s"])
 
 
-def test_the_gpu_check_runs_end_to_end_in_its_dry_run(tmp_path):
+def test_the_gpu_check_runs_end_to_end_in_its_dry_run(tmp_path, capsys):
     out = tmp_path / "gpu.json"
-    proc = run_script("bench.py", "--preset=large", "--device=cuda", "--dry_run", f"--json={out}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "### GPU check" in proc.stdout and "### Loader" in proc.stdout
+    B.main(["--preset=large", "--device=cuda", "--dry_run", f"--json={out}"])
+    printed = capsys.readouterr().out
+    assert "### GPU check" in printed and "### Loader" in printed
     results = json.loads(out.read_text())
     gpu, loader = results["gpu"], results["loader"]
     assert results["device"] == "cpu" and results["dry_run"]

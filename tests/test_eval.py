@@ -530,6 +530,8 @@ def test_a_whole_video_comes_back_frame_for_frame_with_its_figures(tmp_path, che
     results = E.main(["--ckpt", checkpoint, "--video", video, "--format", "lossless", "--batch_size=4", *lpips,
                       f"--out_dir={tmp_path / 'out'}"])
     (result,) = results
+    assert 0 < result["lpips"] and 0 < result["windows"][0]["lpips"]
+    lpips = ["--lpips_vgg", str(tmp_path / "none"), "--lpips_lin", str(tmp_path / "none")]  # from here on
     assert sorted(os.listdir(tmp_path / "out")) == ["my_clip_recon.json", "my_clip_recon.mkv",
                                                     "my_clip_side_by_side.mp4"]
     assert result["frames"] == 250 and D.probe_video(str(tmp_path / "out" / "my_clip_recon.mkv"))["n_frames"] == 250
@@ -552,10 +554,13 @@ def test_a_whole_video_comes_back_frame_for_frame_with_its_figures(tmp_path, che
     assert np.abs(window.astype(int) - recon[16:24].astype(int)).max() <= 1
     # overlapping windows, blended: frame 6 is position 6 of window 0 and 2 of window 4, whose weights ramp up
     # and down over the 4 shared frames (min(j + 1, 8 - j, 5): 2 and 3)
-    result = E.main(["--ckpt", checkpoint, "--video", video, "--overlap", "4", "--format", "lossless", *lpips,
+    start = str(tmp_path / "start.mkv")  # its first 40 frames, at the model's size, losslessly
+    D.write_video(start, inputs[:40], lossless=True)
+    result = E.main(["--ckpt", checkpoint, "--video", start, "--overlap", "4", "--format", "lossless", *lpips,
                      f"--out_dir={tmp_path / 'ov'}"])[0]
-    assert result["frames"] == 250 and [w["start"] for w in result["windows"]][:3] == [0, 4, 8]
-    blended = read_all(str(tmp_path / "ov" / "my_clip_recon.mkv"), 16)
+    assert result["frames"] == 40 and [w["start"] for w in result["windows"]] == list(range(0, 33, 4))
+    assert "lpips" not in result  # its weights are not at hand: PSNR and SSIM only
+    blended = read_all(str(tmp_path / "ov" / "start_recon.mkv"), 16)
     with torch.no_grad():
         windows = [model.decode_video(model.encode(D.from_uint8(torch.from_numpy(inputs[s:s + 8])[None])))[0]
                    for s in (0, 4)]
