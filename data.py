@@ -484,7 +484,7 @@ def batched_windows(dataset, videos, stride, batch_size):
 
 class ClipSampler(torch.utils.data.Sampler):
     """An endless, deterministic stream of (index, seed) pairs for one process: a permutation of
-    the clips per epoch (seeded by seed + epoch), cut into global batches of batch_size x
+    the clips per epoch (seeded by seed and epoch), cut into global batches of batch_size x
     world_size, of which rank r takes rows r * batch_size ... (r + 1) * batch_size, so the ranks
     read together what one process with the global batch reads. It starts anywhere (a resumed
     run skips without decoding), and each clip carries the seed of its random start."""

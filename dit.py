@@ -430,17 +430,6 @@ def load_dit(path, device="cpu"):
     return model.to(device).eval().requires_grad_(False), ckpt
 
 
-def batch_indices(step, batch_size, num_items, seed):
-    """The clips of global batch `step`: consecutive slices of an endless sequence of
-    permutations (one per epoch, seeded), so any step's batch is known without replaying."""
-    position = step * batch_size + torch.arange(batch_size)                      # (B,)
-    epoch = position // num_items
-    first = int(epoch[0])
-    perms = torch.stack([torch.randperm(num_items, generator=torch.Generator().manual_seed(
-        seed * 1_000_003 + e)) for e in range(first, int(epoch[-1]) + 1)])       # (epochs, N)
-    return perms[epoch - first, position % num_items]
-
-
 def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
     ckpt_path = os.path.join(tc.out_dir, "dit.pt")
     H.refuse_overwrite(ckpt_path, tc.resume)  # on every rank, before any work
@@ -504,6 +493,9 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
                        "tokenizer_config": tokens["tokenizer_config"],
                        "tokenizer_fingerprint": tokens["tokenizer_fingerprint"]}, ckpt_path)
 
+    # the clips of each global batch: data.ClipSampler's permutations, as the tokenizer's loader
+    clips = iter(data.ClipSampler(len(labels), True, tc.seed, dist.rank, dist.world_size,
+                                  tc.batch_size, start=step * tc.grad_accum * tc.batch_size))
     with H.run_lock(ckpt_path) if dist.is_main else nullcontext():
         start_step, bad_steps, t_start = step, 0, time.time()
         bar = tqdm(total=tc.max_iters, initial=step, disable=not dist.is_main, dynamic_ncols=True)
@@ -516,9 +508,7 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
             gen = torch.Generator(device).manual_seed(tc.seed * 1_000_003 + step)
             loss_sum = torch.zeros((), device=device)
             for micro in range(tc.grad_accum):
-                index = batch_indices(step * tc.grad_accum + micro,
-                                      tc.batch_size * dist.world_size, len(labels), tc.seed)
-                index = index[dist.rank * tc.batch_size:(dist.rank + 1) * tc.batch_size].to(device)
+                index = torch.tensor([next(clips)[0] for _ in range(tc.batch_size)], device=device)
                 x1 = tuple(z[index] for z in planes)                          # (B, C, H, W) each
                 last = not dist.ddp or micro == tc.grad_accum - 1
                 with nullcontext() if last else model.no_sync(), H.autocast(device):

@@ -142,7 +142,8 @@ def optimizer_step(model, optimizer, grad_clip, bad_steps=0, max_bad_steps=20, c
     grads = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(grads, grad_clip if grad_clip > 0 else math.inf)
     finite = bool(torch.isfinite(norm))
-    optimizer.step() if finite else None
+    if finite:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if finite:
         return 0
@@ -437,8 +438,8 @@ def fetch(url, path="", flag=""):
         if not os.path.isfile(path):
             raise WeightsUnavailable(f"{path} does not exist; pass the path of {name} with {flag}.")
         return path
-    cached, expected = os.path.join(torch.hub.get_dir(), "checkpoints", name), \
-        re.search(r"-([a-f0-9]{8,})\.", name)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    expected = re.search(r"-([a-f0-9]{8,})\.", name)  # torchvision's: the sha256's start
     if not os.path.isfile(cached):
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(60)  # a silent network fails in a minute instead of hanging
