@@ -99,12 +99,19 @@ def random_clip(cfg, batch_size, device):  # (B, T, H, W, 3): a step's cost igno
     return torch.rand(batch_size, cfg.num_frames, *cfg.frame_size, 3, device=device) * 2 - 1
 
 
-def train_step(model, optimizer, loss, device):  # a step as the loops take it: clipped, guarded
+def adamw(model, tc, device):  # the loops' optimizer
+    return torch.optim.AdamW(H.decay_groups(model, tc.weight_decay), lr=tc.learning_rate,
+                             betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
+
+
+def train_step(model, optimizer, loss, device):  # a step as the loops take it: clipped, checked
     def step():
         with H.autocast(device):
             value = loss()
         value.backward()
-        H.optimizer_step(model, optimizer, 1.0)
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return step
 
 
@@ -127,7 +134,7 @@ def training_step(model, optimizer, forward, video, num_samples):
 def tokenizer_step(cfg, batch_size, num_samples, device, compiled=False, math_attention=False):
     """measure() of training_step on a new model, and the patches it decodes per clip."""
     model = T.CoordTok(cfg).to(device)
-    optimizer = H.make_optimizer(model, PAPER_STAGE1, device)
+    optimizer = adamw(model, PAPER_STAGE1, device)
     forward = torch.compile(model) if compiled else model
     video = random_clip(cfg, batch_size, device)
     step = training_step(model, optimizer, forward, video, num_samples)
@@ -161,7 +168,7 @@ def dit_step(sit_cfg, latent, shapes, batch_size, device):
     model = model.to(device)
     planes = tuple(torch.randn(batch_size, *s, device=device) for s in model.plane_shapes)
     labels = torch.zeros(batch_size, dtype=torch.long, device=device)
-    optimizer = H.make_optimizer(model, dit.DiTTrainConfig(learning_rate=1e-4), device)
+    optimizer = adamw(model, dit.DiTTrainConfig(learning_rate=1e-4), device)
     loss = lambda: dit.flow_matching_loss(model, planes, labels)  # noqa: E731
     return {**measure(train_step(model, optimizer, loss, device), device),
             "dit_tokens": sum(h * w for h, w in model.grids)}
@@ -284,7 +291,7 @@ def part_gpu(cfg, device, dry_run):
           f"{'x'.join(map(str, (cfg.num_frames, *cfg.frame_size)))} clips; bf16 autocast on CUDA, "
           f"torch.compile ({backend}), SDPA, AdamW", "measurement", "time", "clips/s", "MFU",
           "peak memory, total")
-    optimizer = H.make_optimizer(model, PAPER_STAGE1, device)
+    optimizer = adamw(model, PAPER_STAGE1, device)
     num_samples = math.prod(model.grid_size) // 32  # the paper's 1024 of 32768
     compiled = torch.compile(model, backend=backend)
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]

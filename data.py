@@ -15,6 +15,7 @@ import itertools
 import multiprocessing
 import os
 import re
+import signal
 import struct
 import time
 import warnings
@@ -337,6 +338,36 @@ def comparison_grid(inputs, recons, num_columns=8, zoom=1, error_gain=4):
     return frame_grid(rearrange(rows, "k r t h w c -> (k r) t h w c"), num_columns, zoom)
 
 
+
+def planes_image(planes, zoom=1):
+    """A triplane's planes, (C, h, w) each, side by side as one image: each plane's first three
+    principal components over its channels (the directions its texels differ most in) as RGB,
+    stretched to 0..255, a texel zoom x zoom pixels."""
+    images = []
+    for z in planes:
+        texels = rearrange(z.float().cpu(), "c h w -> (h w) c")
+        texels = texels - texels.mean(0)
+        components = torch.linalg.svd(texels, full_matrices=False).Vh[:3]         # (<=3, C)
+        rgb = torch.nn.functional.pad(texels @ components.T, (0, 3 - len(components)))
+        low, high = rgb.min(0).values, rgb.max(0).values
+        rgb = (rgb - low) / (high - low).clamp_min(1e-8)
+        rgb = rearrange(rgb, "(h w) c -> h w c", h=z.shape[1])
+        images.append((rgb * 255).round().byte().numpy().repeat(zoom, 0).repeat(zoom, 1))
+    return stack_images(*images, axis=1)
+
+
+def stack_images(*images, axis=0, gap=4):
+    """uint8 images (H, W, 3) one under the other (axis 0) or side by side (1), white after
+    each and where one is smaller than the others."""
+    other = 1 - axis
+    size = max(image.shape[other] for image in images)
+    padded = []
+    for image in images:
+        pad = [(0, 0), (0, 0), (0, 0)]
+        pad[axis], pad[other] = (0, gap), (0, size - image.shape[other])
+        padded.append(np.pad(image, pad, constant_values=255))
+    return np.concatenate(padded, axis)
+
 # -----------------------------------------------------------------------------
 # preparing a data set: every video resized and cropped once, stored losslessly
 
@@ -508,6 +539,13 @@ class ClipSampler(torch.utils.data.Sampler):
             yield index, (self.seed * 1_000_003 + epoch) * 1_000_003 + index
 
 
+def leave_signals_to_the_loop(worker_id):
+    """A loader worker ignores SIGINT and SIGTERM (a terminal and a cluster send them to every
+    process): the training loop finishes its step and saves, then the workers end with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset, batch_size, shuffle, num_workers, dist=None, seed=0, start_step=0,
                 infinite=True):
     """Batches of clips, decoded in worker processes (none for a data set held in memory: its
@@ -520,7 +558,8 @@ def make_loader(dataset, batch_size, shuffle, num_workers, dist=None, seed=0, st
     if getattr(getattr(dataset, "dataset", dataset), "decoded", None) is not None:
         num_workers = 0
     options = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                   persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
+                   persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
+                   worker_init_fn=leave_signals_to_the_loop)
     if not infinite:
         return torch.utils.data.DataLoader(dataset, batch_size, shuffle=False, **options)
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)

@@ -19,9 +19,10 @@ loop. harness.py maps the authors' weights onto the model (from_official).
 import copy
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -37,7 +38,7 @@ from tokenizer import MLP, Attention  # the transformer layers, shared with the 
 @dataclass
 class SiTConfig:
     width: int = 128
-    depth: int = 4
+    depth: int = field(default=4, metadata={"min": 0})
     heads: int = 4
     patch_size: int = 2
     mlp_ratio: float = 4.0
@@ -214,13 +215,12 @@ class SiT(nn.Module):
 
 def validate_config(cfg, plane_shapes):
     """Fail at start, naming the flag, instead of with a NaN or a reshape error later."""
-    problems = [f"--{n} must be >= 1" for n in ("width", "heads", "patch_size")
-                if getattr(cfg, n) < 1]
+    problems = H.field_problems(cfg)
     if not problems and cfg.width % cfg.heads:
         problems.append(f"--width {cfg.width} is not divisible by --heads {cfg.heads}")
-    problems += ["--depth must be >= 0"] * (cfg.depth < 0) + [
-        f"--{n} must be > 0" for n in ("mlp_ratio", "time_shift") if getattr(cfg, n) <= 0]
-    problems += ["--class_dropout must be in [0, 1)"] * (not 0 <= cfg.class_dropout < 1)
+    problems += [f"--{n} must be > 0" for n in ("mlp_ratio", "time_shift") if getattr(cfg, n) <= 0]
+    if cfg.class_dropout >= 1:
+        problems.append("--class_dropout must be in [0, 1)")
     if len(plane_shapes) != 3 or plane_shapes[1][:2] != plane_shapes[2][:2]:
         problems.append(f"the planes {plane_shapes} are not a triplane (two time planes of one "
                         f"length and channels)")
@@ -400,7 +400,7 @@ class DiTTrainConfig:
     learning_rate: float = 1e-3  # the paper: 1e-4 (constant) at batch 64
     min_lr: float = 1e-4
     lr_schedule: str = "cosine"  # constant | cosine
-    warmup_iters: int = 100
+    warmup_iters: int = field(default=100, metadata={"min": 0})
     lr_decay_iters: int = 0      # 0: max_iters
     weight_decay: float = 0.0
     beta1: float = 0.9
@@ -416,6 +416,7 @@ class DiTTrainConfig:
     seed: int = 0
     device: str = "auto"         # auto | cpu | cuda | cuda:N
     compile: str = "auto"        # auto (on for CUDA) | true | false
+    wandb_project: str = ""      # also log to this wandb project (pip install wandb)
 
 
 def load_dit(path, device="cpu"):
@@ -432,7 +433,6 @@ def load_dit(path, device="cpu"):
 
 def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
     ckpt_path = os.path.join(tc.out_dir, "dit.pt")
-    H.refuse_overwrite(ckpt_path, tc.resume)  # on every rank, before any work
     step, overrides = 0, []
     if tc.resume:
         resume_ckpt, cfg, tc, overrides = H.resume_from(ckpt_path, "coordtok_dit", cfg, tc,
@@ -441,8 +441,10 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
         if step >= tc.max_iters:
             return print(f"{ckpt_path} is at step {step}: nothing to train below --max_iters "
                          f"{tc.max_iters}.")
-    H.check_train_config(tc, [f"--ema_decay must be in [0, 1), got {tc.ema_decay}"
-                              * (not 0 <= tc.ema_decay < 1)])
+    problems = []
+    if tc.ema_decay >= 1:
+        problems.append(f"--ema_decay must be in [0, 1), got {tc.ema_decay}")
+    H.check_train_config(tc, problems)
     tokens = data.load_tokens(tc.tokens)
     planes = normalize(tuple(tokens[k].float() for k in data.PLANES), tokens["mean"],
                        tokens["std"])
@@ -457,29 +459,40 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
         raise ValueError(f"{tc.tokens} is not the tokens file {ckpt_path} was trained on (another "
                          f"tokenizer or planes); resume with its own --tokens.")
     dist = H.setup_distributed(tc.device)
-    device = dist.device
+    device, cuda = dist.device, dist.device.type == "cuda"
     if dist.is_main:
         H.check_out_dir(tc.out_dir)
+    lock = H.lock_run(ckpt_path, tc.resume, dist)  # two runs never write one checkpoint
     planes, labels = tuple(z.to(device) for z in planes), labels.to(device)  # all on the device
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     model = SiT(cfg, plane_shapes, num_classes).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = H.make_optimizer(model, tc, device)
+    optimizer = torch.optim.AdamW(H.decay_groups(model, tc.weight_decay), lr=tc.learning_rate,
+                                  betas=(tc.beta1, tc.beta2), fused=cuda)
     if tc.resume:
         model.load_state_dict(resume_ckpt["model"])
         ema.load_state_dict(resume_ckpt["ema"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
-    raw_model, model = model, H.wrap_model(model, tc, dist)
+    raw_model = model  # what is saved and averaged; `model` is what the loop calls
+    if H.use_compile(tc.compile, device):
+        model = torch.compile(model)
+    if dist.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, [dist.local_rank] if cuda
+                                                          else None)
+    clips_per_step = tc.batch_size * tc.grad_accum * dist.world_size
     flops_per_step = 3 * raw_model.flops_per_sample() * tc.batch_size * tc.grad_accum
+    log = H.RunLog(tc.out_dir, "dit", step, dist.is_main, tc.wandb_project, asdict(tc))
     if dist.is_main:
         mode = f"{num_classes} classes, label dropout {cfg.class_dropout}" \
             if raw_model.conditional else "unconditional"
         print(f"SiT {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params, "
               f"{sum(h * w for h, w in raw_model.grids)} tokens per clip from planes "
               f"{plane_shapes}; {len(labels)} clips from {tc.tokens}, {mode}; on {device} "
-              f"x{dist.world_size}")
-        for line in [f"resuming {ckpt_path} at step {step}"] * tc.resume + overrides:
+              f"x{dist.world_size}; the record of the run: {log.path}")
+        if tc.resume:
+            print(f"resuming {ckpt_path} at step {step}")
+        for line in overrides:
             print(line)
 
     def save(step):
@@ -496,10 +509,11 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
     # the clips of each global batch: data.ClipSampler's permutations, as the tokenizer's loader
     clips = iter(data.ClipSampler(len(labels), True, tc.seed, dist.rank, dist.world_size,
                                   tc.batch_size, start=step * tc.grad_accum * tc.batch_size))
-    with H.run_lock(ckpt_path) if dist.is_main else nullcontext():
-        start_step, bad_steps, t_start = step, 0, time.time()
-        bar = tqdm(total=tc.max_iters, initial=step, disable=not dist.is_main, dynamic_ncols=True)
-        while step < tc.max_iters:
+    start_step, bad_steps, done, t_start = step, 0, False, time.time()
+    t_log, step_log = t_start, step
+    bar = tqdm(total=tc.max_iters, initial=step, disable=not dist.is_main, dynamic_ncols=True)
+    with H.stop_signals() as signals:  # SIGTERM (preemption), Ctrl-C: finish the step, save, exit
+        while True:  # forward and backward; a checkpoint when due; the step (not after the last)
             lr = H.lr_at(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -510,37 +524,63 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
             for micro in range(tc.grad_accum):
                 index = torch.tensor([next(clips)[0] for _ in range(tc.batch_size)], device=device)
                 x1 = tuple(z[index] for z in planes)                          # (B, C, H, W) each
-                last = not dist.ddp or micro == tc.grad_accum - 1
-                with nullcontext() if last else model.no_sync(), H.autocast(device):
-                    loss = flow_matching_loss(model, x1, labels[index], raw_model.null_class,
-                                              cfg.class_dropout, gen, cfg.time_shift,
-                                              share=(dist.rank, dist.world_size))
-                (loss / tc.grad_accum).backward()
+                last = not dist.ddp or micro == tc.grad_accum - 1  # DDP syncs on the last only
+                with nullcontext() if last else model.no_sync():
+                    with torch.autocast(device.type, torch.bfloat16, enabled=cuda):  # bf16 on GPU
+                        loss = flow_matching_loss(model, x1, labels[index], raw_model.null_class,
+                                                  cfg.class_dropout, gen, cfg.time_shift,
+                                                  share=(dist.rank, dist.world_size))
+                    (loss / tc.grad_accum).backward()
                 loss_sum += loss.detach() / tc.grad_accum
-            bad_steps = H.optimizer_step(raw_model, optimizer, tc.grad_clip, bad_steps,
-                                         tc.max_bad_steps, ckpt_path)
-            if not bad_steps:
+            # clip the gradient's norm; skip a step whose gradient is not finite (every rank)
+            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                                  tc.grad_clip if tc.grad_clip > 0 else math.inf)
+            finite = bool(torch.isfinite(norm))
+            # a checkpoint holds weights whose gradient was just found finite: none that diverged
+            due = step % tc.ckpt_interval == 0 or done
+            if dist.is_main and due and finite and step > start_step:
+                save(step)
+            if done:
+                break
+            if finite:
+                optimizer.step()
                 ema_update(ema, raw_model, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
-            step += 1  # a skipped step moves on too: the next one draws other clips and noise
+                bad_steps = 0
+            else:  # the next step draws other clips and noise
+                bad_steps += 1
+                H.warn_skipped_step(bad_steps, tc.max_bad_steps, ckpt_path)
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
             bar.update(1)
 
-            if dist.is_main and (step % tc.log_interval == 0 or step == tc.max_iters):
-                post = {"loss": f"{loss_sum.item():.4f}", "lr": f"{lr:.1e}"}
-                if device.type == "cuda":
-                    post["mfu"] = H.mfu_text(bar, start_step, flops_per_step, tc.peak_flops)
-                bar.set_postfix(post)
-            out_of_time = H.time_is_up(tc, step, t_start, dist)
-            if dist.is_main and (step % tc.ckpt_interval == 0 or step == tc.max_iters
-                                 or out_of_time):
-                save(step)
-            if out_of_time:
-                bar.write(f"stopping after {tc.max_time} minutes (--max_time) at step {step}")
-                break
-        bar.close()
-    if dist.is_main:
-        print(f"saved {ckpt_path} (step {step}); sample with `python sample.py --ckpt "
-              f"{ckpt_path}`")
+            out_of_time = tc.max_time > 0 and time.time() - t_start > tc.max_time * 60
+            stop = H.any_rank(dist, out_of_time or bool(signals))
+            done = step == tc.max_iters or stop
+            if dist.is_main and (step % tc.log_interval == 0 or done):
+                seconds = (time.time() - t_log) / (step - step_log)
+                record = dict(step=step, loss=loss_sum.item(), lr=lr, seconds_per_step=seconds,
+                              clips_per_s=clips_per_step / seconds)
+                if cuda:
+                    record["mfu"] = flops_per_step / seconds / tc.peak_flops
+                log.write(record)
+                bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "lr", "mfu")
+                                 if k in record})
+                t_log, step_log = time.time(), step
+    bar.close()
+    if not finite:  # the run ended in a non-finite streak: nothing was saved since it began
+        raise H.diverged(bad_steps + 1, ckpt_path)
+    log.close()
+    if dist.is_main and signals:
+        print(f"{signal.Signals(signals[0]).name} at step {step}: saved {ckpt_path}; continue "
+              f"it with --resume")
+    elif dist.is_main:
+        stopped = f", stopped by --max_time {tc.max_time}" if step < tc.max_iters else ""
+        print(f"saved {ckpt_path} (step {step}{stopped}); its curves: {log.curves}; sample "
+              f"with `python sample.py --ckpt {ckpt_path}`")
+    lock.close()
     H.cleanup_distributed(dist)
+    if signals:  # the exit status of a process ended by the signal, for the scripts that relaunch
+        raise SystemExit(128 + signals[0])
 
 
 def main(argv=None):

@@ -8,6 +8,7 @@ on whole clips, and how many tokens a clip becomes; reconstruct whole videos of 
   python eval.py --video my.mp4 other.mkv --overlap 4    # whole videos back, with their figures
   python eval.py --tokens --preset large          # the token table of a preset (1280 tokens)
   python eval.py --fvd --real DIR --fake DIR      # FVD between two folders (sample.py's output)
+  python eval.py --curves out/                    # the curves of the runs in out/ (SVG)
 
 Writes out/eval.json, recon.mp4 (input | reconstruction) and recon.png; --video writes
 <stem>_recon.mp4 (.mkv with --format lossless), <stem>_side_by_side.mp4 and <stem>_recon.json.
@@ -21,6 +22,7 @@ or --i3d / --lpips_vgg / --lpips_lin) is reported unavailable with the reason, n
 import argparse
 import dataclasses
 import datetime
+import glob
 import itertools
 import json
 import math
@@ -30,27 +32,27 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from tqdm import tqdm
 
 import data
 import harness as H
-from tokenizer import PRESETS, CoordTok, CoordTokConfig, load_tokenizer, psnr_per_frame
+from metrics import (
+    I3D_KWARGS,
+    frame_metrics,
+    fvd_from_features,
+    i3d_features,
+    load_lpips,
+    reconstruct,
+    score,
+)
+from tokenizer import PRESETS, CoordTok, CoordTokConfig, load_tokenizer
 
 # StyleGAN-V's detector, called as its src/metrics/frechet_video_distance.py calls it
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
-I3D_KWARGS = dict(rescale=True, resize=True, return_features=True)
-# The tf.hub I3D halves time three times and ends with a 2-step average pool: clips of 8 frames
-# or fewer should be too short. PyTorch's own refusals of an input smaller than a kernel:
-KERNEL_TOO_LARGE = ("smaller than kernel size", "Kernel size can't be greater",
-                    "Output size is too small")
-SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
 # The 3D latent grid CoordTok is compared with: 4x down in time, 8x in space (8192 tokens for
 # 128x128x128), 4 channels (Stable Diffusion's VAE; the comparison least favourable to CoordTok)
 GRID_DOWNSAMPLE, GRID_CHANNELS = (4, 8, 8), 4
-METRIC_CHUNK = 64  # frames per SSIM / LPIPS call: bounds memory on 128-frame clips
 PREVIEW_CLIPS, PREVIEW_FRAMES = 4, 8
 
 
@@ -78,6 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--lpips_lin", default="", help="LPIPS v0.1 vgg.pth (default: fetched)")
     p.add_argument("--tokens", action="store_true", help="print the token table of --preset")
     p.add_argument("--fvd", action="store_true", help="FVD between the videos of --real, --fake")
+    p.add_argument("--curves", default="", help="a run's folder: the curves of its records")
     p.add_argument("--real", default="", help="--fvd: folder of real videos")
     p.add_argument("--fake", default="", help="--fvd: folder of generated videos (lossless .mkv)")
     p.add_argument("--video", nargs="+", default=[], help="reconstruct these files whole")
@@ -96,156 +99,6 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# per-frame metrics: clips (B, T, H, W, 3) in [-1, 1] -> (B, T)
-
-
-def to_unit(video):
-    """[-1, 1] -> [0, 1], clamped: every metric sees what a viewer would see."""
-    return (video.float().clamp(-1, 1) + 1) / 2
-
-
-def per_frame(image_metric, pred, target):
-    """An image metric ((N, 3, H, W) x2 -> (N,)) on every frame of two clips -> (B, T)."""
-    batch = pred.shape[0]
-    pred, target = (rearrange(v, "b t h w c -> (b t) c h w") for v in (pred, target))
-    scores = torch.cat([image_metric(pred[i:i + METRIC_CHUNK], target[i:i + METRIC_CHUNK])
-                        for i in range(0, pred.shape[0], METRIC_CHUNK)])
-    return rearrange(scores, "(b t) -> b t", b=batch)
-
-
-def gaussian_window(size=SSIM_WINDOW, sigma=SSIM_SIGMA, device=None):
-    """The normalised 1D Gaussian (size,) float64; SSIM's 2D window is its outer product."""
-    x = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    return g / g.sum()
-
-
-def ssim_images(x, y):
-    """SSIM of images (N, 3, H, W) in [0, 1] -> (N,), the mean over channels and positions.
-
-    Local moments are Gaussian-weighted averages with population covariance. Only windows fully
-    inside the image count: scikit-image filters with reflected borders and then crops (window-1)/2
-    pixels per side, which leaves the positions of a 'valid' convolution. float64, because the
-    variances are differences of nearly equal numbers (E[x^2] - E[x]^2).
-    """
-    if min(x.shape[-2:]) < SSIM_WINDOW:
-        raise ValueError(f"SSIM needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, "
-                         f"got {x.shape[-2]}x{x.shape[-1]}.")
-    x, y = x.double(), y.double()
-    moments = torch.cat([x, y, x * x, y * y, x * y], dim=1)                # (N, 15, H, W)
-    g, k = gaussian_window(device=x.device), moments.shape[1]
-    moments = F.conv2d(moments, repeat(g, "n -> k 1 n 1", k=k), groups=k)        # along H
-    moments = F.conv2d(moments, repeat(g, "n -> k 1 1 n", k=k), groups=k)        # along W
-    mu_x, mu_y, e_xx, e_yy, e_xy = moments.chunk(5, dim=1)                 # (N, 3, h', w') each
-    var_x, var_y, cov_xy = e_xx - mu_x ** 2, e_yy - mu_y ** 2, e_xy - mu_x * mu_y
-    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2                                    # data range 1
-    ssim = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)
-            / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2)))
-    return ssim.mean(dim=(1, 2, 3)).float()
-
-
-def ssim_per_frame(pred, target):
-    return per_frame(ssim_images, to_unit(pred), to_unit(target))
-
-
-VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
-LPIPS_LIN_URL = ("https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/"
-                 "v0.1/vgg.pth")
-VGG16_CHANNELS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512,
-                  512)
-LPIPS_TAPS = (3, 8, 15, 22, 29)  # torchvision's indices of relu1_2 ... relu5_3
-
-
-class LPIPS(nn.Module):
-    """Learned perceptual distance (also stage 2's loss): unit-normalised VGG16 features, weighted
-    per channel. Module names mirror the published files (torchvision's `features.N`, LPIPS's
-    `linK.model.1`) so that their state dicts load as they are."""
-
-    def __init__(self):
-        super().__init__()
-        layers, c_in = [], 3
-        for c in VGG16_CHANNELS:  # the indices of torchvision's vgg16().features
-            layers += [nn.MaxPool2d(2, 2)] if c == "M" else [nn.Conv2d(c_in, c, 3, padding=1),
-                                                           nn.ReLU()]
-            c_in = c_in if c == "M" else c
-        self.features = nn.Sequential(*layers[:LPIPS_TAPS[-1] + 1])
-        for k, c in enumerate((64, 128, 256, 512, 512)):
-            lin = nn.Module()
-            lin.model = nn.Sequential(nn.Dropout(0.0), nn.Conv2d(c, 1, 1, bias=False))
-            setattr(self, f"lin{k}", lin)
-        # LPIPS's input scaling: ImageNet statistics for inputs in [-1, 1]
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
-
-    def load_published(self, vgg_state, lin_state):
-        """torchvision's vgg16 state dict (the layers up to relu5_3 are used) and LPIPS's."""
-        expected, state = self.state_dict(), {"shift": self.shift, "scale": self.scale}
-        for given, prefix, name in ((vgg_state, "features.", "torchvision's vgg16 (--lpips_vgg)"),
-                                    (lin_state, "lin", "LPIPS v0.1's vgg.pth (--lpips_lin)")):
-            state.update({k: v for k, v in given.items() if k.startswith(prefix) and k in expected})
-            wrong = [k for k in expected if k.startswith(prefix)
-                     and (k not in state or state[k].shape != expected[k].shape)]
-            if wrong:
-                raise H.WeightsUnavailable(f"{name}: {wrong[0]} missing or reshaped, not the "
-                                           f"published layout; pass the published file.")
-        self.load_state_dict(state)
-        return self
-
-    @classmethod
-    def from_pretrained(cls, vgg_path="", lin_path=""):
-        """From paths, or fetched to the hub cache (torchvision's hash-checked), tensors only."""
-        def load(url, path, flag):
-            file = H.fetch(url, path, flag)
-            try:
-                return torch.load(file, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise H.WeightsUnavailable(f"{file} is not a weights file ({type(e).__name__}); "
-                                           f"replace it with {url}.") from None
-        vgg = load(VGG16_URL, vgg_path, "--lpips_vgg")
-        lin = load(LPIPS_LIN_URL, lin_path, "--lpips_lin")
-        return cls().load_published(vgg, lin).eval().requires_grad_(False)
-
-    def forward(self, x, y):  # (N, 3, H, W) in [-1, 1] -> (N,)
-        h, dist, k = torch.cat([x, y]).sub(self.shift).div(self.scale), 0.0, 0
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i in LPIPS_TAPS:
-                f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit length per pixel
-                fx, fy = f.chunk(2)
-                dist = dist + getattr(self, f"lin{k}").model((fx - fy) ** 2).mean(dim=(1, 2, 3))
-                k += 1
-        return dist
-
-
-def load_lpips(vgg_path, lin_path, device):
-    """(LPIPS module, "") or (None, why it is unavailable)."""
-    try:
-        return LPIPS.from_pretrained(vgg_path, lin_path).to(device), ""
-    except H.WeightsUnavailable as e:
-        return None, str(e).strip()
-
-
-def frame_metrics(lpips):
-    """The per-frame metrics in table order: eval.json key -> (label, format, function (pred,
-    target) -> (B, T), or None without weights). A new metric is one entry."""
-    lpips_fn = None if lpips is None else lambda pred, target: per_frame(
-        lambda a, b: lpips(a, b).float(), to_unit(pred) * 2 - 1, to_unit(target) * 2 - 1)
-    return {"psnr": ("PSNR", "{:.2f} dB", psnr_per_frame), "ssim": ("SSIM", "{:.4f}",
-            ssim_per_frame), "lpips": ("LPIPS", "{:.4f}", lpips_fn)}
-
-
-def yardsticks(target, patch_size):
-    """Reconstructions a tokenizer should beat, of clips (B, T, H, W, 3): each frame replaced by
-    the clip's mean frame (blind to motion), and by its mean over each decoder patch (a perfect
-    tokenizer with no detail inside a patch)."""
-    _, ph, pw = patch_size
-    frames = rearrange(target, "b t h w c -> (b t) c h w")
-    blur = F.interpolate(F.avg_pool2d(frames, (ph, pw)), scale_factor=(ph, pw), mode="nearest")
-    return {"temporal_mean": target.mean(1, keepdim=True).expand_as(target),
-            "patch_blur": rearrange(blur, "(b t) c h w -> b t h w c", b=len(target))}
-
-
-# -----------------------------------------------------------------------------
 # FVD: I3D features of whole clips, and the Frechet distance of two Gaussians
 
 
@@ -257,28 +110,6 @@ def load_i3d(path, device):
         return detector.eval().to(device), ""
     except Exception as e:  # offline, a corrupt file, ...: the other metrics still run
         return None, f"the I3D detector could not be loaded ({type(e).__name__}: {e})"
-
-
-class ClipsTooShortForI3D(ValueError):
-    """The detector refused clips smaller than one of its kernels (see KERNEL_TOO_LARGE)."""
-
-
-@torch.no_grad()
-def i3d_features(detector, clips, device, i3d_batch=1):
-    """uint8 clips (B, T, H, W, 3) -> I3D features (B, F) float64, i3d_batch clips per call.
-    Raises ClipsTooShortForI3D when the detector refuses the length; other failures propagate."""
-    features = []
-    for chunk in clips.split(i3d_batch):
-        x = rearrange(chunk, "b t h w c -> b c t h w").contiguous().to(device)  # uint8
-        try:
-            features.append(detector(x, **I3D_KWARGS).double().cpu())             # (b, F)
-        except RuntimeError as e:  # what a TorchScript op raises, out of memory included
-            refusal = [ln for ln in str(e).splitlines() if any(m in ln for m in KERNEL_TOO_LARGE)]
-            if not refusal:
-                raise
-            raise ClipsTooShortForI3D(f"the I3D detector cannot take clips of {x.shape[2]} "
-                                      f"frames ({refusal[-1].strip()})") from None
-    return torch.cat(features)
 
 
 def clip_loader(folder, frame_size, num_frames, split="all", random_start=False, val_fraction=0.1,
@@ -318,38 +149,6 @@ def folder_features(detector, folder, num_frames, frame_size, device, i3d_batch=
     return torch.cat(features).numpy() if features else np.zeros((0, 1))
 
 
-def feature_stats(features):
-    """Mean (F,) and population covariance (F, F) of features (N, F), float64."""
-    features = np.asarray(features, dtype=np.float64)
-    centred = features - features.mean(axis=0)
-    return features.mean(axis=0), centred.T @ centred / features.shape[0]
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)).
-
-    The trace term without a general matrix square root: sigma1 sigma2 is similar to the
-    symmetric positive semi-definite M = S sigma2 S with S = sigma1^(1/2), so tr((sigma1
-    sigma2)^(1/2)) is the sum of the square roots of M's eigenvalues. Symmetric eigensolvers are
-    backward stable and give real eigenvalues; rounding can only push the zero ones of a
-    rank-deficient covariance slightly negative, and those are clamped (scipy's sqrtm of the
-    non-symmetric product can come out complex from the same rounding)."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    w, v = np.linalg.eigh(sigma1)
-    sqrt_sigma1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
-
-
-def fvd_from_features(real, fake):
-    """FVD of two feature sets (N, F), or None and why (fewer than 2 clips on a side)."""
-    if min(len(real), len(fake)) < 2:
-        return None, f"FVD needs at least 2 clips on each side, got {len(real)} and {len(fake)}"
-    return frechet_distance(*feature_stats(real), *feature_stats(fake)), ""
-
-
 # -----------------------------------------------------------------------------
 # token counts: the triplane against raw pixels and a 3D latent grid of the same clip
 
@@ -365,7 +164,7 @@ def token_counts(model, num_frames):
     cfg, (height, width) = model.config, model.config.frame_size
     channels, *grid = grid_latent_shape(num_frames, (height, width))
     c = dict(frames=num_frames, frame_size=[height, width], tokens=model.num_tokens(),
-             channels=cfg.triplane_c, floats=model.num_tokens() * cfg.triplane_c,
+             channels=cfg.triplane_c, floats=sum(map(math.prod, model.triplane_shapes)),
              raw_floats=num_frames * height * width * 3, grid_downsample=list(GRID_DOWNSAMPLE),
              grid_channels=channels, grid_tokens=math.prod(grid))
     c["grid_floats"] = c["grid_tokens"] * channels
@@ -394,74 +193,6 @@ def print_table(title, rows):
 
 
 # -----------------------------------------------------------------------------
-# evaluating a tokenizer: reconstruct clips, score them, report (table, eval.json, previews)
-
-
-@torch.no_grad()
-def reconstruct(model, loader, num_frames, device, show=True):
-    """Encode and decode the loader's clips. Yields per batch: the clips as read, uint8 (B, Tc,
-    H, W, 3); their reconstructions in [-1, 1] on the device; real frames (B,); the model's
-    seconds. Padding is masked when a clip is short of the model's length, as in training."""
-    model_frames = model.config.num_frames
-    for batch in tqdm(loader, desc=f"evaluating {len(loader.dataset)} clips", disable=not show):
-        clips, n_frames = batch["video"], batch["n_frames"].clamp(max=num_frames)
-        video = data.from_uint8(clips.to(device))                              # (B, Tc, H, W, 3)
-        padded = F.pad(video, (0, 0, 0, 0, 0, 0, 0, model_frames - num_frames))  # (B, T, ...)
-        short = bool((n_frames < model_frames).any())
-        start = time.perf_counter()
-        with H.autocast(device):
-            triplane = model.encode(padded, n_frames.to(device) if short else None)
-            recon = model.decode_video(triplane)[:, :num_frames].float()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        yield clips, recon, n_frames, time.perf_counter() - start
-
-
-@torch.no_grad()
-def score(batches, metrics, detector, i3d_batch, device, patch_size, dist=None):
-    """Each per-frame metric averaged over every real frame, the yardsticks' PSNR, and rFVD
-    between whole clips and their reconstructions; under torchrun the ranks' sums and features
-    are gathered. -> (eval.json's figures; why the detector refused the clips, or "")."""
-    sums = dict.fromkeys([*metrics, "temporal_mean_psnr", "patch_blur_psnr", "clips",
-                          "real_frames", "seconds"], 0.0)
-    features, refusal = ([], []), ""
-    for clips, recon, n_frames, seconds in batches:
-        target = data.from_uint8(clips.to(device))                              # (B, Tc, H, W, 3)
-        real = (torch.arange(clips.shape[1]) < n_frames[:, None]).to(device)    # (B, Tc)
-        for name, (_, _, metric) in metrics.items():
-            sums[name] += metric(recon, target)[real].sum().item() if metric else 0
-        for name, baseline in yardsticks(target, patch_size).items():
-            sums[f"{name}_psnr"] += psnr_per_frame(baseline, target)[real].sum().item()
-        sums["clips"] += len(clips)
-        sums["real_frames"] += int(real.sum())
-        sums["seconds"] += seconds
-        whole = n_frames == clips.shape[1]
-        try:
-            if detector is not None and not refusal and whole.any():
-                features[0].append(i3d_features(detector, clips[whole], device, i3d_batch))
-                recon_uint8 = data.to_uint8(recon).cpu()[whole]
-                features[1].append(i3d_features(detector, recon_uint8, device, i3d_batch))
-        except ClipsTooShortForI3D as e:
-            features, refusal = ([], []), str(e)
-    shares = H.gather_to_main(dist, (sums, features, refusal))
-    if shares is None:
-        return None, ""
-    sums = {k: sum(s[0][k] for s in shares) for k in sums}
-    refusal = next((s[2] for s in shares if s[2]), "")
-    real_f, recon_f = (torch.cat([f for s in shares for f in s[1][i]]).numpy()
-                       if not refusal and any(s[1][i] for s in shares) else np.zeros((0, 1))
-                       for i in (0, 1))
-    rfvd, reason = fvd_from_features(real_f, recon_f) if detector is not None and not refusal \
-        else (None, refusal)
-    figures = {name: sums[name] / sums["real_frames"] if metric else None
-               for name, (_, _, metric) in metrics.items()}
-    return dict(figures, rfvd=rfvd, rfvd_clips=len(real_f), clips=int(sums["clips"]),
-                real_frames=int(sums["real_frames"]),
-                yardsticks={k: sums[f"{k}_psnr"] / sums["real_frames"]
-                            for k in ("temporal_mean", "patch_blur")},
-                encode_decode_clips_per_s=sums["clips"] / sums["seconds"]), reason
-
-
 def report(result, metrics, preview, out_dir):
     """Print the table of an evaluation, then write eval.json and the previews."""
     def show(name, fmt):  # fmt may name other figures, as rFVD's clip count
@@ -633,7 +364,8 @@ def reconstruct_video(model, path, args, metrics, device):
         boundary_psnr=float(psnr[boundary].mean()) if boundary.any() else None,
         other_psnr=float(psnr[~boundary].mean()) if (~boundary).any() else None,
         tokens_per_window=model.num_tokens(), tokens=tokens,
-        compression_vs_input=written * source_pixels * 3 / (tokens * model.config.triplane_c),
+        compression_vs_input=written * source_pixels * 3 / (len(windows_out) * sum(map(
+            math.prod, model.triplane_shapes))),
         seconds=time.perf_counter() - begin, outputs=[recon_path, out + "_side_by_side.mp4"])
     write_json(out + "_recon.json", result)
     print(f"{path}: {written} frames in {len(windows_out)} windows, PSNR {result['psnr']:.2f} dB "
@@ -707,11 +439,24 @@ def fvd_command(args, device):
     return result
 
 
+def curves_command(folder):
+    """<name>_curves.svg of each <name>_log.jsonl (a training run's record) in folder."""
+    logs = sorted(glob.glob(os.path.join(folder, "*_log.jsonl")))
+    if not logs:
+        raise FileNotFoundError(f"--curves {folder} holds no *_log.jsonl; pass the --out_dir of "
+                                f"a training run.")
+    written = [H.write_curves(path) for path in logs]
+    print("wrote " + ", ".join(written))
+    return written
+
+
 def main(argv=None):
     args, model_flags = parse_args(argv)
     try:
         if args.tokens:
             return tokens_command(args, model_flags)
+        if args.curves:
+            return curves_command(args.curves)
         H.check_out_dir(args.out_dir)  # before any work
         if args.fvd or args.video:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -10,14 +10,15 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import json
 import math
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -98,18 +99,36 @@ def use_compile(flag, device):
     return device.type == "cuda" if flag == "auto" else flag == "true"
 
 
-def wrap_model(model, tc, dist):
-    """The model as the loop calls it: compiled (--compile), then wrapped in DDP under torchrun."""
-    if use_compile(tc.compile, dist.device):
-        model = torch.compile(model)
-    if dist.ddp:
-        ids = [dist.local_rank] if dist.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    return model
+def any_rank(dist, flag):
+    """flag on every rank when it is true on any: the ranks stop at the same step."""
+    if not dist.ddp:
+        return flag
+    flag = torch.tensor(float(flag), device=dist.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM (a cluster's preemption) and SIGINT (Ctrl-C) caught as requests to stop: the
+    numbers of those received (a list) for the loop to read after each step. A second signal of
+    the same kind acts as it would have (SIGTERM ends the process, SIGINT raises)."""
+    received = []
+
+    def catch(signum, frame):
+        received.append(signum)
+        signal.signal(signum, previous[signum])
+
+    previous = {s: signal.signal(s, catch) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # -----------------------------------------------------------------------------
-# the optimizer, its step and the schedule
+# the schedule, the optimizer's groups, skipped steps
 
 
 def lr_at(step, tc):
@@ -123,54 +142,122 @@ def lr_at(step, tc):
     return tc.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (tc.learning_rate - tc.min_lr)
 
 
-def make_optimizer(model, tc, device):
-    """AdamW (fused on CUDA). Only the weights of linear and convolution layers decay: not biases,
-    norms, position tables, learned planes and tokens, class embeddings."""
+def decay_groups(model, weight_decay):
+    """The optimizer's parameter groups: weight decay on the weights of linear and convolution
+    layers only, not on biases, norms, position tables, learned planes and tokens, embeddings."""
     decayed = {id(m.weight) for m in model.modules()
                if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d))}
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": tc.weight_decay},
-              {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.beta1, tc.beta2),
-                             fused=device.type == "cuda")
+    return [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
 
 
-def optimizer_step(model, optimizer, grad_clip, bad_steps=0, max_bad_steps=20, ckpt_path=""):
-    """Clip the gradient norm (grad_clip > 0), then step; skip the step when the gradient is not
-    finite. The norm is all-reduced, so every rank skips together; reading it is the step's one
-    sync. Returns the non-finite steps in a row; raises after max_bad_steps of them."""
-    grads = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(grads, grad_clip if grad_clip > 0 else math.inf)
-    finite = bool(torch.isfinite(norm))
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if finite:
-        return 0
-    bad_steps += 1
+class Diverged(ValueError):
+    pass
+
+
+def diverged(bad_steps, ckpt_path):
+    """The error of a run whose last bad_steps steps were not finite. No checkpoint is written
+    during such a streak, so the file it names is the last good one."""
+    kept = ckpt_path if os.path.exists(ckpt_path) else "no checkpoint was written"
+    return Diverged(f"{bad_steps} non-finite steps in a row (last good file: {kept}); lower "
+                    f"--learning_rate or check the data, then --resume.")
+
+
+def warn_skipped_step(bad_steps, max_bad_steps, ckpt_path):
+    """A step skipped for a non-finite gradient; the run stops after max_bad_steps in a row."""
     warnings.warn(f"non-finite loss or gradient, step skipped ({bad_steps} in a row)")
     if bad_steps >= max_bad_steps:
-        kept = ckpt_path if os.path.exists(ckpt_path) else "no checkpoint"
-        raise RuntimeError(f"{bad_steps} non-finite steps in a row (last good file: {kept}); "
-                           f"lower --learning_rate or check the data.")
-    return bad_steps
+        raise diverged(bad_steps, ckpt_path)
 
 
-def mfu_text(bar, start_step, flops_per_step, peak_flops):
-    """Model FLOPs utilisation since the loop started, from the tqdm bar's mean step time."""
-    seconds_per_step = bar.format_dict["elapsed"] / max(bar.n - start_step, 1)
-    return f"{flops_per_step / seconds_per_step / peak_flops:.1%}"
+# -----------------------------------------------------------------------------
+# the record of a run: a JSON line per log interval and evaluation, and its curves
 
 
-def time_is_up(tc, step, t_start, dist):
-    """True once --max_time minutes have passed, looked at every log_interval steps; rank 0's
-    clock decides for every rank, so that all stop at the same step."""
-    if tc.max_time <= 0 or step % tc.log_interval:
-        return False
-    flag = torch.tensor(float(time.time() - t_start > tc.max_time * 60), device=dist.device)
-    if dist.ddp:
-        torch.distributed.broadcast(flag, 0)
-    return bool(flag)
+class RunLog:
+    """out_dir/<name>_log.jsonl, one JSON object a line, written by rank 0 and flushed at once
+    (a kill loses at most the line being written). A resumed run keeps the records up to its
+    checkpoint's step and appends after them, so no step is logged twice; a new run starts the
+    file anew. With wandb_project, each record goes to wandb too (imported only then)."""
+
+    def __init__(self, out_dir, name, start_step, enabled, wandb_project="", config=None):
+        self.path, self.file, self.wandb = os.path.join(out_dir, f"{name}_log.jsonl"), None, None
+        self.curves = os.path.join(out_dir, f"{name}_curves.svg")
+        if not enabled:
+            return
+        kept = [r for r in read_log(self.path) if r["step"] <= start_step] if start_step else []
+        with atomic_path(self.path) as temporary, open(temporary, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        self.file = open(self.path, "a")
+        if wandb_project:
+            import wandb
+            self.wandb = wandb.init(project=wandb_project, name=name, config=config)
+
+    def write(self, record):  # {"step": ..., figures}; NaN and inf written as null (valid JSON)
+        if self.file is None:
+            return
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                  for k, v in record.items()}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            write_curves(self.path)
+
+
+def read_log(path):
+    """The records of a RunLog file; a line torn by a kill is left out."""
+    records = []
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+    return [r for r in records if isinstance(r, dict) and "step" in r]
+
+
+def write_curves(log_path):
+    """<name>_curves.svg beside a RunLog file: a panel per figure against the step, a held-out
+    figure drawn with the training one of its name (held_out_psnr with psnr). SVG: no plotting
+    library needed; a figure added to the records gets its panel."""
+    series = {}  # panel name -> {record key: [(step, value)]}
+    for r in read_log(log_path):
+        for key, v in r.items():
+            if key != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                panel = series.setdefault(key.removeprefix("held_out_"), {})
+                panel.setdefault(key, []).append((r["step"], v))
+    width, height, margin = 340, 190, 44  # a panel, and its room for the figures of the axes
+    plot_w, plot_h = width - margin - 8, height - 64
+    colour = {True: "#d62728", False: "#1f77b4"}  # held out, training
+    out = []
+    for n, (name, lines) in enumerate(series.items()):
+        left, top = (n % 2) * width + margin, (n // 2) * height + 24  # the plot's corner
+        (x0, x1), (y0, y1) = ((min(v), max(v)) for v in zip(*sum(lines.values(), [])))
+        held_out = " (red: held out)" if any(k.startswith("held_out_") for k in lines) else ""
+        out.append(f'<text x="{left}" y="{top - 8}">{name}{held_out}</text>'
+                   f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" '
+                   f'stroke="#999"/><text x="{left - 42}" y="{top + 10}">{y1:.3g}</text>'
+                   f'<text x="{left - 42}" y="{top + plot_h}">{y0:.3g}</text><text x="{left}" '
+                   f'y="{top + plot_h + 16}">{x0}</text><text x="{left + plot_w}" y="'
+                   f'{top + plot_h + 16}" text-anchor="end">step {x1}</text>')
+        for key, line in lines.items():
+            xy = " ".join(f"{left + (x - x0) / max(x1 - x0, 1) * plot_w:.1f},"
+                          f"{top + plot_h - (y - y0) / max(y1 - y0, 1e-12) * plot_h:.1f}"
+                          for x, y in line)
+            out.append(f'<polyline points="{xy}" fill="none" stroke-width="1.5" '
+                       f'stroke="{colour[key.startswith("held_out_")]}"/>')
+    rows = (len(series) + 1) // 2
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * width + 8}" height="'
+           f'{rows * height}" font-family="sans-serif" font-size="11"><rect width="100%" '
+           f'height="100%" fill="white"/>' + "".join(out) + "</svg>\n")
+    path = log_path.removesuffix("_log.jsonl") + "_curves.svg"
+    with atomic_path(path) as temporary, open(temporary, "w") as f:
+        f.write(svg)
+    return path
 
 
 # -----------------------------------------------------------------------------
@@ -183,15 +270,30 @@ def _parse_bool(s):
     return s.lower() in ("1", "true", "yes", "on")
 
 
-def check_train_config(tc, problems=(), **at_least):
-    """Fail at start, naming the flags to change: the fields both loops have, then the loop's own
-    problems (messages, "" where fine) and lower bounds."""
-    bounds = dict(max_iters=1, batch_size=1, grad_accum=1, log_interval=1, ckpt_interval=1,
-                  max_bad_steps=1, warmup_iters=0, **at_least)
-    problems = [f"--{n} must be >= {low}, got {getattr(tc, n)}" for n, low in bounds.items()
-                if getattr(tc, n) < low] + [p for p in problems if p]
-    problems += [f"--lr_schedule must be constant or cosine, got {tc.lr_schedule}"] * (
-        tc.lr_schedule not in ("constant", "cosine"))
+def field_problems(config):
+    """What is wrong with a config's numbers, by their declarations: each must be finite; an int
+    >= 1, or >= 0 where its default is 0 (0: off, none, automatic) or its field says
+    `metadata={"min": 0}`; a float >= 0 (or its field's "min")."""
+    problems = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        low = f.metadata.get("min", 1)
+        if isinstance(value, float) or f.default == 0:
+            low = f.metadata.get("min", 0)
+        if not math.isfinite(value):
+            problems.append(f"--{f.name} must be a finite number, got {value}")
+        elif value < low:
+            problems.append(f"--{f.name} must be >= {low}, got {value}")
+    return problems
+
+
+def check_train_config(tc, problems=()):
+    """Fail at start, naming the flags to change: field_problems, then the loop's own problems."""
+    problems = field_problems(tc) + list(problems)
+    if tc.lr_schedule not in ("constant", "cosine"):
+        problems.append(f"--lr_schedule must be constant or cosine, got {tc.lr_schedule}")
     if problems:
         raise ValueError("invalid configuration: " + "; ".join(problems) + ".")
 
@@ -221,14 +323,16 @@ def parse_config(config_classes, presets, argv=None, description="", default_pre
 
 
 def config_from_dict(cls, saved, source):
-    """cls(**saved) from a file: an unknown field is an error, and a missing one unless the class
-    lists it in `added_later` (its default is what files written before it meant)."""
+    """cls(**saved) from a file: an unknown field is an error; a field the file lacks (it was
+    written before the field was added) takes its default, which means what older code did."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(saved) - names)
-    missing = sorted(names - set(saved) - set(getattr(cls, "added_later", ())))
-    if unknown or missing:
-        raise ValueError(f"{source} holds a {cls.__name__} of another version (unknown fields "
-                         f"{unknown}, missing {missing}); use the code version that wrote it.")
+    if unknown:
+        raise ValueError(f"{source} holds a {cls.__name__} with fields this code does not know "
+                         f"({unknown}); use the code version that wrote it.")
+    for name in sorted(names - set(saved)):
+        print(f"{source} predates --{name}: it loads with the default, "
+              f"{getattr(cls(), name)!r}", file=sys.stderr)
     return cls(**saved)
 
 
@@ -249,12 +353,15 @@ def resumed_config(saved, given, explicit, keep=()):
 
 
 def check_model_flags(trained, cfg, explicit, source):
-    """Model flags cannot change under a trained model: those written that differ from it."""
+    """Model flags cannot change under a trained model: those written that differ from it are an
+    error, and --preset, which names a model, is ignored (and said to be)."""
     changed = [f"--{n}" for n in sorted(explicit) if hasattr(trained, n)
                and getattr(cfg, n) != getattr(trained, n)]
     if changed:
         raise ValueError(f"{source} holds a trained model, and {', '.join(changed)} differ from "
                          f"it; drop them, or start a new model without it.")
+    if "preset" in explicit:
+        print(f"--preset is ignored: the model is the one {source} holds", file=sys.stderr)
 
 
 def resume_from(ckpt_path, kind, cfg, tc, explicit, keep):
@@ -297,7 +404,7 @@ def atomic_path(path):
     os.makedirs(folder, exist_ok=True)
     stem, extension = os.path.splitext(name)
     fd, temporary = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{extension}", dir=folder)
-    os.close(fd)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held while written: remove_stale_partials leaves it alone
     try:
         yield temporary
         os.chmod(temporary, 0o666 & ~UMASK)  # the permissions a plain open() would give
@@ -312,6 +419,7 @@ def atomic_path(path):
         raise OSError(28, f"the disk is full ({free} bytes free) writing {path}; {kept}; "
                           f"free some space and run again") from None
     finally:
+        os.close(fd)
         if os.path.lexists(temporary):
             os.remove(temporary)
 
@@ -319,13 +427,6 @@ def atomic_path(path):
 def atomic_save(obj, path):
     with atomic_path(path) as temporary:
         torch.save(obj, temporary)
-
-
-def refuse_overwrite(ckpt_path, resume):
-    """A fresh run never replaces a trained checkpoint (checked on every rank, before any work)."""
-    if not resume and os.path.exists(ckpt_path):
-        raise ValueError(f"{ckpt_path} already holds a trained checkpoint; continue it with "
-                         f"--resume, or pass another --out_dir.")
 
 
 @contextlib.contextmanager
@@ -349,6 +450,49 @@ def run_lock(ckpt_path):
             f.write(f"process {os.getpid()} on {socket.gethostname()}")
             f.flush()
         yield
+
+
+def lock_run(ckpt_path, resume, dist):
+    """Take ckpt_path for this run before any work: rank 0 holds run_lock until the returned
+    stack is closed (or the process ends); under it, a fresh run refuses to replace a trained
+    checkpoint and the partial files of killed saves are removed. Every rank raises the error."""
+    lock, error = contextlib.ExitStack(), ""
+    if dist.is_main:
+        try:
+            lock.enter_context(run_lock(ckpt_path))
+            if not resume and os.path.exists(ckpt_path):
+                raise ValueError(f"{ckpt_path} already holds a trained checkpoint; continue it "
+                                 f"with --resume, or pass another --out_dir.")
+            remove_stale_partials(os.path.dirname(os.path.abspath(ckpt_path)))
+        except ValueError as e:
+            error = str(e)
+    if dist.ddp:
+        shared = [error]
+        torch.distributed.broadcast_object_list(shared, 0)
+        error = shared[0]
+    if error:
+        lock.close()
+        raise ValueError(error)
+    return lock
+
+
+def remove_stale_partials(folder):
+    """Delete the partial files of killed saves (atomic_path's) that no live writer holds."""
+    count, size = 0, 0
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if not (name.startswith(".") and ".partial" in name and os.path.isfile(path)):
+            continue
+        with open(path, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a writer holds it while it writes
+            except BlockingIOError:
+                continue
+            count, size = count + 1, size + os.path.getsize(path)
+            os.remove(path)
+    if count:
+        print(f"removed {count} partial files of killed saves ({size / 2 ** 20:.1f} MB) from "
+              f"{folder}")
 
 
 def read_torch_file(path, what="checkpoint"):

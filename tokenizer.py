@@ -15,9 +15,10 @@ loop, --encode. harness.py maps the authors' weights onto the model (from_offici
 
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -27,10 +28,14 @@ from tqdm import tqdm
 
 import data
 import harness as H
+import metrics
 
 
 @dataclass
 class CoordTokConfig:
+    """The model's shape. A field added later defaults to what the code did before it: a
+    checkpoint that lacks it loads with that default. An int is >= 1 unless its default is 0 or
+    its field says `metadata={"min": 0}` (harness.field_problems)."""
     num_frames: int = 32
     img_size: int = 32           # frame height (and width when img_width is 0)
     img_width: int = 0           # 0: square frames
@@ -39,8 +44,8 @@ class CoordTokConfig:
     enc_patch_s: int = 8
     enc_width: int = 192
     enc_heads: int = 4
-    enc_layers: int = 1          # ViT blocks over the video tokens
-    query_layers: int = 1        # (cross-attn, self-attn, MLP) blocks over the queries
+    enc_layers: int = field(default=1, metadata={"min": 0})    # ViT blocks over the video
+    query_layers: int = field(default=1, metadata={"min": 0})  # (cross, self, MLP) blocks
     # triplane: z_xy (C, Rs, Rs'), z_xt (C, Rt, Rs'), z_yt (C, Rt, Rs); Rs' = Rs * width / height
     triplane_rs: int = 8
     triplane_rt: int = 16
@@ -50,14 +55,13 @@ class CoordTokConfig:
     # decoder: self-attention over the queried coordinates, each token -> a patch of pixels
     dec_width: int = 192
     dec_heads: int = 4
-    dec_layers: int = 2
+    dec_layers: int = field(default=2, metadata={"min": 0})
     dec_patch_t: int = 1
     dec_patch_s: int = 4
     decode_chunk: int = 16       # temporal patches decoded per call by decode_frames
     mlp_ratio: float = 4.0
     block_eps: float = 1e-6      # LayerNorm eps of the ViT and decoder blocks (timm's Block)
     pooled_queries: bool = False  # departure: queries start from the video pooled over their axis
-    added_later = ("img_width",)  # fields older checkpoints lack; their defaults are what they did
 
     @property
     def frame_size(self):  # (H, W)
@@ -368,13 +372,11 @@ class CoordTok(nn.Module):
 
 def validate_config(cfg):
     """Fail at start, naming the flag to change, instead of deep inside a reshape."""
-    (height, width), sizes = cfg.frame_size, asdict(cfg)
-    may_be_zero = ("img_width", "enc_layers", "query_layers", "dec_layers")
-    problems = [f"--{n} must be >= {int(n not in may_be_zero)}" for n, v in sizes.items()
-                if type(v) is int and v < (n not in may_be_zero)]
-    problems += [f"--{n} must be > 0" for n in ("mlp_ratio", "block_eps") if sizes[n] <= 0]
+    problems = H.field_problems(cfg)
+    problems += [f"--{n} must be > 0" for n in ("mlp_ratio", "block_eps") if getattr(cfg, n) <= 0]
     if problems:  # divisibility only means something for positive sizes
         raise ValueError("invalid configuration: " + "; ".join(problems) + ".")
+    (height, width), sizes = cfg.frame_size, asdict(cfg)
     sizes["img_width"] = width
     pairs = (("img_size", "enc_patch_s"), ("img_width", "enc_patch_s"), ("num_frames",
              "enc_patch_t"), ("img_size", "dec_patch_s"), ("img_width", "dec_patch_s"),
@@ -497,13 +499,6 @@ def reconstruction_loss(pred, target, lpips=None, lpips_weight=1.0, to_frames=No
     return loss
 
 
-def psnr_per_frame(pred, target):
-    """PSNR of each frame on [0, 1] after clamping: (B, T, H, W, 3) in [-1, 1] -> (B, T)."""
-    pred, target = ((v.float().clamp(-1, 1) + 1) / 2 for v in (pred, target))
-    mse = (pred - target).pow(2).mean(dim=(2, 3, 4))
-    return -10 * torch.log10(mse.clamp_min(1e-10))
-
-
 # -----------------------------------------------------------------------------
 # training
 
@@ -524,12 +519,12 @@ class TrainConfig:
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
     lr_schedule: str = "cosine"  # constant | cosine
-    warmup_iters: int = 100
+    warmup_iters: int = field(default=100, metadata={"min": 0})
     lr_decay_iters: int = 0      # 0: max_iters
     weight_decay: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.999
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0       # 0: no clipping
     num_samples: int = 128       # stage 1: patches per clip (the paper: 1024 of 32768)
     num_frames_stage2: int = 4   # stage 2: whole temporal patches per clip
     flip: bool = True            # departure: mirror half the training clips left-right
@@ -537,10 +532,10 @@ class TrainConfig:
     lpips_vgg: str = ""          # torchvision's vgg16 weights (default: fetched to the hub cache)
     lpips_lin: str = ""          # LPIPS v0.1 vgg.pth (default: fetched to the hub cache)
     eval_interval: int = 500
-    eval_clips: int = 32         # held-out clips scored at each evaluation
+    eval_clips: int = field(default=32, metadata={"min": 0})  # held-out clips per evaluation
     ckpt_interval: int = 500
     log_interval: int = 10
-    num_workers: int = 2
+    num_workers: int = field(default=2, metadata={"min": 0})
     val_fraction: float = 0.1
     max_time: float = 0.0        # minutes; stop (and save) once exceeded, 0: no limit
     max_bad_steps: int = 20      # non-finite steps in a row before the run stops
@@ -548,19 +543,21 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"         # auto | cpu | cuda | cuda:N
     compile: str = "auto"        # auto (on for CUDA) | true | false
+    wandb_project: str = ""      # also log to this wandb project (pip install wandb)
 
 
 def validate_train_config(cfg, tc):
     gt, gh, gw = cfg.grid_size
-    H.check_train_config(tc, [
-        f"--num_samples must be in [1, {gt * gh * gw}] (the patches of a clip)"
-        * (not 1 <= tc.num_samples <= gt * gh * gw),
-        f"--stage must be 1 or 2, got {tc.stage}" * (tc.stage not in (1, 2)),
-        f"--num_frames_stage2 must be in [1, {gt}] (the clip's temporal patches)"
-        * (tc.stage == 2 and not 1 <= tc.num_frames_stage2 <= gt),
-        f"--val_fraction must be in [0, 1), got {tc.val_fraction}"
-        * (not 0 <= tc.val_fraction < 1)],
-        eval_interval=1, num_workers=0, eval_clips=0, encode_stride=0)
+    problems = []
+    if tc.num_samples > gt * gh * gw:
+        problems.append(f"--num_samples must be in [1, {gt * gh * gw}] (the patches of a clip)")
+    if tc.stage not in (1, 2):
+        problems.append(f"--stage must be 1 or 2, got {tc.stage}")
+    if tc.stage == 2 and tc.num_frames_stage2 > gt:
+        problems.append(f"--num_frames_stage2 must be in [1, {gt}] (the temporal patches)")
+    if tc.val_fraction >= 1:
+        problems.append(f"--val_fraction must be in [0, 1), got {tc.val_fraction}")
+    H.check_train_config(tc, problems)
 
 
 def load_tokenizer(path, device="cpu"):
@@ -572,29 +569,37 @@ def load_tokenizer(path, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
+def evaluate(model, val_set, num_clips, batch_size, device, lpips=None):
+    """eval.py's per-frame figures (metrics.frame_metrics: PSNR, SSIM, and LPIPS where its
+    weights are loaded) over the real frames of the first num_clips held-out clips, every patch
+    decoded: {"held_out_psnr": ..., ...}."""
+    clips = torch.utils.data.Subset(val_set, range(num_clips))
+    loader = data.make_loader(clips, batch_size, False, 0, infinite=False)
+    table = metrics.frame_metrics(lpips)
+    batches = metrics.reconstruct(model, loader, model.config.num_frames, device, show=False)
+    figures, _ = metrics.score(batches, table, None, 1, device, model.patch_size)
+    return {f"held_out_{name}": figures[name] for name in table if figures[name] is not None}
+
+
 @torch.no_grad()
-def evaluate(model, val_set, num_clips, batch_size, device, picture=""):
-    """Mean full-clip PSNR (every patch decoded) over the real frames of the first held-out
-    clips; picture: a PNG path for the first four (rows of input, reconstruction, error x4)."""
-    total, count, n = 0.0, 0, min(num_clips, len(val_set))
-    for first in range(0, n, batch_size):
-        items = [val_set[i] for i in range(first, min(first + batch_size, n))]
-        video = data.from_uint8(torch.stack([it["video"] for it in items]).to(device))
-        n_frames = torch.stack([it["n_frames"] for it in items]).to(device)
-        with H.autocast(device):
-            recon = model.decode_video(model.encode(video, n_frames))        # (B, T, H, W, 3)
-        real = torch.arange(video.shape[1], device=device) < n_frames[:, None]
-        total, count = total + psnr_per_frame(recon, video)[real].sum().item(), count + real.sum()
-        if picture and first == 0:
-            shown, zoom = int(n_frames[:4].min()), max(1, round(64 / video.shape[2]))  # ~64 px
-            clips = (data.to_uint8(v[:4, :shown]).cpu() for v in (video, recon))
-            data.write_png(picture, data.comparison_grid(*clips, zoom=zoom))
-    return total / max(int(count), 1)
+def write_picture(model, val_set, path, device):
+    """The first four held-out clips as rows of input, reconstruction and error x4, and under
+    them the triplane of the first: z_xy, z_xt, z_yt, each texel where its pixels are."""
+    items = [val_set[i] for i in range(min(4, len(val_set)))]
+    video = data.from_uint8(torch.stack([it["video"] for it in items]).to(device))
+    n_frames = torch.stack([it["n_frames"] for it in items]).to(device)
+    with H.autocast(device):
+        triplane = model.encode(video, n_frames)
+        recon = model.decode_video(triplane)                                   # (B, T, H, W, 3)
+    shown, zoom = int(n_frames.min()), max(1, round(64 / video.shape[2]))     # frames ~64 px
+    clips = (data.to_uint8(v[:, :shown]).cpu() for v in (video, recon))
+    texel = zoom * video.shape[2] // triplane[0].shape[2]  # pixels a texel of z_xy spans
+    planes = data.planes_image([z[0] for z in triplane], texel)
+    data.write_png(path, data.stack_images(data.comparison_grid(*clips, zoom=zoom), planes))
 
 
 def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
     ckpt_path = os.path.join(tc.out_dir, "tokenizer.pt")
-    H.refuse_overwrite(ckpt_path, tc.resume)  # on every rank, before any work
     start_step, overrides, init_model = 0, [], None
     if tc.resume:
         resume_ckpt, cfg, tc, overrides = H.resume_from(ckpt_path, "coordtok_tokenizer", cfg, tc,
@@ -605,7 +610,7 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
                          f"--max_iters {tc.max_iters}.")
     elif tc.init_from:  # ours or the authors' released weights
         init_model, init_ckpt = load_tokenizer(tc.init_from)
-        H.check_model_flags(init_model.config, cfg, explicit - {"preset"}, tc.init_from)
+        H.check_model_flags(init_model.config, cfg, explicit, tc.init_from)
         cfg = init_model.config
         # stage 2 goes on with the data and split of the run it starts from, unless told otherwise
         inherited = {k: v for k, v in init_ckpt.get("train_config", {}).items()
@@ -616,11 +621,12 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
     validate_config(cfg)
     validate_train_config(cfg, tc)
     dist = H.setup_distributed(tc.device)
-    device = dist.device
+    device, cuda = dist.device, dist.device.type == "cuda"
     if dist.is_main:
         H.check_out_dir(tc.out_dir)
-        if not tc.data:
-            data.ensure_synthetic("data/synthetic")  # only rank 0 writes it
+    lock = H.lock_run(ckpt_path, tc.resume, dist)  # before any work: two runs never share it
+    if dist.is_main and not tc.data:
+        data.ensure_synthetic("data/synthetic")  # only rank 0 writes it
     if dist.ddp:
         torch.distributed.barrier()
     tc = replace(tc, data=os.path.abspath(tc.data or "data/synthetic"))  # --resume reads it again
@@ -634,7 +640,8 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     model = CoordTok(cfg).to(device)
-    optimizer = H.make_optimizer(model, tc, device)
+    optimizer = torch.optim.AdamW(H.decay_groups(model, tc.weight_decay), lr=tc.learning_rate,
+                                  betas=(tc.beta1, tc.beta2), fused=cuda)
     if tc.resume:
         model.load_state_dict(resume_ckpt["model"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
@@ -643,25 +650,33 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
         model.load_state_dict(init_model.state_dict())
     lpips, to_frames, (_, gh, gw) = None, None, model.grid_size
     if tc.stage == 2 and tc.lpips_weight > 0:
-        from eval import LPIPS  # eval.py holds the metrics, LPIPS among them
         try:
-            lpips = LPIPS.from_pretrained(tc.lpips_vgg, tc.lpips_lin).to(device)
+            lpips = metrics.LPIPS.from_pretrained(tc.lpips_vgg, tc.lpips_lin).to(device)
         except H.WeightsUnavailable as e:
             raise H.WeightsUnavailable(f"{e} Or train without LPIPS: --lpips_weight 0.") from None
 
         def to_frames(patches):  # K whole temporal patches per clip -> images (B*K*pt, 3, H, W)
             patches = rearrange(patches, "b (k h w) d -> (b k) 1 h w d", h=gh, w=gw)
             return rearrange(unpatchify(patches, model.patch_size), "n t h w c -> (n t) c h w")
-    raw_model, model = model, H.wrap_model(model, tc, dist)
+    raw_model = model  # what is saved and evaluated; `model` is what the loop calls
+    if H.use_compile(tc.compile, device):
+        model = torch.compile(model)
+    if dist.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, [dist.local_rank] if cuda
+                                                          else None)
     n_decoded = tc.num_samples if tc.stage == 1 else tc.num_frames_stage2 * gh * gw
-    flops_per_step = 3 * raw_model.flops_per_clip(n_decoded) * tc.batch_size * tc.grad_accum
+    clips_per_step = tc.batch_size * tc.grad_accum * dist.world_size
+    flops_per_step = 3 * raw_model.flops_per_clip(n_decoded) * clips_per_step / dist.world_size
+    log = H.RunLog(tc.out_dir, "tokenizer", start_step, dist.is_main, tc.wandb_project, asdict(tc))
     if dist.is_main:
         print(f"CoordTok {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params, "
               f"{raw_model.num_tokens()} tokens per clip of {cfg.num_frames}x"
               f"{'x'.join(map(str, cfg.frame_size))}; {len(train_set.files)} training / "
               f"{len(val_set.files)} held-out videos from {tc.data}; stage {tc.stage} on "
-              f"{device} x{dist.world_size}")
-        for line in [f"resuming {ckpt_path} at step {start_step}"] * tc.resume + overrides:
+              f"{device} x{dist.world_size}; the record of the run: {log.path}")
+        if tc.resume:
+            print(f"resuming {ckpt_path} at step {start_step}")
+        for line in overrides:
             print(line)
 
     def save(step):
@@ -671,15 +686,17 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
                        "rng": {"cpu": torch.get_rng_state()}, "data": tc.data,
                        "held_out": val_set.relative_paths()}, ckpt_path)
 
-    with H.run_lock(ckpt_path) if dist.is_main else nullcontext():
-        step, bad_steps, t_start = start_step, 0, time.time()
-        bar = tqdm(total=tc.max_iters, initial=step, disable=not dist.is_main, dynamic_ncols=True)
-        while step < tc.max_iters:
+    step, bad_steps, done, t_start = start_step, 0, False, time.time()
+    t_log, step_log = t_start, step
+    bar = tqdm(total=tc.max_iters, initial=step, disable=not dist.is_main, dynamic_ncols=True)
+    with H.stop_signals() as signals:  # SIGTERM (preemption), Ctrl-C: finish the step, save, exit
+        while True:  # forward and backward; a checkpoint when due; the step (not after the last)
             lr = H.lr_at(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # patches are drawn for the global batch, seeded by (seed, step): a resumed run draws
-            # the same, and so does a run on any number of processes
+            # patches and flips are drawn for the global batch from a generator seeded by (seed,
+            # step) (1_000_003, a prime, keeps the seeds' streams apart): a resumed run draws the
+            # same, and so does a run on any number of processes
             gen = torch.Generator(device).manual_seed(tc.seed * 1_000_003 + step)
             share = (dist.rank, dist.world_size)
             loss_sum, mse_sum = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -693,44 +710,75 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
                 sample = sample_patches if tc.stage == 1 else sample_frames
                 n = tc.num_samples if tc.stage == 1 else tc.num_frames_stage2
                 coords, targets = sample(video, n_frames, n, raw_model.patch_size, gen, share)
-                last = not dist.ddp or micro == tc.grad_accum - 1
-                with nullcontext() if last else model.no_sync(), H.autocast(device):
-                    pred = model(video, coords, n_frames if short else None)  # (B, N, D)
-                    loss = reconstruction_loss(pred, targets, lpips, tc.lpips_weight, to_frames)
-                (loss / tc.grad_accum).backward()
+                last = not dist.ddp or micro == tc.grad_accum - 1  # DDP syncs on the last only
+                with nullcontext() if last else model.no_sync():
+                    with torch.autocast(device.type, torch.bfloat16, enabled=cuda):  # bf16 on GPU
+                        pred = model(video, coords, n_frames if short else None)  # (B, N, D)
+                        loss = reconstruction_loss(pred, targets, lpips, tc.lpips_weight, to_frames)
+                    (loss / tc.grad_accum).backward()
                 loss_sum += loss.detach() / tc.grad_accum
                 mse_sum += F.mse_loss(pred.detach().float(), targets.float()) / tc.grad_accum
-            bad_steps = H.optimizer_step(raw_model, optimizer, tc.grad_clip, bad_steps,
-                                         tc.max_bad_steps, ckpt_path)
-            step += 1  # a skipped step moves on too: the next one draws other clips and patches
+            # clip the gradient's norm; a step whose gradient is not finite is skipped (the norm
+            # is all-reduced, so every rank skips it; reading it is the step's one sync)
+            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                                  tc.grad_clip if tc.grad_clip > 0 else math.inf)
+            finite = bool(torch.isfinite(norm))
+            # a checkpoint holds weights whose gradient was just found finite: none that diverged
+            due = step % tc.ckpt_interval == 0 or done
+            if dist.is_main and due and finite and step > start_step:
+                save(step)
+            if done:
+                break
+            if finite:
+                optimizer.step()
+                bad_steps = 0
+            else:  # the next step draws other clips and patches
+                bad_steps += 1
+                H.warn_skipped_step(bad_steps, tc.max_bad_steps, ckpt_path)
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
             bar.update(1)
 
-            if dist.is_main and (step % tc.log_interval == 0 or step == tc.max_iters):
-                psnr = -10 * math.log10(max(mse_sum.item() / 4, 1e-10))  # [-1, 1] MSE, [0, 1] PSNR
-                post = {"loss": f"{loss_sum.item():.4f}", "psnr": f"{psnr:.2f}", "lr": f"{lr:.1e}"}
-                if device.type == "cuda":
-                    post["mfu"] = H.mfu_text(bar, start_step, flops_per_step, tc.peak_flops)
-                bar.set_postfix(post)
-            out_of_time = H.time_is_up(tc, step, t_start, dist)
-            done = step == tc.max_iters or out_of_time
-            picture = os.path.join(tc.out_dir, "tokenizer.png") if done else ""
-            n_eval = min(max(tc.eval_clips, 4 if picture else 0), len(val_set))
-            if dist.is_main and (step % tc.eval_interval == 0 or done) and n_eval:
-                psnr = evaluate(raw_model.eval(), val_set, n_eval, max(tc.batch_size, 4), device,
-                                picture)
+            out_of_time = tc.max_time > 0 and time.time() - t_start > tc.max_time * 60
+            stop = H.any_rank(dist, out_of_time or bool(signals))
+            done = step == tc.max_iters or stop  # a signal's stop saves at once, unevaluated
+            record = {"step": step}
+            if dist.is_main and (step % tc.log_interval == 0 or done):
+                seconds = (time.time() - t_log) / (step - step_log)
+                mse = mse_sum.item() / 4  # on [0, 1]: pixels are in [-1, 1], twice the range
+                record.update(loss=loss_sum.item(), psnr=-10 * math.log10(max(mse, 1e-10)), lr=lr,
+                              seconds_per_step=seconds, clips_per_s=clips_per_step / seconds)
+                if cuda:
+                    record["mfu"] = flops_per_step / seconds / tc.peak_flops
+                bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "psnr", "lr", "mfu")
+                                 if k in record})
+            n_eval = min(tc.eval_clips, len(val_set))
+            if dist.is_main and (step % tc.eval_interval == 0 or (done and not signals)) and n_eval:
+                record.update(evaluate(raw_model.eval(), val_set, n_eval, max(tc.batch_size, 4),
+                                       device, lpips))
                 raw_model.train()
-                shown = f"; {picture}: rows of input, reconstruction, error x4" if picture else ""
-                bar.write(f"step {step}: held-out full-clip PSNR {psnr:.2f} dB ({n_eval} clips)"
-                          f"{shown}")
-            if dist.is_main and (step % tc.ckpt_interval == 0 or done):
-                save(step)
-            if out_of_time:
-                bar.write(f"stopping after {tc.max_time} minutes (--max_time) at step {step}")
-                break
-        bar.close()
-    if dist.is_main:
-        print(f"saved {ckpt_path} (step {step})")
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()
+                                                      if k.startswith("held_out_")))
+            if len(record) > 1:
+                log.write(record)
+                t_log, step_log = time.time(), step
+    bar.close()
+    if not finite:  # the run ended in a non-finite streak: nothing was saved since it began
+        raise H.diverged(bad_steps + 1, ckpt_path)
+    log.close()
+    if dist.is_main and signals:
+        print(f"{signal.Signals(signals[0]).name} at step {step}: saved {ckpt_path}; continue "
+              f"it with --resume")
+    elif dist.is_main:
+        picture = os.path.join(tc.out_dir, "tokenizer.png")
+        write_picture(raw_model.eval(), val_set, picture, device)
+        stopped = f", stopped by --max_time {tc.max_time}" if step < tc.max_iters else ""
+        print(f"saved {ckpt_path} (step {step}{stopped}); its curves: {log.curves}; {picture}: "
+              f"rows of input, reconstruction, error x4, then z_xy, z_xt, z_yt")
+    lock.close()
     H.cleanup_distributed(dist)
+    if signals:  # the exit status of a process ended by the signal, for the scripts that relaunch
+        raise SystemExit(128 + signals[0])
 
 
 @torch.no_grad()

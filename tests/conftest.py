@@ -40,11 +40,12 @@ MICRO_TRAIN_FLAGS = MICRO_FLAGS + ["--batch_size=2", "--num_samples=32", "--num_
 MICRO_SIT_FLAGS = ["--width=32", "--depth=1", "--heads=2"]
 
 
-def run_script(script, *args, nproc=None, timeout=300):
+def run_script(script, *args, nproc=None, timeout=300, poke=None):
     """python script args, one thread each: the CompletedProcess. With nproc, that many ranks started as
     torchrun starts its workers (RANK, WORLD_SIZE, MASTER_ADDR, ... in their environment), without
     torchrun's own seconds of start-up; like torchrun, the first rank to fail stops the others. Their
-    outputs are joined, and the return code is the first failing rank's."""
+    outputs are joined, and the return code is the first failing rank's. poke(ranks) is called while they
+    run (to send them a signal, say)."""
     cmd = [sys.executable, os.path.join(ROOT, script), *args]
     if not nproc:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
@@ -57,6 +58,8 @@ def run_script(script, *args, nproc=None, timeout=300):
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r, (out, err) in enumerate(logs)]
     code, deadline = 0, time.monotonic() + timeout
     while any(p.poll() is None for p in ranks):
+        if poke:
+            poke(ranks)
         code = code or next((p.returncode for p in ranks if p.returncode), 0)
         if code or time.monotonic() > deadline:
             for p in ranks:

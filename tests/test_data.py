@@ -614,3 +614,15 @@ def test_a_tokens_file_is_checked_field_by_field(tmp_path):
         torch.save({**good, **change}, path)
         with pytest.raises(ValueError, match=message):
             D.load_tokens(path)
+
+
+def test_planes_image_shows_each_plane_s_principal_components_side_by_side():
+    ramp = torch.zeros(4, 2, 5)
+    ramp[0] = torch.arange(5.0)                            # the texels differ along the columns only
+    ramp[1] = 2 * torch.arange(5.0)
+    tall = torch.randn(4, 6, 3)
+    image = D.planes_image([ramp, tall], zoom=2)
+    assert image.shape == (12, 2 * 5 + 4 + 2 * 3 + 4, 3) and image.dtype == np.uint8
+    first = image[:4, :10, 0].astype(int)                  # the first component, zoomed: one value per column pair
+    assert sorted({first[0, 0], first[0, -1]}) == [0, 255] and (np.diff(first[0]) * np.sign(first[0, -1] - 128) >= 0).all()
+    assert (image[4:, :10] == 255).all()                   # under the shorter plane: white

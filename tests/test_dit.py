@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -466,3 +467,23 @@ print(bench.resident_peak_bytes() - before)
                          capture_output=True, text=True, timeout=120, env=ENV)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.strip()) < 200 * 2 ** 20                    # far below the 512 MiB the file holds
+
+
+def test_ctrl_c_finishes_the_step_saves_and_keeps_the_record(tmp_path, monkeypatch, capsys):
+    make_tokens_file(tmp_path / "tokens.pt")
+    loss_fn, calls = dit.flow_matching_loss, []
+
+    def interrupted_at_the_second_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss_fn(*args, **kwargs)
+
+    monkeypatch.setattr(dit, "flow_matching_loss", interrupted_at_the_second_step)
+    with pytest.raises(SystemExit) as stopped:
+        dit.main([*MICRO_SIT_FLAGS, f"--tokens={tmp_path / 'tokens.pt'}", f"--out_dir={tmp_path}", "--batch_size=6",
+                  "--max_iters=50", "--log_interval=1", "--device=cpu"])
+    assert stopped.value.code == 130
+    assert f"SIGINT at step 2: saved {tmp_path / 'dit.pt'}" in capsys.readouterr().out
+    assert torch.load(tmp_path / "dit.pt", weights_only=False)["step"] == 2
+    assert [r["step"] for r in H.read_log(str(tmp_path / "dit_log.jsonl"))] == [1, 2]

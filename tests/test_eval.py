@@ -21,6 +21,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import data as D
 import eval as E
+import metrics as M
 import tokenizer as T
 from conftest import (
     ENV,
@@ -105,11 +106,11 @@ def weights(tmp_path_factory):
     checkpoints = hub / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     torch.jit.save(torch.jit.script(StandInI3D()), str(checkpoints / "i3d_torchscript.pt"))
-    torch.save(published_vgg16(), checkpoints / os.path.basename(E.VGG16_URL))
-    torch.save(published_lpips_lin(), checkpoints / os.path.basename(E.LPIPS_LIN_URL))
+    torch.save(published_vgg16(), checkpoints / os.path.basename(M.VGG16_URL))
+    torch.save(published_lpips_lin(), checkpoints / os.path.basename(M.LPIPS_LIN_URL))
     return {"torch_home": str(hub), "i3d": str(checkpoints / "i3d_torchscript.pt"),
-            "vgg": str(checkpoints / os.path.basename(E.VGG16_URL)),
-            "lin": str(checkpoints / os.path.basename(E.LPIPS_LIN_URL))}
+            "vgg": str(checkpoints / os.path.basename(M.VGG16_URL)),
+            "lin": str(checkpoints / os.path.basename(M.LPIPS_LIN_URL))}
 
 
 @pytest.fixture(scope="module")
@@ -184,12 +185,12 @@ def test_frechet_distance_closed_form_for_diagonal_covariances():
     a, b = rng.uniform(0.1, 4, 20), rng.uniform(0.1, 4, 20)
     mu1, mu2 = rng.normal(size=20), rng.normal(size=20)
     expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert E.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    assert M.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
     # one dimension, hand-computed: (1 - 4)^2 + (sqrt(9) - sqrt(1))^2 = 9 + 4
-    assert E.frechet_distance([1.0], [[9.0]], [4.0], [[1.0]]) == pytest.approx(13.0, abs=1e-10)
+    assert M.frechet_distance([1.0], [[9.0]], [4.0], [[1.0]]) == pytest.approx(13.0, abs=1e-10)
     # a rotation of both covariances changes nothing
     q, _ = np.linalg.qr(rng.normal(size=(20, 20)))
-    rotated = E.frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T)
+    rotated = M.frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T)
     assert rotated == pytest.approx(expected, rel=1e-8)
 
 
@@ -198,12 +199,12 @@ def test_fvd_of_features_matches_scipy_sqrtm(n_real, n_fake, dim):
     rng = np.random.default_rng(n_real)
     real = rng.normal(size=(n_real, dim)) @ rng.normal(size=(dim, dim))
     fake = rng.normal(size=(n_fake, dim)) @ rng.normal(size=(dim, dim)) * 0.7 + 0.5
-    mean, cov = E.feature_stats(real)
+    mean, cov = M.feature_stats(real)
     np.testing.assert_allclose(cov, np.cov(real, rowvar=False, bias=True), rtol=1e-10, atol=1e-10)  # population
-    fvd, reason = E.fvd_from_features(real, fake)
+    fvd, reason = M.fvd_from_features(real, fake)
     assert reason == "" and fvd == pytest.approx(scipy_fvd(real, fake), rel=1e-6)
-    assert E.fvd_from_features(real, real)[0] == pytest.approx(0.0, abs=1e-6 * np.trace(cov))
-    assert E.fvd_from_features(real[:1], fake)[0] is None                      # undefined for one clip
+    assert M.fvd_from_features(real, real)[0] == pytest.approx(0.0, abs=1e-6 * np.trace(cov))
+    assert M.fvd_from_features(real[:1], fake)[0] is None                      # undefined for one clip
 
 
 def decoded_pair(tmp_path, size=40, frames=6):
@@ -220,8 +221,8 @@ def test_psnr_and_ssim_match_scikit_image_on_decoded_frames(tmp_path):
     clip, noisy = decoded_pair(tmp_path)
     target, pred = as_model_range(clip)[None], as_model_range(noisy)[None]      # (1, T, H, W, 3)
     pred[0, 0, :4] = 1.7                                                       # out of range: clamped first
-    ssim = E.ssim_per_frame(pred, target)[0].numpy()
-    psnr = T.psnr_per_frame(pred, target)[0].numpy()
+    ssim = M.ssim_per_frame(pred, target)[0].numpy()
+    psnr = M.psnr_per_frame(pred, target)[0].numpy()
     for i in range(clip.shape[0]):
         a, b = unit_frames(target[0, i]), unit_frames(pred[0, i])
         ref_ssim = structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
@@ -229,16 +230,16 @@ def test_psnr_and_ssim_match_scikit_image_on_decoded_frames(tmp_path):
         assert ssim[i] == pytest.approx(ref_ssim, abs=1e-4)
         assert psnr[i] == pytest.approx(peak_signal_noise_ratio(a, b, data_range=1.0), abs=1e-4)
     assert 0.3 < ssim.mean() < 0.95                                           # a real, imperfect pair
-    assert E.ssim_per_frame(target, target).numpy() == pytest.approx(1.0, abs=1e-6)
+    assert M.ssim_per_frame(target, target).numpy() == pytest.approx(1.0, abs=1e-6)
 
 
 def test_ssim_refuses_frames_smaller_than_its_window():
     with pytest.raises(ValueError, match="at least 11x11"):
-        E.ssim_per_frame(torch.zeros(1, 2, 8, 8, 3), torch.zeros(1, 2, 8, 8, 3))
+        M.ssim_per_frame(torch.zeros(1, 2, 8, 8, 3), torch.zeros(1, 2, 8, 8, 3))
 
 
 def test_lpips_loads_the_published_layout_and_matches_the_plain_computation(weights, tmp_path):
-    lpips, reason = E.load_lpips(weights["vgg"], weights["lin"], torch.device("cpu"))
+    lpips, reason = M.load_lpips(weights["vgg"], weights["lin"], torch.device("cpu"))
     assert lpips is not None, reason
     # every published key is used, with its tensor; the classifier is not
     vgg, lin = torch.load(weights["vgg"]), torch.load(weights["lin"])
@@ -252,7 +253,7 @@ def test_lpips_loads_the_published_layout_and_matches_the_plain_computation(weig
     target = as_model_range(clip)[None].repeat(2, 1, 1, 1, 1)                 # (2, 3, 32, 32, 3)
     pred = as_model_range(noisy)[None].repeat(2, 1, 1, 1, 1)
     pred[1] = target[1]                                                        # clip 2 is perfect
-    scores = E.frame_metrics(lpips)["lpips"][2](pred, target)                   # (2, 3)
+    scores = M.frame_metrics(lpips)["lpips"][2](pred, target)                   # (2, 3)
     assert scores.shape == (2, 3)
     frames = lambda v: v[0].permute(0, 3, 1, 2)                               # (3, 3, 32, 32)
     expected = reference_lpips(vgg, lin, frames(pred), frames(target))
@@ -262,7 +263,7 @@ def test_lpips_loads_the_published_layout_and_matches_the_plain_computation(weig
 
 
 def test_missing_lpips_weights_say_how_to_supply_them(weights, tmp_path):
-    missing, reason = E.load_lpips(str(tmp_path / "no_vgg.pth"), weights["lin"], torch.device("cpu"))
+    missing, reason = M.load_lpips(str(tmp_path / "no_vgg.pth"), weights["lin"], torch.device("cpu"))
     assert missing is None and "with --lpips_vgg" in reason and "vgg16-397923af.pth" in reason
 
 
@@ -307,7 +308,7 @@ def test_detector_is_called_the_stylegan_v_way(weights):
     detector, reason = E.load_i3d(weights["i3d"], torch.device("cpu"))
     assert detector is not None, reason
     clips = torch.randint(0, 256, (3, 5, 16, 16, 3), dtype=torch.uint8)
-    feats = E.i3d_features(detector, clips, torch.device("cpu"))              # raises if not uint8 (B, 3, T, H, W)
+    feats = M.i3d_features(detector, clips, torch.device("cpu"))              # raises if not uint8 (B, 3, T, H, W)
     assert feats.dtype == torch.float64 and feats.shape == (3, 12)
     np.testing.assert_allclose(feats.numpy(), standin_features(list(clips.numpy())), rtol=1e-6)
     # StyleGAN-V's conversion of generated frames: x * 127.5 + 128, clamped, truncated
@@ -331,10 +332,10 @@ def test_detector_takes_i3d_batch_clips_per_call_with_the_same_features(weights)
             return detector(x, **kwargs)
 
     clips = torch.randint(0, 256, (5, 4, 16, 16, 3), dtype=torch.uint8)
-    at_once = E.i3d_features(detector, clips, torch.device("cpu"), i3d_batch=5)
+    at_once = M.i3d_features(detector, clips, torch.device("cpu"), i3d_batch=5)
     for i3d_batch, expected_calls in ((1, [1] * 5), (2, [2, 2, 1])):
         calls.clear()
-        chunked = E.i3d_features(Recording(), clips, torch.device("cpu"), i3d_batch)
+        chunked = M.i3d_features(Recording(), clips, torch.device("cpu"), i3d_batch)
         assert calls == expected_calls
         torch.testing.assert_close(chunked, at_once, rtol=1e-12, atol=1e-12)
     assert E.parse_args([])[0].i3d_batch == 1                                 # StyleGAN-V's one clip per call
@@ -365,7 +366,7 @@ def test_lossless_fake_clips_reach_the_detector_unchanged_and_h264_ones_do_not(t
     for i, clip in enumerate(clips):                                           # (10, 24, 24, 3) uint8 each
         D.write_video(str(tmp_path / "lossless" / "gen" / f"{i}.mkv"), clip, lossless=True)
         D.write_video(str(tmp_path / "h264" / "gen" / f"{i}.mp4"), clip)
-    direct = E.i3d_features(detector, torch.from_numpy(clips), torch.device("cpu")).numpy()
+    direct = M.i3d_features(detector, torch.from_numpy(clips), torch.device("cpu")).numpy()
     lossless = E.folder_features(detector, str(tmp_path / "lossless"), 10, 24, torch.device("cpu"))
     np.testing.assert_array_equal(lossless, direct)
     h264 = E.folder_features(detector, str(tmp_path / "h264"), 10, 24, torch.device("cpu"))
@@ -400,7 +401,7 @@ def test_python_eval_py_end_to_end(tmp_path, checkpoint, micro_videos, weights):
     model, _ = T.load_tokenizer(checkpoint)
     assert result["model_config"] == dataclasses.asdict(model.config) and result["date"] and result["device"]
     # the figures are the ones computed independently, frame by frame
-    lpips = E.LPIPS.from_pretrained(weights["vgg"], weights["lin"])
+    lpips = M.LPIPS.from_pretrained(weights["vgg"], weights["lin"])
     ref, reals, recons = reference_metrics(model, val_paths, 8, lpips)
     for k in ("psnr", "ssim", "lpips"):
         assert result[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-5), k
@@ -580,7 +581,7 @@ def test_a_whole_video_comes_back_frame_for_frame_with_its_figures(tmp_path, che
 
 def test_the_yardsticks_are_the_mean_frame_and_the_patch_blur():
     clip = torch.rand(2, 4, 8, 8, 3) * 2 - 1
-    marks = E.yardsticks(clip, (1, 4, 4))
+    marks = M.yardsticks(clip, (1, 4, 4))
     assert torch.allclose(marks["temporal_mean"][:, 2], clip.mean(1))
     block = marks["patch_blur"][1, 3, 4:8, 0:4]                               # one 4x4 patch, one value each
     assert torch.allclose(block, clip[1, 3, 4:8, 0:4].mean(dim=(0, 1)).expand_as(block))

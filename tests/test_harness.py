@@ -1,6 +1,7 @@
 """harness.py: the optimizer step, flags and resumed configs, files written atomically and locked,
 configs of other versions, weights fetched and checked, fingerprints."""
 
+import json
 import os
 import pickle
 import shutil
@@ -12,29 +13,10 @@ import urllib.error
 import pytest
 import torch
 
+import eval as E
 import harness as H
 import tokenizer as T
 from conftest import MICRO, ROOT
-
-
-def test_optimizer_step_clips_only_when_asked_and_skips_non_finite_steps(tmp_path):
-    weight = torch.nn.Parameter(torch.zeros(2))
-    model = torch.nn.Module()
-    model.weight = weight
-    optimizer = torch.optim.SGD([weight], lr=1.0)
-    ckpt = str(tmp_path / "ckpt.pt")
-    for grad_clip, expected in ((0.0, [3.0, 4.0]), (1.0, [0.6, 0.8])):  # |g| = 5: 0 means no clipping
-        weight.data.zero_()
-        weight.grad = torch.tensor([-3.0, -4.0])
-        assert H.optimizer_step(model, optimizer, grad_clip, 2, 3, ckpt) == 0  # stepped, count reset
-        assert weight.tolist() == pytest.approx(expected)
-    weight.grad = torch.tensor([float("nan"), 1.0])
-    with pytest.warns(UserWarning, match=r"non-finite.*\(1 in a row\)"):
-        assert H.optimizer_step(model, optimizer, 1.0, 0, 3, ckpt) == 1
-    assert weight.tolist() == pytest.approx([0.6, 0.8]) and weight.grad is None  # skipped, gradient dropped
-    weight.grad = torch.tensor([float("inf"), 1.0])
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="3 non-finite steps.*no checkpoint"):
-        H.optimizer_step(model, optimizer, 1.0, 2, 3, ckpt)
 
 
 def test_parse_config_flags_presets_and_the_explicit_ones():
@@ -158,21 +140,20 @@ def test_run_lock_is_held_by_a_live_process_only_whatever_its_file_holds(tmp_pat
     assert sorted(os.listdir(tmp_path)) == [".tokenizer.pt.lock"]
 
 
-def test_configs_of_another_version_are_refused_by_name(tmp_path):
+def test_configs_of_another_version_unknown_fields_refused_missing_ones_default_and_named(tmp_path, capsys):
     saved = T.CoordTokConfig(**MICRO).__dict__.copy()
-    with pytest.raises(ValueError, match=r"unknown fields \['warp_speed'\], missing \[\]"):
+    with pytest.raises(ValueError, match=r"fields this code does not know \(\['warp_speed'\]\)"):
         H.config_from_dict(T.CoordTokConfig, {**saved, "warp_speed": 9}, "old.pt")
-    del saved["pooled_queries"]  # no default would say what this checkpoint did: an error, not a guess
-    with pytest.raises(ValueError, match=r"missing \['pooled_queries'\]"):
-        H.config_from_dict(T.CoordTokConfig, saved, "old.pt")
-    saved["pooled_queries"] = True
-    del saved["img_width"]       # a field added later, whose default is what older files meant
-    assert H.config_from_dict(T.CoordTokConfig, saved, "old.pt").img_width == 0
+    del saved["img_width"], saved["pooled_queries"]  # fields added later: their defaults are what older files did
+    config = H.config_from_dict(T.CoordTokConfig, saved, "old.pt")
+    assert (config.img_width, config.pooled_queries) == (0, False)
+    assert capsys.readouterr().err.splitlines() == ["old.pt predates --img_width: it loads with the default, 0",
+                                                    "old.pt predates --pooled_queries: it loads with the default, False"]
     # the same through a checkpoint file
     model = T.CoordTok(T.CoordTokConfig(**MICRO))
     torch.save({"kind": "coordtok_tokenizer", "model": model.state_dict(),
                 "model_config": {**MICRO, "pooled_queries": False, "warp_speed": 1}}, tmp_path / "t.pt")
-    with pytest.raises(ValueError, match=r"another version \(unknown fields \['warp_speed'\]"):
+    with pytest.raises(ValueError, match=r"fields this code does not know \(\['warp_speed'\]"):
         T.load_tokenizer(str(tmp_path / "t.pt"))
 
 
@@ -188,7 +169,7 @@ class Planted:
 
 def test_cached_weights_are_read_as_tensors_only_and_hash_checked(tmp_path, monkeypatch):
     from conftest import published_lpips_lin, published_vgg16
-    from eval import LPIPS, LPIPS_LIN_URL, VGG16_URL
+    from metrics import LPIPS, LPIPS_LIN_URL, VGG16_URL
     hub = tmp_path / "hub"
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
     os.makedirs(hub / "checkpoints")
@@ -249,3 +230,45 @@ def test_the_fingerprint_names_the_weights():
     with torch.no_grad():
         b.to_pixels.bias[0] += 1e-3
     assert H.weights_fingerprint(a) != H.weights_fingerprint(b)
+
+
+def test_a_run_log_survives_a_torn_line_resumes_without_repeats_and_draws_its_curves(tmp_path, monkeypatch, capsys):
+    logged = []
+    fake_wandb = type(sys)("wandb")                       # imported only when a project is given
+    fake_wandb.init = lambda **kwargs: type("Run", (), {"log": lambda self, r, step: logged.append((step, r))})()
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    log = H.RunLog(str(tmp_path), "tokenizer", 0, True, "my-project")
+    for step in (10, 20, 30):
+        log.write({"step": step, "loss": 1.0 / step, "psnr": float(step), "held_out_psnr": step + 0.5})
+    log.write({"step": 40, "loss": float("nan")})
+    log.file.write('{"step": 50, "lo')                     # a kill in the middle of a line
+    log.file.flush()
+    assert [s for s, _ in logged] == [10, 20, 30, 40]
+    path = tmp_path / "tokenizer_log.jsonl"
+    assert [r["step"] for r in H.read_log(str(path))] == [10, 20, 30, 40]
+    assert json.loads(path.read_text().splitlines()[3]) == {"step": 40, "loss": None}  # strict JSON: no NaN
+    resumed = H.RunLog(str(tmp_path), "tokenizer", 20, True)   # the checkpoint was at step 20
+    resumed.write({"step": 30, "loss": 0.5})
+    resumed.close()
+    assert [r["step"] for r in H.read_log(str(path))] == [10, 20, 30]
+    svg = (tmp_path / "tokenizer_curves.svg").read_text()
+    assert svg.count("<polyline") == 3 and "psnr (red: held out)" in svg   # loss; psnr with held_out_psnr
+    (tmp_path / "tokenizer_curves.svg").unlink()
+    assert E.main(["--curves", str(tmp_path)]) == [str(tmp_path / "tokenizer_curves.svg")]
+    assert (tmp_path / "tokenizer_curves.svg").read_text() == svg
+    with pytest.raises(SystemExit, match="holds no \\*_log.jsonl"):
+        E.main(["--curves", str(tmp_path / "nothing")])
+    assert H.RunLog(str(tmp_path), "dit", 0, False).file is None and not (tmp_path / "dit_log.jsonl").exists()
+
+
+def test_a_new_config_field_is_one_line_and_older_files_load_with_its_default(capsys):
+    import dataclasses
+    Extended = dataclasses.make_dataclass("CoordTokConfig", [("time_plane_c", int, 0)], bases=(T.CoordTokConfig,))
+    T.validate_config(Extended(**MICRO))                  # an int field defaulting to 0 may be 0
+    loaded = H.config_from_dict(Extended, dict(MICRO), "old.pt")
+    assert loaded.time_plane_c == 0 and "old.pt predates --time_plane_c" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--block_eps must be a finite number, got nan"):
+        T.validate_config(T.CoordTokConfig(block_eps=float("nan")))
+    with pytest.raises(ValueError, match="--time_plane_c must be >= 0, got -1"):
+        T.validate_config(Extended(time_plane_c=-1))
+    T.validate_config(T.CoordTokConfig(enc_layers=0, query_layers=0, dec_layers=0))  # their fields say min 0

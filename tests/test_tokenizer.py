@@ -1,7 +1,10 @@
 """CoordTok: triplane lookup, decoding, padding, overfitting, the training loop's guards, resume, DDP, the
 tokens file, and the errors a user meets at the command line."""
 
+import fcntl
+import math
 import os
+import signal
 import socket
 
 import pytest
@@ -9,6 +12,7 @@ import torch
 
 import data as D
 import harness as H
+import metrics as M
 import tokenizer as T
 from conftest import MICRO, MICRO_TRAIN_FLAGS, run_script
 
@@ -128,7 +132,7 @@ def test_tiny_model_overfits_one_real_mp4_clip(tmp_path):
         opt.step()
     with torch.no_grad():
         recon = model.decode_video(model.encode(video))
-    psnr = T.psnr_per_frame(recon, video).mean().item()
+    psnr = M.psnr_per_frame(recon, video).mean().item()
     assert psnr > 28, f"full-clip PSNR after overfitting {psnr:.1f} dB"
 
 
@@ -137,12 +141,12 @@ def test_psnr_per_frame_closed_form():
     pred = target.clone()
     pred[0, 0] += 0.2                      # [-1, 1] error 0.2 -> [0, 1] error 0.1 -> PSNR 20 dB
     pred[0, 1] += 0.02                     # -> 40 dB
-    assert T.psnr_per_frame(pred, target)[0].tolist() == pytest.approx([20.0, 40.0], abs=1e-4)
+    assert M.psnr_per_frame(pred, target)[0].tolist() == pytest.approx([20.0, 40.0], abs=1e-4)
 
 
 def test_weight_decay_falls_on_linear_and_conv_weights_only():
     model = T.CoordTok(T.CoordTokConfig(**MICRO))
-    optimizer = H.make_optimizer(model, T.TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    optimizer = torch.optim.AdamW(H.decay_groups(model, 0.1))
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[i] for i in decayed} == {n for n, p in model.named_parameters()
@@ -172,7 +176,7 @@ def test_config_holes_are_clear_errors_naming_the_flag(tmp_path, micro_videos, c
 
 
 def test_lpips_weights_missing_or_of_another_layout_are_clear_errors(tmp_path, micro_videos, lpips_files):
-    from eval import LPIPS
+    from metrics import LPIPS
     with pytest.raises(H.WeightsUnavailable, match=r"missing.pth does not exist.*vgg16-397923af.pth.*--lpips_vgg"):
         LPIPS.from_pretrained(str(tmp_path / "missing.pth"), str(tmp_path / "missing2.pth"))
     torch.save({"features.0.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
@@ -204,11 +208,91 @@ def test_stage_two_fine_tunes_whole_frames_with_lpips_and_resumes_as_stage_two(t
     assert s2["train_config"]["lpips_vgg"] == lpips_files["vgg"] and s2["train_config"]["num_frames_stage2"] == 2
 
 
-def test_max_time_stops_at_a_log_step_and_saves(tmp_path, micro_videos, capsys):
+def test_max_time_stops_and_saves(tmp_path, micro_videos, capsys):
     T.main([*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=1000", "--max_time=1e-6",
-            "--log_interval=2", f"--out_dir={tmp_path}"])
-    assert "stopping after 1e-06 minutes (--max_time) at step 2" in "".join(capsys.readouterr())
+            f"--out_dir={tmp_path}"])
+    assert "(step 1, stopped by --max_time 1e-06)" in capsys.readouterr().out
+    assert torch.load(tmp_path / "tokenizer.pt", weights_only=False)["step"] == 1
+
+
+def test_the_loop_clips_as_asked_and_a_diverging_run_keeps_its_last_good_checkpoint(tmp_path, micro_videos,
+                                                                                   monkeypatch):
+    max_norms, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def recorded_clip(parameters, max_norm):
+        max_norms.append(max_norm)
+        return clip(parameters, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recorded_clip)
+    ckpt = tmp_path / "tokenizer.pt"
+    T.main([*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=2", f"--out_dir={tmp_path}", "--grad_clip=0"])
+    assert max_norms == [math.inf] * 3             # 0: no clipping; the third checks the weights it then saves
+    good = ckpt.read_bytes()
+    # lr 1e30: the first step's weights blow up, the next steps are not finite and skipped; no save during the
+    # streak (--ckpt_interval 1), and the error names the file that still holds step 2
+    for max_iters in (40, 5):
+        with pytest.warns(UserWarning, match="non-finite"), pytest.raises(
+                SystemExit, match=rf"3 non-finite steps in a row \(last good file: {ckpt}\)"):
+            T.main(["--resume", f"--out_dir={tmp_path}", f"--max_iters={max_iters}", "--learning_rate=1e30",
+                    "--ckpt_interval=1", "--max_bad_steps=3", "--grad_clip=0.5"])
+        assert ckpt.read_bytes() == good
+    assert max_norms[3:] == [0.5] * 8
+
+
+def test_ctrl_c_finishes_the_step_saves_and_says_so_and_stale_partial_files_go(tmp_path, micro_videos,
+                                                                               monkeypatch, capsys):
+    stale, live = tmp_path / ".tokenizer.dead1.partial.pt", tmp_path / ".tokenizer.live2.partial.pt"
+    stale.write_bytes(b"x" * 1000)
+    live.write_bytes(b"y")
+    loss, calls = T.reconstruction_loss, []
+
+    def interrupted_at_the_second_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(T, "reconstruction_loss", interrupted_at_the_second_step)
+    with open(live) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)                       # a save in progress in another process
+        with pytest.raises(SystemExit) as stopped:
+            T.main([*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=50", f"--out_dir={tmp_path}"])
+    assert stopped.value.code == 130 and len(calls) == 3         # the third checks the weights it saves
+    out = capsys.readouterr().out
+    assert f"SIGINT at step 2: saved {tmp_path / 'tokenizer.pt'}; continue it with --resume" in out
     assert torch.load(tmp_path / "tokenizer.pt", weights_only=False)["step"] == 2
+    assert "removed 1 partial files of killed saves" in out and not stale.exists() and live.exists()
+
+
+def test_sigterm_stops_two_processes_at_one_step_saves_once_and_resumes_to_the_unbroken_run(tmp_path, micro_videos):
+    flags = [*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--lr_schedule=constant", "--eval_interval=1000",
+             "--ckpt_interval=1000"]
+    log = tmp_path / "ddp" / "tokenizer_log.jsonl"
+    sent = []
+
+    def preempt(ranks):  # as a cluster does: SIGTERM to every process, once the run is under way
+        if not sent and log.exists() and len(log.read_text().splitlines()) >= 2:
+            sent.append([p.send_signal(signal.SIGTERM) for p in ranks])
+
+    out = run_cli(*flags, "--max_iters=200", "--batch_size=2", f"--out_dir={tmp_path / 'ddp'}", nproc=2,
+                  poke=preempt)
+    assert out.returncode == 143 and sent, out.stderr[-3000:]
+    step = torch.load(tmp_path / "ddp" / "tokenizer.pt", weights_only=False)["step"]
+    assert out.stdout.count("SIGTERM at step") == 1 and f"SIGTERM at step {step}: saved" in out.stdout
+    T.main(["--resume", f"--out_dir={tmp_path / 'ddp'}", "--batch_size=4", f"--max_iters={step + 2}"])
+    T.main([*flags, "--batch_size=4", f"--max_iters={step + 2}", f"--out_dir={tmp_path / 'one'}"])
+    resumed, unbroken = (torch.load(tmp_path / d / "tokenizer.pt", weights_only=False) for d in ("ddp", "one"))
+    assert resumed["step"] == unbroken["step"] == step + 2
+    for k in unbroken["model"]:
+        torch.testing.assert_close(resumed["model"][k], unbroken["model"][k], rtol=0, atol=1e-4)
+    steps = [r["step"] for r in H.read_log(str(log))]
+    assert steps == sorted(set(steps)) and steps[-1] == step + 2                # appended, no step twice
+
+
+def test_a_second_launch_is_refused_under_the_lock_before_any_work(tmp_path):
+    ckpt = str(tmp_path / "tokenizer.pt")
+    with H.run_lock(ckpt), pytest.raises(SystemExit, match="another run .* is writing"):
+        T.main([f"--data={tmp_path / 'not_scanned_yet'}", f"--out_dir={tmp_path}"])
 
 
 def test_resume_restores_the_run_and_equals_an_unbroken_one(tmp_path, micro_videos, capsys):
@@ -228,6 +312,13 @@ def test_resume_restores_the_run_and_equals_an_unbroken_one(tmp_path, micro_vide
     assert any(not torch.equal(init[k], a["model"][k]) for k in init)   # it did train
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
+    # the record of each run: a line per log interval (held-out figures among them), appended on resume with
+    # no step twice, and the same as the unbroken run's; its curves beside it
+    full, part = (H.read_log(str(tmp_path / d / "tokenizer_log.jsonl")) for d in ("full", "part"))
+    assert [r["step"] for r in part] == [r["step"] for r in full] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in part] == pytest.approx([r["loss"] for r in full], rel=1e-4)
+    assert {"loss", "psnr", "lr", "seconds_per_step", "clips_per_s", "held_out_psnr", "held_out_ssim"} <= set(part[-1])
+    assert (tmp_path / "part" / "tokenizer_curves.svg").read_text().count("<polyline") == 7
     # a model flag cannot change under a trained model
     with pytest.raises(SystemExit, match="--dec_layers differ"):
         T.main(["--resume", f"--out_dir={tmp_path / 'part'}", "--max_iters=7", "--dec_layers=3"])
@@ -288,7 +379,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path,
 
 def test_encode_covers_every_window_of_every_video_on_any_number_of_processes(tmp_path, micro_videos, capsys):
     T.main([*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=2", f"--out_dir={tmp_path}"])
-    assert "held-out full-clip PSNR" in "".join(capsys.readouterr())
+    assert "step 2: held_out_psnr" in "".join(capsys.readouterr())
     one, two = str(tmp_path / "tokens.pt"), str(tmp_path / "tokens_ddp.pt")
     T.main([f"--out_dir={tmp_path}", f"--encode={one}", "--num_workers=0", "--batch_size=4"])
     tokens = D.load_tokens(one)
