@@ -410,7 +410,7 @@ def main(argv=None):
             name = next((line.split(":", 1)[1].strip() for line in f
                          if line.startswith("model name")), "CPU")
     threads = torch.get_num_threads()
-    where = name + (f", {threads} torch thread{'s' * (threads > 1)}" * (device.type == "cpu"))
+    where = f"{name}, {threads} torch threads" if device.type == "cpu" else name
     what = "dry run: the tiny tokenizer" if args.dry_run else f"`{args.preset}` preset"
     print(f"## CoordTok bench: {what} on {device} ({where}), torch {torch.__version__}\n\n"
           f"`{command}`", flush=True)
@@ -423,8 +423,8 @@ def main(argv=None):
         "scaling": lambda: part_scaling(configs, args.batch_size, num_samples, device),
         "compile": lambda: part_compile(longest, args.batch_size, num_samples, device),
         "throughput": lambda: part_throughput(longest, args.batch_size, device),
-        "dit": lambda: part_dit([longest] + [large] * (latents(large) != latents(longest)),
-                                args.batch_size, device),
+        "dit": lambda: part_dit([longest] if latents(large) == latents(longest) else
+                                [longest, large], args.batch_size, device),
         "gpu": lambda: part_gpu(gpu_cfg, device, args.dry_run),
         "loader": lambda: part_loader(gpu_cfg, results["gpu"]["clips_per_s"],
                                       f"measured by gpu on {where}", 1 if args.dry_run else 10)

@@ -149,7 +149,8 @@ class SiT(nn.Module):
         self.pos_t = nn.Parameter(torch.zeros(1, self.grids[1][0] * self.time_columns, width))
         self.plane_type = nn.Parameter(torch.randn(1, 3, width))
         self.time_mlp = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
-        self.class_embed = nn.Embedding(num_classes + (cfg.class_dropout > 0), width)
+        null_class = 1 if cfg.class_dropout > 0 else 0  # the row of "no label", for guidance
+        self.class_embed = nn.Embedding(num_classes + null_class, width)
         self.blocks = nn.ModuleList(SiTBlock(width, cfg.heads, cfg.mlp_ratio)
                                     for _ in range(cfg.depth))
         self.heads = nn.ModuleList(OutputHead(width, p, c * (1 + cfg.learn_sigma))
@@ -303,8 +304,9 @@ def integrate(velocity, noise, sampler="sde", steps=250, generator=None, diffusi
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}.")
-    if steps < 1 + (sampler == "sde"):
-        raise ValueError(f"--steps must be >= {1 + (sampler == 'sde')} for the {sampler} sampler.")
+    fewest = 2 if sampler == "sde" else 1  # the SDE's last step is a step of its own
+    if steps < fewest:
+        raise ValueError(f"--steps must be >= {fewest} for the {sampler} sampler.")
     x = tuple(n.float() for n in noise)
     B, device = x[0].shape[0], x[0].device
     end = 1 - last_step if sampler == "sde" else 1.0
@@ -554,8 +556,9 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
             bar.update(1)
 
             out_of_time = tc.max_time > 0 and time.time() - t_start > tc.max_time * 60
-            stop = H.any_rank(dist, out_of_time or bool(signals))
-            done = step == tc.max_iters or stop
+            signum, out_of_time = H.agree(dist, signals[0] if signals else 0, out_of_time)
+            signum = int(signum)  # SIGTERM, SIGINT (received on any rank), or 0
+            done = step == tc.max_iters or signum or out_of_time
             if dist.is_main and (step % tc.log_interval == 0 or done):
                 seconds = (time.time() - t_log) / (step - step_log)
                 record = dict(step=step, loss=loss_sum.item(), lr=lr, seconds_per_step=seconds,
@@ -570,17 +573,17 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
     if not finite:  # the run ended in a non-finite streak: nothing was saved since it began
         raise H.diverged(bad_steps + 1, ckpt_path)
     log.close()
-    if dist.is_main and signals:
-        print(f"{signal.Signals(signals[0]).name} at step {step}: saved {ckpt_path}; continue "
-              f"it with --resume")
+    if dist.is_main and signum:
+        print(f"{signal.Signals(signum).name} at step {step}: saved {ckpt_path}; continue it "
+              f"with --resume")
     elif dist.is_main:
         stopped = f", stopped by --max_time {tc.max_time}" if step < tc.max_iters else ""
         print(f"saved {ckpt_path} (step {step}{stopped}); its curves: {log.curves}; sample "
               f"with `python sample.py --ckpt {ckpt_path}`")
     lock.close()
     H.cleanup_distributed(dist)
-    if signals:  # the exit status of a process ended by the signal, for the scripts that relaunch
-        raise SystemExit(128 + signals[0])
+    if signum:  # the exit status of a process ended by the signal, for the scripts that relaunch
+        raise SystemExit(128 + signum)
 
 
 def main(argv=None):

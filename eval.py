@@ -204,7 +204,7 @@ def report(result, metrics, preview, out_dir):
     frames_row = f"{frames}" + (f" (model: {model_frames})" if frames != model_frames else "")
     if result["real_frames"] != clips * frames:
         frames_row += f"; {result['real_frames']} real frames evaluated"
-    no_split = "; the checkpoint carries no training split" * (result["train_config"] is None)
+    no_split = "" if result["train_config"] else "; the checkpoint carries no training split"
     marks = result["yardsticks"]
     rows = [("clips", f"{clips} ({result['split']} split of {result['data']}{no_split})"),
             ("frames per clip", frames_row), ("resolution", "{}x{}".format(*result["resolution"])),

@@ -99,13 +99,14 @@ def use_compile(flag, device):
     return device.type == "cuda" if flag == "auto" else flag == "true"
 
 
-def any_rank(dist, flag):
-    """flag on every rank when it is true on any: the ranks stop at the same step."""
+def agree(dist, *values):
+    """Each value, the largest any rank holds (numbers): every rank stops at the same step, and
+    for the same reason."""
     if not dist.ddp:
-        return flag
-    flag = torch.tensor(float(flag), device=dist.device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag)
+        return values
+    values = torch.tensor(values, dtype=torch.float64, device=dist.device)
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return values.tolist()
 
 
 @contextlib.contextmanager

@@ -740,8 +740,9 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
             bar.update(1)
 
             out_of_time = tc.max_time > 0 and time.time() - t_start > tc.max_time * 60
-            stop = H.any_rank(dist, out_of_time or bool(signals))
-            done = step == tc.max_iters or stop  # a signal's stop saves at once, unevaluated
+            signum, out_of_time = H.agree(dist, signals[0] if signals else 0, out_of_time)
+            signum = int(signum)  # SIGTERM, SIGINT (received on any rank), or 0
+            done = step == tc.max_iters or signum or out_of_time  # a signal: saved, unevaluated
             record = {"step": step}
             if dist.is_main and (step % tc.log_interval == 0 or done):
                 seconds = (time.time() - t_log) / (step - step_log)
@@ -753,7 +754,7 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "psnr", "lr", "mfu")
                                  if k in record})
             n_eval = min(tc.eval_clips, len(val_set))
-            if dist.is_main and (step % tc.eval_interval == 0 or (done and not signals)) and n_eval:
+            if dist.is_main and (step % tc.eval_interval == 0 or (done and not signum)) and n_eval:
                 record.update(evaluate(raw_model.eval(), val_set, n_eval, max(tc.batch_size, 4),
                                        device, lpips))
                 raw_model.train()
@@ -766,9 +767,9 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
     if not finite:  # the run ended in a non-finite streak: nothing was saved since it began
         raise H.diverged(bad_steps + 1, ckpt_path)
     log.close()
-    if dist.is_main and signals:
-        print(f"{signal.Signals(signals[0]).name} at step {step}: saved {ckpt_path}; continue "
-              f"it with --resume")
+    if dist.is_main and signum:
+        print(f"{signal.Signals(signum).name} at step {step}: saved {ckpt_path}; continue it "
+              f"with --resume")
     elif dist.is_main:
         picture = os.path.join(tc.out_dir, "tokenizer.png")
         write_picture(raw_model.eval(), val_set, picture, device)
@@ -777,8 +778,8 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
               f"rows of input, reconstruction, error x4, then z_xy, z_xt, z_yt")
     lock.close()
     H.cleanup_distributed(dist)
-    if signals:  # the exit status of a process ended by the signal, for the scripts that relaunch
-        raise SystemExit(128 + signals[0])
+    if signum:  # the exit status of a process ended by the signal, for the scripts that relaunch
+        raise SystemExit(128 + signum)
 
 
 @torch.no_grad()
