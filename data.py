@@ -40,21 +40,26 @@ class VideoReadError(Exception):
 
 
 def find_videos(root):
-    """Every video under root as (path, class), sorted; the class is the folder below root
-    (`a/clips` for root/a/clips/x.mp4; root's own name for files directly in it)."""
+    """Every video file under root, links followed (each folder once), as (path, class), sorted;
+    the class is the folder below root (`a/clips` for root/a/clips/x.mp4; root's own name for
+    files directly in it)."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data folder {root!r} does not exist; pass --data with a folder "
                                 f"of videos, or no --data for the synthetic set.")
     def skip(error):
         warnings.warn(f"skipping unreadable folder {error.filename} ({error.strerror})")
 
-    found = []
-    for folder, _, files in os.walk(root, onerror=skip):
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, onerror=skip, followlinks=True):
+        if os.path.realpath(folder) in seen:  # a second link to it, or a loop
+            subfolders.clear()
+            continue
+        seen.add(os.path.realpath(folder))
         name = os.path.relpath(folder, root).replace(os.sep, "/")
         name = os.path.basename(os.path.abspath(root)) if name == "." else name
         found += [(os.path.join(folder, f), name) for f in files
                   if f.lower().endswith(VIDEO_EXTENSIONS) and not f.startswith(".")]
-    return sorted(found)
+    return sorted(video for video in found if os.path.isfile(video[0]))  # a FIFO would hang
 
 
 def _open_video(path):
@@ -99,6 +104,14 @@ def probe_video(path):
     return {"n_frames": len(packets), "pts": np.sort(times[:, 0]), "keys": keys, **shape}
 
 
+def warn_skipped(errors, shown=5):
+    """Warn of unreadable videos: the first `shown` by name, the rest counted in one line."""
+    for error in errors[:shown]:
+        warnings.warn(f"skipping unreadable video {error}")
+    if len(errors) > shown:
+        warnings.warn(f"skipping {len(errors) - shown} more unreadable videos, not named")
+
+
 def hw(size):
     """A frame size, img_size or (height, width), as (height, width)."""
     return (size, size) if isinstance(size, int) else tuple(size)
@@ -129,26 +142,37 @@ def to_rgb(frame, size, scaler):
 def frames_from(path, size, start=0, info=None):
     """The frames of a video from index `start` on, each through to_rgb. With probe_video's
     index, decoding starts at the keyframe before `start` (a seek) and each frame's index comes
-    from its time, so the seek is frame-exact. A decoding error ends the frames."""
+    from its time, so the seek is frame-exact. A frame that does not decode is warned of and
+    replaced by the nearest that does (the one before it, if any), the same from any start."""
     container, stream, size = *_open_video(path), hw(size)
-    pts, scaler, index, out = (info or {}).get("pts"), VideoReformatter(), -1, 0
+    pts, scaler, index, previous = (info or {}).get("pts"), VideoReformatter(), -1, None
     try:
         if pts is not None and len(info["keys"]) and 0 < start < len(pts):
             keys = info["keys"]
             key = keys[max(int(np.searchsorted(keys, pts[start], side="right")) - 1, 0)]
             container.seek(int(key), stream=stream, backward=True)
             index = int(np.searchsorted(pts, key)) - 1
-        for frame in container.decode(stream):
-            timed = pts is not None and frame.pts is not None
-            index = int(np.searchsorted(pts, frame.pts)) if timed else index + 1
-            if index > start and not out:  # the seek landed past the start: read from frame 0
-                yield from frames_from(path, size, start, {**info, "keys": []})
-                return
-            if index >= start:
-                yield to_rgb(frame, size, scaler)
-                out += 1
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.FFmpegError as e:  # the decoder goes on at the next packet
+                if pts is None:  # no times to tell which frames are lost
+                    warnings.warn(f"{path}: skipping a packet that does not decode ({e})")
+                continue
+            for frame in frames:
+                timed = pts is not None and frame.pts is not None
+                now = int(np.searchsorted(pts, frame.pts)) if timed else index + 1
+                if now > start and previous is None and index >= 0:  # a seek landed past start
+                    yield from frames_from(path, size, start, {**info, "keys": []})
+                    return
+                if now > index + 1:
+                    warnings.warn(f"{path}: {now - index - 1} frames ({index + 1} to {now - 1}) "
+                                  f"do not decode; the nearest frame that does stands in for each")
+                for i in range(max(index + 1, start), now + 1):  # the lost frames, then this one
+                    yield to_rgb(frame if i == now or previous is None else previous, size, scaler)
+                index, previous = now, frame
     except av.FFmpegError as e:
-        if not out:
+        if previous is None:
             raise VideoReadError(f"{path}: cannot decode ({e})") from e
     finally:
         container.close()
@@ -377,23 +401,23 @@ PREPARED_FORMATS = {"rawvideo": ".mov", "huffyuv": ".avi"}
 
 
 def _prepare_one(job):
-    """Write one prepared video: (source, "written" | "exists" | the read error)."""
+    """Write one prepared video: "written", "exists" or the read error."""
     source, target, size, codec = job
     if os.path.exists(target):
-        return source, "exists"
+        return "exists"
     try:
         info = probe_video(source)  # its fps for playback only: frames are stored one for one
         write_video(target, frames_from(source, size, 0, info), fps=info["fps"], codec=codec)
-        return source, "written"
+        return "written"
     except VideoReadError as e:  # only reading is skipped: a failed write (disk full) stops
-        return source, str(e)
+        return str(e)
 
 
 def prepare_videos(source_root, target_root, img_size, workers=1, codec="rawvideo"):
     """A copy of source_root, same folders and names, every video at img_size (square, or
     (height, width)) through read_clip's own resize, stored losslessly: frame i of a copy is
-    frame i of read_clip on its source, bit for bit, read several times faster. Skips what
-    exists (a re-run resumes) and unreadable sources (warning). Returns the counts."""
+    frame i of read_clip on its source, bit for bit (concealed frames of a damaged stretch may
+    differ), read several times faster. Skips what exists or does not read; returns the counts."""
     size = hw(img_size)
     if os.path.abspath(target_root).startswith(os.path.join(os.path.abspath(source_root), "")):
         raise ValueError(f"--prepare: put the copy {target_root!r} outside {source_root!r}.")
@@ -405,15 +429,13 @@ def prepare_videos(source_root, target_root, img_size, workers=1, codec="rawvide
                              f"{relative}; rename one of them.")
         targets[relative] = path
         jobs.append((path, os.path.join(target_root, relative), size, codec))
-    counts = {"written": 0, "exists": 0, "unreadable": 0}
     with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        outcomes = pool.imap_unordered(_prepare_one, jobs, 4) if pool else map(_prepare_one, jobs)
-        for source, outcome in outcomes:
-            if outcome not in counts:
-                warnings.warn(f"skipping unreadable video {outcome}")
-                outcome = "unreadable"
-            counts[outcome] += 1
-    return counts
+        outcomes = list(pool.imap_unordered(_prepare_one, jobs, 4) if pool
+                        else map(_prepare_one, jobs))
+    unreadable = [outcome for outcome in outcomes if outcome not in ("written", "exists")]
+    warn_skipped(unreadable)
+    return {"written": outcomes.count("written"), "exists": outcomes.count("exists"),
+            "unreadable": len(unreadable)}
 
 
 # -----------------------------------------------------------------------------
@@ -439,10 +461,10 @@ class VideoDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"no readable video in {root!r} (searched for "
                                     f"{', '.join(VIDEO_EXTENSIONS)}); add videos to it.")
         self.class_names = sorted({name for _, name in videos})
-        self.size = hw(frame_size)
-        self.num_frames = num_frames
+        self.size, self.num_frames = hw(frame_size), num_frames
         self.random_start = split == "train" if random_start is None else random_start
-        held_out = set() if split == "all" else held_out_paths(videos, val_fraction, split_file)
+        held_out = set() if split == "all" else held_out_paths(videos, root, val_fraction,
+                                                                split_file)
         chosen = [(p, name) for p, name in videos
                   if split == "all" or (p in held_out) == (split == "val")]
         self.files, self.info, unreadable = [], [], []
@@ -450,14 +472,14 @@ class VideoDataset(torch.utils.data.Dataset):
             try:
                 self.info.append(probe_video(path))
             except VideoReadError as e:
-                warnings.warn(f"skipping unreadable video {e}")
-                unreadable.append(os.path.basename(path))
+                unreadable.append(e)
                 continue
             self.files.append((path, self.class_names.index(name)))
+        warn_skipped(unreadable)
         if chosen and not self.files:
             raise FileNotFoundError(
                 f"no readable video in the {split!r} split of {root!r}: all {len(chosen)} videos "
-                f"chosen for it failed (e.g. {', '.join(unreadable[:2])}), the other "
+                f"chosen for it failed (e.g. {unreadable[0]}), the other "
                 f"{len(videos) - len(chosen)} videos are in the other split; replace the files.")
         # a data set this small (the synthetic one) is decoded once, each video when first read:
         # its clips are then slices
@@ -576,23 +598,24 @@ def make_loader(dataset, batch_size, shuffle, num_workers, dist=None, seed=0, st
 UCF_CLIP_NAME = re.compile(r"(v_.+_g\d+)_c\d+")
 
 
-def held_out_paths(videos, val_fraction, split_file=""):
-    """The held-out paths among videos (path, class): split_file's (a UCF-101 list; one named
-    "test..." lists the held-out videos, any other the training ones), else the groups whose
-    hash falls below val_fraction. A group is a UCF-101 clip group or a file; its side depends
-    on its own name only, so adding videos to a folder never moves one across."""
+def held_out_paths(videos, root, val_fraction, split_file=""):
+    """The held-out paths among videos (path, class) of the folder root: split_file's (a UCF-101
+    list; one named "test..." lists the held-out videos, any other the training ones), else the
+    groups whose hash falls below val_fraction. A group is a UCF-101 clip group or a file; its
+    side depends on its path below root only: adding videos or renaming root moves none across."""
     if split_file:
         return _held_out_by_list(videos, split_file)
 
-    def group(path, name):
+    def group(path):  # `class/stem` below root, `stem` for a file in root; a UCF-101 clip's group
         stem = os.path.splitext(os.path.basename(path))[0]
         found = UCF_CLIP_NAME.fullmatch(stem)
-        return f"{name}/{found[1] if found else stem}"
+        named = os.path.join(os.path.dirname(path), found[1] if found else stem)
+        return os.path.relpath(named, root).replace(os.sep, "/")
 
     def below(g):  # a uniform number in [0, 1) from the group's name
         return int.from_bytes(hashlib.sha256(g.encode()).digest()[:8], "big") / 2 ** 64
 
-    return {path for path, name in videos if below(group(path, name)) < val_fraction}
+    return {path for path, _ in videos if below(group(path)) < val_fraction}
 
 
 def _video_key(path):

@@ -295,18 +295,17 @@ def evaluate_command(args, dist):
 
 
 @torch.no_grad()
-def reconstruct_video(model, path, args, metrics, device):
+def reconstruct_video(model, path, args, metrics, device, stem):
     """One video back, every frame in order at the model's frame size. Windows of the model's
     length start every (length - overlap) frames, the last one ending at the video's last frame
     (one padded, masked window for a video shorter than the model's); a frame that several
     windows decode is their weighted mean, weights ramping over the overlap. The video is read
-    once and memory holds a batch of windows. Returns the figures, as <stem>_recon.json."""
+    once and memory holds a batch of windows. Returns the figures, also in <stem>_recon.json."""
     begin, T = time.perf_counter(), model.config.num_frames
     info, overlap = data.probe_video(path), args.overlap
     if overlap >= T:
         raise ValueError(f"--overlap {overlap} must be below the model's {T} frames.")
     fps, source_pixels = info["fps"], info["width"] * info["height"]
-    stem = data.safe_name(os.path.splitext(os.path.basename(path))[0])
     out = os.path.join(args.out_dir, stem)
     recon_path = out + ("_recon.mkv" if args.format == "lossless" else "_recon.mp4")
     starts = data.window_starts(info["n_frames"], T, T - overlap)
@@ -375,13 +374,21 @@ def reconstruct_video(model, path, args, metrics, device):
 
 
 def video_command(args, device):
-    model, _ = load_tokenizer(args.ckpt, device)
-    lpips, _ = load_lpips(args.lpips_vgg, args.lpips_lin, device)
-    metrics = frame_metrics(lpips)
+    stems = []  # each video's output name, unique in the call (s1/clip.mp4 and s2/clip.mp4)
     for path in args.video:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--video {path} does not exist; pass a video file.")
-    return [reconstruct_video(model, path, args, metrics, device) for path in args.video]
+            what = "is a folder" if os.path.isdir(path) else "does not exist"
+            raise FileNotFoundError(f"--video {path} {what}; pass video files (a folder's: DIR/*).")
+        stem, k = data.safe_name(os.path.splitext(os.path.basename(path))[0]), 1
+        name = stem
+        while name.lower() in map(str.lower, stems):  # lower case: one file on a case-blind disk
+            k += 1
+            name = f"{stem}_{k}"
+        stems.append(name)
+    model, _ = load_tokenizer(args.ckpt, device)
+    metrics = frame_metrics(load_lpips(args.lpips_vgg, args.lpips_lin, device)[0])
+    return [reconstruct_video(model, path, args, metrics, device, stem)
+            for path, stem in zip(args.video, stems)]
 
 
 # -----------------------------------------------------------------------------

@@ -320,6 +320,9 @@ def parse_config(config_classes, presets, argv=None, description="", default_pre
     args = vars(parser.parse_args(argv))
     explicit = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
     configs = tuple(type(b)(**{f.name: args[f.name] for f in dataclasses.fields(b)}) for b in bases)
+    # the seeds drawn from, seed * 1_000_003 + step, must stay in torch.manual_seed's 64 bits
+    if not all(0 <= getattr(c, "seed", 0) < 2 ** 32 for c in configs):
+        raise SystemExit(f"error: --seed must be in [0, 2**32), got {args['seed']}.")
     return configs, explicit
 
 

@@ -117,8 +117,10 @@ def sample(sc: SampleConfig, explicit=frozenset()):
     if sc.sampler not in SAMPLERS or sc.format not in ("mp4", "lossless"):
         raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)} and --format mp4 or "
                          f"lossless, got {sc.sampler!r} and {sc.format!r}.")
-    if min(sc.num_samples, sc.batch_size, sc.steps) < 1 or sc.grid_clips < 0:
-        raise ValueError("--num_samples, --batch_size and --steps must be >= 1, --grid_clips >= 0.")
+    if not 1 <= sc.num_samples <= 1_000_000 or sc.grid_clips < 0 \
+            or min(sc.batch_size, sc.steps, sc.fps, sc.grid_frames) < 1:  # FVD takes 2k to 50k
+        raise ValueError("--num_samples must be in [1, 1,000,000], --batch_size, --steps, --fps "
+                         "and --grid_frames >= 1, --grid_clips >= 0.")
     H.check_out_dir(sc.out_dir)
     dist = H.setup_distributed(sc.device)
     device = dist.device
@@ -151,17 +153,17 @@ def sample(sc: SampleConfig, explicit=frozenset()):
     shares = H.gather_to_main(dist, (grid, seconds))
     if dist.is_main:
         rows = {k: v for g, _ in shares for k, v in g.items()}
-        grid_path = os.path.join(sc.out_dir, "grid.png")
+        grid_path, grid = os.path.join(sc.out_dir, "grid.png"), ""
         if rows:
             zoom = sc.grid_zoom or max(1, round(96 / tokenizer.config.img_size))
             data.write_png(grid_path, data.frame_grid(np.stack([rows[k] for k in sorted(rows)]),
                                                       sc.grid_frames, zoom))
+            grid = f" and {grid_path} (a row per clip: {', '.join(names[:len(rows)])})"
         per_clip = sum(s for _, s in shares) / sc.num_samples
         height, width = tokenizer.config.frame_size
         print(f"wrote {sc.num_samples} clips of {len(frames)} frames (frames {frames.start}:"
-              f"{frames.stop}) at {height}x{width} to {sc.out_dir}/ and {grid_path} (a row per "
-              f"clip: {', '.join(names[:len(rows)])}); {per_clip:.2f} s per clip on {device} "
-              f"x{dist.world_size}")
+              f"{frames.stop}) at {height}x{width} to {sc.out_dir}/{grid}; {per_clip:.2f} s per "
+              f"clip on {device} x{dist.world_size}")
     H.cleanup_distributed(dist)
 
 

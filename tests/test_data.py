@@ -1,6 +1,7 @@
 """data.py: reading and writing real video files, bad input, the split, the sampler, the patch helpers
 and the tokens file."""
 
+import hashlib
 import itertools
 import os
 import subprocess
@@ -194,7 +195,7 @@ def test_held_out_files_never_appear_in_training_and_stay_held_out_when_videos_a
     write_set(root, [f"{c}/{c}{i}.mp4" for c in "ab" for i in range(12, 22)])
     more = {p for p, _ in D.VideoDataset(root, 16, 4, split="val", val_fraction=0.25).files}
     assert more & (train_files | val_files) == val_files and len(more) > len(val_files)
-    big = D.held_out_paths([(f"{i}.mp4", "c") for i in range(4000)], 0.25)
+    big = D.held_out_paths([(f"c/{i}.mp4", "c") for i in range(4000)], ".", 0.25)
     assert 0.22 < len(big) / 4000 < 0.28                                  # about val_fraction of them
 
 
@@ -508,6 +509,28 @@ def test_a_seek_gives_exactly_the_frames_of_a_sequential_read(tmp_path, name, co
         assert n == 16 and np.array_equal(clip, sequential[start:start + 16])
 
 
+def test_reading_goes_on_past_a_damaged_packet_and_keeps_every_frame_in_place(tmp_path):
+    noise = np.random.default_rng(0).integers(-20, 20, (40, 48, 48, 3))  # a frame shifted matches nowhere
+    path = str(tmp_path / "src" / "a" / "bikes.mp4")
+    D.write_video(path, np.clip(numbered_clip(40, 48, 48) + noise, 0, 255).astype(np.uint8))
+    damaged = bytearray(open(path, "rb").read())
+    middle = len(damaged) // 2
+    damaged[middle:middle + 2048] = bytes(b ^ 0xFF for b in damaged[middle:middle + 2048])
+    open(path, "wb").write(damaged)
+    info = D.probe_video(path)
+    with pytest.warns(UserWarning, match=r"bikes.mp4: \d+ frames \(\d+ to \d+\) do not decode"):
+        assert len(list(D.frames_from(path, 16, 0, info))) == 40
+        windows = list(D.iter_windows(path, 16, 8, 8, info))
+        assert [(s, n) for s, _, n in windows] == [(s, 8) for s in range(0, 33, 8)]
+        D.prepare_videos(str(tmp_path / "src"), str(tmp_path / "dst"), 16)
+    copy = str(tmp_path / "dst" / "a" / "bikes.mov")
+    assert D.probe_video(copy)["n_frames"] == 40
+    for start in range(0, 40, 3):  # frame i of the copy is frame i of a seeking read (concealed
+        clip, n = D.read_clip(path, 16, 8, start, info=info)  # damage may differ a little)
+        copied, n_copied = D.read_clip(copy, 16, 8, start)
+        assert n == n_copied == min(8, 40 - start) and np.mean(clip == copied) > 0.8, start
+
+
 def test_every_window_is_read_in_one_pass(tmp_path, monkeypatch):
     path = str(tmp_path / "long.mp4")
     D.write_video(path, numbered_clip(100, 16, 16))
@@ -595,6 +618,42 @@ def test_unreadable_folders_are_skipped_with_a_warning(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "scandir", refuse)
     with pytest.warns(UserWarning, match="skipping unreadable folder .*secret"):
         assert [c for _, c in D.find_videos(str(tmp_path))] == ["a"]
+
+
+def test_linked_folders_are_followed_once_and_what_is_not_a_file_is_left_out(tmp_path):
+    root, elsewhere = tmp_path / "set", tmp_path / "elsewhere"
+    write_set(str(root), ["a/x.mp4"])
+    write_set(str(elsewhere), ["b/y.mp4"])
+    os.symlink(elsewhere / "b", root / "b")                                  # a linked class folder
+    os.symlink(elsewhere / "b", root / "b_again")                            # the same folder twice
+    os.symlink(root, root / "a" / "loop")                                    # a loop
+    os.mkfifo(root / "a" / "pipe.mp4")                                      # reading it would wait forever
+    videos = [(os.path.relpath(p, root), c) for p, c in D.find_videos(str(root))]
+    assert videos == [("a/x.mp4", "a"), ("b/y.mp4", "b")]
+    assert len(D.VideoDataset(str(root), 16, 4, split="all")) == 2
+
+
+def test_the_split_of_a_flat_folder_does_not_depend_on_the_folder_s_name(tmp_path):
+    write_set(str(tmp_path / "my_videos"), [f"v{i}.mp4" for i in range(12)])
+    held_out = lambda root: sorted(os.path.basename(p) for p, _ in D.VideoDataset(
+        str(tmp_path / root), 16, 4, split="val", val_fraction=0.5).files)
+    before = held_out("my_videos")
+    os.rename(tmp_path / "my_videos", tmp_path / "renamed")
+    assert held_out("renamed") == before and 0 < len(before) < 12
+    # files in class folders keep the hash of "class/stem", the split the synthetic set and UCF-101 had
+    videos = [(f"/data/{c}/{c}_{i:03d}.mp4", c) for c in ("discs", "squares") for i in range(40)]
+    fraction = lambda key: int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2 ** 64
+    by_name = {p for p, c in videos if fraction(f"{c}/{os.path.basename(p)[:-4]}") < 0.1}
+    assert D.held_out_paths(videos, "/data", 0.1) == by_name and by_name
+
+
+def test_many_unreadable_files_are_a_few_warnings_and_a_count(tmp_path):
+    for i in range(40):
+        (tmp_path / f"empty{i:02d}.mp4").write_bytes(b"")
+    with pytest.warns(UserWarning) as record, pytest.raises(FileNotFoundError, match="no readable video"):
+        D.VideoDataset(str(tmp_path), 16, 4, split="all")
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 6 and "empty00.mp4" in messages[0] and "35 more unreadable videos" in messages[-1]
 
 
 def test_a_tokens_file_is_checked_field_by_field(tmp_path):

@@ -448,6 +448,24 @@ def test_sample_refuses_another_tokenizer_and_keeps_names_inside_its_folder(tmp_
     assert not (tmp_path.parent / "escaped").exists()
 
 
+def test_sample_flags_and_seeds_are_checked_before_any_work(tmp_path, sit_run, capsys):
+    missing = [f"--ckpt={tmp_path / 'missing.pt'}", f"--out_dir={tmp_path / 'out'}"]  # read only after the checks
+    for flag in ("--num_samples=1000000000", "--grid_frames=0", "--fps=0", "--fps=-8"):
+        with pytest.raises(SystemExit, match=r"--num_samples must be in \[1, 1,000,000\].*--fps and --grid_frames >= 1"):
+            S.main([*missing, flag])
+    nothing = {S.main: missing, dit.main: [f"--tokens={tmp_path / 'missing.pt'}", f"--out_dir={tmp_path / 'out'}"],
+               T.main: [f"--data={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'out'}"]}
+    for main, flags in nothing.items():  # seeds are drawn from as seed * 1_000_003 + step
+        for seed in (10 ** 29, -1):
+            with pytest.raises(SystemExit, match=rf"--seed must be in \[0, 2\*\*32\), got {seed}"):
+                main([*flags, f"--seed={seed}"])
+    assert not os.path.exists(tmp_path / "out")
+    # --grid_clips 0: no grid, and none claimed
+    S.main([f"--ckpt={sit_run / 'dit.pt'}", "--num_samples=1", "--steps=2", "--grid_clips=0",
+            f"--out_dir={tmp_path / 'out'}", f"--seed={2 ** 32 - 1}"])
+    assert os.listdir(tmp_path / "out") == ["000_discs.mp4"] and "grid.png" not in capsys.readouterr().out
+
+
 def test_a_sit_checkpoint_is_read_lean(tmp_path):
     # a checkpoint whose EMA is small and whose optimizer state is large: only the EMA is read
     code = """

@@ -579,6 +579,24 @@ def test_a_whole_video_comes_back_frame_for_frame_with_its_figures(tmp_path, che
         E.main(["--ckpt", checkpoint, "--video", str(tmp_path / "nope.mp4"), *lpips])
 
 
+def test_videos_of_one_name_in_one_call_get_outputs_of_their_own(tmp_path, checkpoint):
+    inputs = [tmp_path / "s1" / "clip.mp4", tmp_path / "s2" / "clip.mp4", tmp_path / "s3" / "CLIP.mp4",
+              tmp_path / "видео.mp4", tmp_path / "動画.mp4"]                # the last two: both "_" once safe
+    for k, path in enumerate(inputs):
+        D.write_video(str(path), np.full((3, 16, 16, 3), 40 * k, np.uint8))
+    none = ["--lpips_vgg", str(tmp_path / "none"), "--lpips_lin", str(tmp_path / "none")]
+    results = E.main(["--ckpt", checkpoint, "--video", *map(str, inputs), *none, f"--out_dir={tmp_path / 'out'}"])
+    stems = ["clip", "clip_2", "CLIP_3", "_", "__2"]
+    assert [os.path.basename(r["outputs"][0]) for r in results] == [f"{s}_recon.mp4" for s in stems]
+    assert len(os.listdir(tmp_path / "out")) == 3 * len(inputs)             # nothing replaced
+    for stem, path in zip(stems, inputs):  # each output is its own input's
+        assert json.loads((tmp_path / "out" / f"{stem}_recon.json").read_text())["video"] == str(path)
+        first = D.read_clip(str(tmp_path / "out" / f"{stem}_side_by_side.mp4"), (16, 32), 1, 0)[0][0, :, :16]
+        assert np.abs(first.astype(int) - D.read_clip(str(path), 16, 1, 0)[0][0]).max() <= 2
+    with pytest.raises(SystemExit, match="--video .*s1 is a folder; pass video files"):
+        E.main(["--ckpt", checkpoint, "--video", str(tmp_path / "s1"), *none])
+
+
 def test_the_yardsticks_are_the_mean_frame_and_the_patch_blur():
     clip = torch.rand(2, 4, 8, 8, 3) * 2 - 1
     marks = M.yardsticks(clip, (1, 4, 4))
