@@ -86,7 +86,8 @@ def probe_video(path):
     packets, decodes = [], False
     try:
         for packet in container.demux(stream):  # every packet; decoded until a frame comes out
-            packets += [(packet.pts, packet.is_keyframe)] * (packet.size > 0)
+            if packet.size > 0:  # not the flushing packet at the end
+                packets.append((packet.pts, packet.is_keyframe))
             decodes = decodes or bool(packet.decode())
     except (av.FFmpegError, OSError) as e:
         raise VideoReadError(f"{path}: cannot decode ({e})") from e
