@@ -748,8 +748,7 @@ def save_tokens(path, clips, class_names, tokenizer_ckpt, tokenizer_config, fing
               "tokenizer_ckpt": tokenizer_ckpt if tokenizer_ckpt in H.RELEASED else
               os.path.abspath(tokenizer_ckpt), "tokenizer_fingerprint":
               fingerprint, "tokenizer_config": dict(tokenizer_config), "mean": {}, "std": {},
-              "labels": clips["label"].long(),
-              **{k: clips[k].long() for k in CLIP_FIELDS[1:]}}
+              "labels": clips["label"].long(), **{k: clips[k].long() for k in CLIP_FIELDS[1:]}}
     for name in PLANES:
         tokens[name] = plane = clips[name].float()
         tokens["mean"][name] = plane.mean(dim=(0, 2, 3))                     # (C,)
@@ -766,6 +765,7 @@ def load_tokens(path):
     if not isinstance(tokens, dict) or tokens.get("kind") != "coordtok_tokens":
         raise ValueError(f"{path!r} is not a tokens file; write one with `python tokenizer.py "
                          f"--encode NEW_PATH`.")
+    H.check_tensors(tokens, f"tokens file {path!r}")  # no views: the checks below read them all
     try:
         n, labels = len(tokens["labels"]), tokens["labels"]
         problems = [f"{k} holds {len(tokens[k])} clips, not {n}" for k in (*PLANES, *CLIP_FIELDS)
@@ -786,6 +786,7 @@ def load_tokens(path):
     if problems:
         raise ValueError(f"tokens file {path!r} is damaged ({'; '.join(problems)}); write it "
                          f"again with `python tokenizer.py --encode {path}`.")
+    H.check_tensors(tokens, f"tokens file {path!r}", tokens.get("checksums"))
     return tokens
 
 

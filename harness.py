@@ -20,6 +20,7 @@ import socket
 import sys
 import tempfile
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -429,8 +430,34 @@ def atomic_path(path):
 
 
 def atomic_save(obj, path):
+    """torch.save of a dict, with the checksums of its tensors, which loading verifies."""
+    obj = {**obj, "checksums": {name: checksum(t) for name, t in named_tensors(obj)}}
     with atomic_path(path) as temporary:
         torch.save(obj, temporary)
+
+
+def named_tensors(tree, prefix=""):
+    """(name, tensor) of each tensor in nested dicts (our files); a name joins keys by dots."""
+    for key, value in tree.items():
+        if isinstance(value, torch.Tensor):
+            yield f"{prefix}{key}", value
+        elif isinstance(value, dict):
+            yield from named_tensors(value, f"{prefix}{key}.")
+
+
+def checksum(tensor):
+    return zlib.crc32(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy())
+
+
+def check_tensors(tree, source, checksums=None):
+    """Refuse a view (stride 0 or overlapping: a small file asking for much memory) and bit rot."""
+    for name, tensor in named_tensors(tree):
+        if not tensor.is_contiguous():
+            raise ValueError(f"{source}: {name} {tuple(tensor.shape)} is a strided view (stride 0 "
+                             f"or overlapping), which no file of ours holds; use another file.")
+        if checksums is not None and checksums.get(name) != checksum(tensor):
+            raise ValueError(f"{source} is damaged: {name} differs from the checksum written with "
+                             f"it (bit rot or a broken copy); copy it again or use another file.")
 
 
 @contextlib.contextmanager
@@ -508,12 +535,17 @@ def read_torch_file(path, what="checkpoint"):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
+        cached = os.path.abspath(path).startswith(os.path.abspath(torch.hub.get_dir()) + os.sep)
+        advice = "; delete the cached download and fetch it again" if cached else ""
         raise ValueError(f"{what} {path} is corrupt or not a torch file "
-                         f"({type(e).__name__}: {str(e)[:200]}).") from None
+                         f"({type(e).__name__}: {str(e)[:200]}){advice}.") from None
 
 
 def load_checkpoint(path, kind, ckpt=None):
-    ckpt = read_torch_file(path) if ckpt is None else ckpt
+    if ckpt is None:  # read here for a resumed run, which reads all of it: all is checked
+        ckpt = load_checkpoint(path, kind, read_torch_file(path))
+        check_tensors(ckpt, path, ckpt.get("checksums"))
+        return ckpt
     found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
     if found != kind:
         raise ValueError(f"{path} is a {found!r} file, not a {kind!r} checkpoint; check the path.")
@@ -521,9 +553,8 @@ def load_checkpoint(path, kind, ckpt=None):
 
 
 def load_model_file(path, kind, config_class, make, weights, from_official, what):
-    """(model, checkpoint dict) from a checkpoint of ours of that kind: make(config, ckpt) on the
-    meta device, then given the file's `weights` as they are (memory-mapped: one copy, and only
-    the weights used are read); or from the authors' release (from_official, kind "official")."""
+    """(model, checkpoint dict): make(config, ckpt) on the meta device given the file's `weights`
+    as they are (memory-mapped, only they are read), or the authors' release (kind "official")."""
     path = released_file(path)
     ckpt = read_torch_file(path)
     if not isinstance(ckpt, dict):
@@ -537,27 +568,38 @@ def load_model_file(path, kind, config_class, make, weights, from_official, what
         return model, {"kind": "official", "model_config": dataclasses.asdict(model.config),
                        "source": os.path.abspath(path)}
     config = config_from_dict(config_class, load_checkpoint(path, kind, ckpt)["model_config"], path)
+    unused = {"model", "ema", "optimizer"} - {weights}  # a lean read: left unread, unchecked
+    check_tensors({k: v for k, v in ckpt.items() if k not in unused}, path, ckpt.get("checksums"))
     with torch.device("meta"):
         model = make(config, ckpt)
-    return load_state(model, ckpt[weights], "checkpoint"), ckpt
+    return load_state(model, ckpt[weights], "checkpoint", buffers=True), ckpt
 
 
-def load_state(model, state, what, hint=""):
-    """load_state_dict that names what differs: keys first (a renamed or removed parameter),
-    then shapes (hint: which arguments to pass); tensors are assigned, not copied."""
-    ours = model.state_dict()
+def load_state(model, state, what, hint="", buffers=False):
+    """load_state_dict naming what is wrong: keys (a renamed or removed parameter; a buffer, unless
+    `buffers`: files of our state_dict()s), shapes (hint: what to pass), NaN or inf; assigns."""
+    ours = model.state_dict() if buffers else dict(model.named_parameters())
     missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
     kinds = [{re.sub(r"\.\d+\.", ".#.", k) for k in keys} for keys in (ours, state)]
     if (missing or unexpected) and kinds[0] != kinds[1]:  # not just another number of blocks
         raise ValueError(f"the {what} weights and our model have different parameters: missing "
-                         f"{missing[:4]}, unexpected {unexpected[:4]}; a parameter was renamed "
-                         f"or removed, so map it where the weights are converted or loaded.")
+                         f"{missing[:4]}, unexpected {unexpected[:4]}; a parameter was renamed, "
+                         f"removed or made a buffer; map it where the weights are converted.")
     wrong = [f"{k} {tuple(v.shape)} vs ours {tuple(ours[k].shape)}" for k, v in state.items()
              if k in ours and v.shape != ours[k].shape]
     if missing or unexpected or wrong:
         raise ValueError(f"the {what} weights do not fit {hint or 'this configuration'}: blocks "
                          f"missing {missing[:2]}, unexpected {unexpected[:2]}, shapes {wrong[:2]}.")
+    bad = [k for k, v in state.items()  # a NaN or inf reaches the sum: 15x faster than isfinite
+           if v.is_floating_point() and not v.sum(dtype=torch.float32).isfinite()]
+    if bad:
+        raise ValueError(f"the {what} weights {bad[:4]} are not finite; use an earlier checkpoint.")
     model.load_state_dict(state, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{left[:4]} got no weights from the {what} file: left on the meta device"
+                         f" by harness.load_model_file (for tokenizer.load_tokenizer, dit.load_dit)"
+                         f" or from_official; compute them in forward or make them persistent.")
     return model
 
 
@@ -650,6 +692,7 @@ def unwrap_state_dict(source, marker_key, what, prefer=("model",)):
     if not isinstance(state, dict) or marker_key not in state:
         raise NotOfficial(f"{name} is not the authors' {what}: it has no {marker_key!r} (bare, or "
                          f"under {' or '.join(map(repr, prefer))}); check the path.")
+    check_tensors(state, name)
     return state
 
 

@@ -434,7 +434,7 @@ def test_sample_refuses_another_tokenizer_and_keeps_names_inside_its_folder(tmp_
     # the same config, other weights: refused unless forced
     other = torch.load(tmp_path / "tokenizer.pt", weights_only=False)
     other["model"] = {k: v + 0.01 for k, v in other["model"].items()}
-    torch.save(other, tmp_path / "other.pt")
+    H.atomic_save(other, str(tmp_path / "other.pt"))  # with its own checksums
     common = [f"--ckpt={tmp_path / 'dit.pt'}", "--num_samples=2", "--steps=2"]
     with pytest.raises(SystemExit, match="comes from another tokenizer than .*other.pt.*--force"):
         S.main(common + [f"--tokenizer={tmp_path / 'other.pt'}", f"--out_dir={tmp_path / 'a'}"])
@@ -467,7 +467,8 @@ def test_sample_flags_and_seeds_are_checked_before_any_work(tmp_path, sit_run, c
 
 
 def test_a_sit_checkpoint_is_read_lean(tmp_path):
-    # a checkpoint whose EMA is small and whose optimizer state is large: only the EMA is read
+    # a checkpoint whose EMA is small and whose optimizer state is large: only the EMA is read (and
+    # checked against its checksums)
     code = """
 import sys, torch
 sys.path.insert(0, {root!r})
@@ -478,9 +479,9 @@ assert sum(p.numel() for p in model.parameters()) > 0
 print(bench.resident_peak_bytes() - before)
 """
     model = dit.SiT(MICRO_SIT, SHAPES, 1)
-    torch.save({"kind": "coordtok_dit", "model": model.state_dict(), "ema": model.state_dict(),
-                "optimizer": {"state": {"huge": torch.ones(2 ** 27)}}, "model_config": dataclasses.asdict(MICRO_SIT),
-                "plane_shapes": SHAPES, "num_classes": 1}, tmp_path / "dit.pt")
+    H.atomic_save({"kind": "coordtok_dit", "model": model.state_dict(), "ema": model.state_dict(),
+                   "optimizer": {"state": {"huge": torch.ones(2 ** 27)}}, "model_config": dataclasses.asdict(MICRO_SIT),
+                   "plane_shapes": SHAPES, "num_classes": 1}, str(tmp_path / "dit.pt"))
     out = subprocess.run([sys.executable, "-c", code.format(root=ROOT, path=str(tmp_path / "dit.pt"))],
                          capture_output=True, text=True, timeout=120, env=ENV)
     assert out.returncode == 0, out.stderr[-2000:]

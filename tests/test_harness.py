@@ -1,6 +1,7 @@
 """harness.py: the optimizer step, flags and resumed configs, files written atomically and locked,
 configs of other versions, weights fetched and checked, fingerprints."""
 
+import dataclasses
 import json
 import os
 import pickle
@@ -9,10 +10,12 @@ import socket
 import subprocess
 import sys
 import urllib.error
+import zipfile
 
 import pytest
 import torch
 
+import data as D
 import eval as E
 import harness as H
 import tokenizer as T
@@ -67,7 +70,7 @@ def test_two_writers_of_one_path_never_share_a_temporary_file_and_links_are_not_
     for name in ("tokens.pt.tmp", ".tokens.partial.pt"):
         os.symlink(victim, tmp_path / name)
     H.atomic_save({"step": 3}, path)
-    assert victim.read_text() == "precious" and not os.path.islink(path) and torch.load(path) == {"step": 3}
+    assert victim.read_text() == "precious" and not os.path.islink(path) and torch.load(path)["step"] == 3
     assert (os.stat(path).st_mode & 0o777) == 0o666 & ~current_umask()  # the permissions open() would give
 
 
@@ -272,3 +275,128 @@ def test_a_new_config_field_is_one_line_and_older_files_load_with_its_default(ca
     with pytest.raises(ValueError, match="--time_plane_c must be >= 0, got -1"):
         T.validate_config(Extended(time_plane_c=-1))
     T.validate_config(T.CoordTokConfig(enc_layers=0, query_layers=0, dec_layers=0))  # their fields say min 0
+
+
+# -----------------------------------------------------------------------------
+# files that are trusted: checksums, views, non-finite weights, models changed under their weights
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "official_micro.pt")
+
+
+def save_tokenizer(path, model, **extra):
+    H.atomic_save({"kind": "coordtok_tokenizer", "model": model.state_dict(),
+                   "model_config": dataclasses.asdict(model.config), **extra}, str(path))
+
+
+def flip_byte(path, tensor, index):
+    """Flip the bits of one byte of `tensor`'s bytes where the file stores them."""
+    raw = bytearray(open(path, "rb").read())
+    at = raw.find(tensor.numpy().tobytes())
+    assert at >= 0 and raw.find(tensor.numpy().tobytes(), at + 1) < 0
+    raw[at + index] ^= 0x40
+    open(path, "wb").write(raw)
+
+
+def test_bit_rot_is_refused_in_what_is_read_and_files_without_checksums_still_load(tmp_path):
+    torch.manual_seed(0)
+    model, path = T.CoordTok(T.CoordTokConfig(**MICRO)), str(tmp_path / "tokenizer.pt")
+    moments = torch.randn(1000)
+    save_tokenizer(path, model, optimizer={"state": {0: {"exp_avg": moments}}})
+    T.load_tokenizer(path)
+    flip_byte(path, moments, 3)        # the optimizer state: not read by a lean read, read on resume
+    T.load_tokenizer(path)
+    with pytest.raises(ValueError, match="is damaged: optimizer.state.0.exp_avg differs from the checksum"):
+        H.load_checkpoint(path, "coordtok_tokenizer")
+    flip_byte(path, model.to_pixels.weight.detach(), 3)          # its exponent: a weight of ~1e37
+    with pytest.raises(ValueError, match="tokenizer.pt is damaged: model.to_pixels.weight differs from the checksum"):
+        T.load_tokenizer(path)
+    # a file of before checksums: loads without a word
+    torch.save({k: v for k, v in torch.load(path).items() if k != "checksums"}, path)
+    assert T.load_tokenizer(path)[0].to_pixels.weight.abs().max() > 1e30
+    # a tokens file: a flip in a plane's mantissa, which every field check passes
+    planes = (torch.randn(4, 2, 4, 4), torch.randn(4, 2, 6, 4), torch.randn(4, 2, 6, 4))
+    clips = {**dict(zip(D.PLANES, planes)), "label": torch.tensor([0, 1, 0, 1]),
+             "n_frames": torch.full((4,), 8), "video_index": torch.arange(4), "start": torch.zeros(4)}
+    tokens = str(tmp_path / "tokens.pt")
+    D.save_tokens(tokens, clips, ["a", "b"], "ckpt.pt", {}, "f00d", [])
+    flip_byte(tokens, planes[1], 0)
+    with pytest.raises(ValueError, match="tokens.pt' is damaged: z_xt differs from the checksum"):
+        D.load_tokens(tokens)
+
+
+def test_non_finite_weights_are_refused_at_load_and_json_outputs_are_strict(tmp_path, micro_videos):
+    import eval as E
+    model, path = T.CoordTok(T.CoordTokConfig(**MICRO)), str(tmp_path / "nan.pt")
+    with torch.no_grad():
+        model.to_pixels.bias[0] = float("nan")
+    save_tokenizer(path, model)
+    with pytest.raises(SystemExit, match=r"error: the checkpoint weights \['to_pixels.bias'\] are not finite"):
+        E.main(["--ckpt", path, "--data", micro_videos, f"--out_dir={tmp_path / 'eval'}"])
+    with pytest.raises(SystemExit, match="not finite"):
+        T.main(["--stage", "2", "--init_from", path, f"--out_dir={tmp_path / 'stage2'}"])
+    assert not os.path.exists(tmp_path / "stage2" / "tokenizer.pt")
+    # a metric that is not a number is written as null, which strict parsers read
+    E.write_json(str(tmp_path / "out.json"), {"psnr": float("nan"), "fvd": [1.5, float("inf")], "n": 3})
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    text = open(tmp_path / "out.json").read()
+    assert json.loads(text, parse_constant=refuse) == {"psnr": None, "fvd": [1.5, None], "n": 3}
+
+
+def test_a_crafted_checkpoint_asking_for_much_memory_is_refused_before_anything_is_built(tmp_path):
+    # 65536 frames: position tables of 64 million floats, stored as stride-0 views of one zero
+    config = T.CoordTokConfig(**{**MICRO, "num_frames": 65536})
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in T.CoordTok(config).state_dict().items()}
+    state = {k: torch.zeros(()).expand(s) if k.endswith("_pos") else torch.zeros(s) for k, s in shapes.items()}
+    torch.save({"kind": "coordtok_tokenizer", "model": state, "model_config": dataclasses.asdict(config)},
+               tmp_path / "crafted.pt")
+    assert os.path.getsize(tmp_path / "crafted.pt") < 2 ** 20
+    with pytest.raises(ValueError, match=r"crafted.pt: model.enc_pos \(1, 65536, 32\) is a strided view"):
+        T.load_tokenizer(str(tmp_path / "crafted.pt"))
+    # a tensor whose shape asks for more than its storage holds is refused as the file is read
+    torch.save({"w": torch.arange(7.0)}, tmp_path / "small.pt")
+    with zipfile.ZipFile(tmp_path / "small.pt") as source, zipfile.ZipFile(tmp_path / "oversized.pt", "w") as out:
+        for name in source.namelist():
+            content = source.read(name)
+            out.writestr(name, content.replace(b"K\x07\x85", b"K\xc8\x85") if name.endswith(".pkl") else content)
+    with pytest.raises(ValueError, match="oversized.pt is corrupt or not a torch file"):
+        H.read_torch_file(str(tmp_path / "oversized.pt"))
+
+
+def dec_pos_as_buffer(persistent):
+    """A changed CoordTok: the decoder's learned position table made a fixed buffer."""
+    class Changed(T.CoordTok):
+        def __init__(self, config):
+            super().__init__(config)
+            table = self.dec_pos.detach()
+            del self.dec_pos
+            self.register_buffer("dec_pos", table, persistent=persistent)
+    return Changed
+
+
+def test_weights_that_would_land_in_a_buffer_or_none_at_all_are_named(tmp_path, monkeypatch):
+    tok = torch.load(FIXTURE, weights_only=False)["tokenizer"]
+    with pytest.raises(ValueError, match=r"official tokenizer weights .* unexpected \['dec_pos'\]; .*made a buffer"):
+        dec_pos_as_buffer(persistent=True).from_official(tok["state_dict"], tok["official_kwargs"])
+    # our own files were written from the model's state_dict, buffers included: they fill them
+    monkeypatch.setattr(T, "CoordTok", dec_pos_as_buffer(persistent=True))
+    save_tokenizer(tmp_path / "buffer.pt", T.CoordTok(T.CoordTokConfig(**MICRO)))
+    assert T.load_tokenizer(str(tmp_path / "buffer.pt"))[0].dec_pos.device.type == "cpu"
+    # a buffer no file holds would stay on the meta device, where the model was built
+    monkeypatch.setattr(T, "CoordTok", dec_pos_as_buffer(persistent=False))
+    save_tokenizer(tmp_path / "other.pt", T.CoordTok(T.CoordTokConfig(**MICRO)))
+    with pytest.raises(ValueError, match=r"\['dec_pos'\] got no weights from the checkpoint file: left on the meta "
+                                         r"device by harness.load_model_file .*make them persistent"):
+        T.load_tokenizer(str(tmp_path / "other.pt"))
+
+
+def test_a_web_page_in_the_download_cache_says_to_delete_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    os.makedirs(tmp_path / "hub" / "checkpoints")
+    cached = tmp_path / "hub" / "checkpoints" / "CoordTok_UCF101_1M_50K.pth"
+    cached.write_text("<!DOCTYPE html><html><body>Sign in to continue</body></html>")
+    with pytest.raises(ValueError, match="CoordTok_UCF101_1M_50K.pth is corrupt .*delete the cached download and "
+                                         "fetch it again"):
+        T.load_tokenizer("coordtok_ucf101")
