@@ -769,15 +769,18 @@ def load_tokens(path):
     try:
         n, labels = len(tokens["labels"]), tokens["labels"]
         problems = [f"{k} holds {len(tokens[k])} clips, not {n}" for k in (*PLANES, *CLIP_FIELDS)
-                    if len(tokens[k]) != n] + ["it holds no clips"] * (n == 0)
+                    if len(tokens[k]) != n]
+        if n == 0:
+            problems.append("it holds no clips")
         for k in PLANES:
-            problems += [f"{k} is not finite"] * (not torch.isfinite(tokens[k]).all())
-            for stat in ("mean", "std"):
-                v = tokens[stat][k]
-                if v.shape != tokens[k].shape[1:2] or not torch.isfinite(v).all() or \
-                        (stat == "std" and (v <= 0).any()):
-                    problems.append(f"{stat} of {k} is not {'positive and ' * (stat == 'std')}"
-                                    f"finite per channel")
+            if not torch.isfinite(tokens[k]).all():
+                problems.append(f"{k} is not finite")
+            mean, std = tokens["mean"][k], tokens["std"][k]
+            for stat, v in (("mean", mean), ("std", std)):
+                if v.shape != tokens[k].shape[1:2] or not torch.isfinite(v).all():
+                    problems.append(f"{stat} of {k} is not finite per channel")
+            if (std <= 0).any():
+                problems.append(f"std of {k} is not positive per channel")
         classes = max(len(tokens["class_names"]), 1)
         if n and not (labels.min() >= 0 and labels.max() < classes):
             problems.append(f"labels are not in [0, {classes})")

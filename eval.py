@@ -229,9 +229,8 @@ def report(result, metrics, preview, out_dir):
 
 
 def write_json(path, obj):
-    obj = json.loads(json.dumps(obj), parse_constant=lambda constant: None)  # strict: NaN: null
     with H.atomic_path(path) as temporary, open(temporary, "w") as f:
-        json.dump(obj, f, indent=2, allow_nan=False)
+        json.dump(H.json_safe(obj), f, indent=2, allow_nan=False)
 
 
 def describe(device):

@@ -199,8 +199,7 @@ class RunLog:
     def write(self, record):  # {"step": ..., figures}; NaN and inf written as null (valid JSON)
         if self.file is None:
             return
-        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
-                  for k, v in record.items()}
+        record = json_safe(record)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb is not None:
@@ -210,6 +209,11 @@ class RunLog:
         if self.file is not None:
             self.file.close()
             write_curves(self.path)
+
+
+def json_safe(obj):
+    """obj with NaN and inf as None: JSON that strict parsers read (null)."""
+    return json.loads(json.dumps(obj), parse_constant=lambda constant: None)
 
 
 def read_log(path):
