@@ -1,8 +1,8 @@
 """The training harness the scripts share; a first reader may skip this file.
 
-Processes and DDP, the device, autocast and compile, the optimizer and its guarded step, the
-learning-rate schedule, flags and resumed configs, checkpoint files and their safety (atomic
-writes, run locks, weights read as tensors only, fetched and hash-checked), the authors' files.
+Processes and DDP, devices, signals, the schedule and the optimizer's groups, the record of a run,
+flags and configs, files and their safety (atomic writes, locks, checksums, tensors-only reads,
+fetched weights), the authors' file layouts.
 """
 
 import argparse
@@ -228,41 +228,37 @@ def read_log(path):
 
 def write_curves(log_path):
     """<name>_curves.svg beside a RunLog file: a panel per figure against the step, a held-out
-    figure drawn with the training one of its name (held_out_psnr with psnr). SVG: no plotting
-    library needed; a figure added to the records gets its panel."""
-    series = {}  # panel name -> {record key: [(step, value)]}
+    figure (red) drawn with the training one of its name (held_out_psnr with psnr). An SVG, so
+    no plotting library is needed; a figure added to the records gets its panel."""
+    panels = {}  # name -> {record key: [(step, value)]}
     for r in read_log(log_path):
         for key, v in r.items():
             if key != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                panel = series.setdefault(key.removeprefix("held_out_"), {})
-                panel.setdefault(key, []).append((r["step"], v))
-    width, height, margin = 340, 190, 44  # a panel, and its room for the figures of the axes
-    plot_w, plot_h = width - margin - 8, height - 64
-    colour = {True: "#d62728", False: "#1f77b4"}  # held out, training
-    out = []
-    for n, (name, lines) in enumerate(series.items()):
-        left, top = (n % 2) * width + margin, (n // 2) * height + 24  # the plot's corner
+                lines = panels.setdefault(key.removeprefix("held_out_"), {})
+                lines.setdefault(key, []).append((r["step"], v))
+    w, h = 296, 126  # a plot, inside a panel of 340 x 190 with room for its title and axes
+    rows = (len(panels) + 1) // 2
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="688" height="{rows * 190}" font-family='
+           '"sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>']
+    for n, (name, lines) in enumerate(panels.items()):
+        left, top = n % 2 * 340 + 44, n // 2 * 190 + 24
         (x0, x1), (y0, y1) = ((min(v), max(v)) for v in zip(*sum(lines.values(), [])))
-        held_out = " (red: held out)" if any(k.startswith("held_out_") for k in lines) else ""
-        out.append(f'<text x="{left}" y="{top - 8}">{name}{held_out}</text>'
-                   f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" '
-                   f'stroke="#999"/><text x="{left - 42}" y="{top + 10}">{y1:.3g}</text>'
-                   f'<text x="{left - 42}" y="{top + plot_h}">{y0:.3g}</text><text x="{left}" '
-                   f'y="{top + plot_h + 16}">{x0}</text><text x="{left + plot_w}" y="'
-                   f'{top + plot_h + 16}" text-anchor="end">step {x1}</text>')
+        if any(key.startswith("held_out_") for key in lines):
+            name += " (red: held out)"
+        svg.append(f'<text x="{left}" y="{top - 8}">{name}</text><rect x="{left}" y="{top}" '
+                   f'width="{w}" height="{h}" fill="none" stroke="#999"/><text x="{left - 42}" '
+                   f'y="{top + 10}">{y1:.3g}</text><text x="{left - 42}" y="{top + h}">{y0:.3g}'
+                   f'</text><text x="{left}" y="{top + h + 16}">{x0}</text><text x="{left + w}" '
+                   f'y="{top + h + 16}" text-anchor="end">step {x1}</text>')
         for key, line in lines.items():
-            xy = " ".join(f"{left + (x - x0) / max(x1 - x0, 1) * plot_w:.1f},"
-                          f"{top + plot_h - (y - y0) / max(y1 - y0, 1e-12) * plot_h:.1f}"
-                          for x, y in line)
-            out.append(f'<polyline points="{xy}" fill="none" stroke-width="1.5" '
-                       f'stroke="{colour[key.startswith("held_out_")]}"/>')
-    rows = (len(series) + 1) // 2
-    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * width + 8}" height="'
-           f'{rows * height}" font-family="sans-serif" font-size="11"><rect width="100%" '
-           f'height="100%" fill="white"/>' + "".join(out) + "</svg>\n")
+            xy = " ".join(f"{left + (x - x0) / max(x1 - x0, 1) * w:.1f},"
+                          f"{top + h - (y - y0) / max(y1 - y0, 1e-12) * h:.1f}" for x, y in line)
+            colour = "#d62728" if key.startswith("held_out_") else "#1f77b4"
+            svg.append(f'<polyline points="{xy}" fill="none" stroke-width="1.5" '
+                       f'stroke="{colour}"/>')
     path = log_path.removesuffix("_log.jsonl") + "_curves.svg"
     with atomic_path(path) as temporary, open(temporary, "w") as f:
-        f.write(svg)
+        f.write("".join(svg) + "</svg>\n")
     return path
 
 
@@ -491,7 +487,7 @@ def lock_run(ckpt_path, resume, dist):
     """Take ckpt_path for this run before any work: rank 0 holds run_lock until the returned
     stack is closed (or the process ends); under it, a fresh run refuses to replace a trained
     checkpoint and the partial files of killed saves are removed. Every rank raises the error."""
-    lock, error = contextlib.ExitStack(), ""
+    lock, error = contextlib.ExitStack(), [""]
     if dist.is_main:
         try:
             lock.enter_context(run_lock(ckpt_path))
@@ -500,14 +496,12 @@ def lock_run(ckpt_path, resume, dist):
                                  f"with --resume, or pass another --out_dir.")
             remove_stale_partials(os.path.dirname(os.path.abspath(ckpt_path)))
         except ValueError as e:
-            error = str(e)
+            error = [str(e)]
     if dist.ddp:
-        shared = [error]
-        torch.distributed.broadcast_object_list(shared, 0)
-        error = shared[0]
-    if error:
+        torch.distributed.broadcast_object_list(error, 0)
+    if error[0]:
         lock.close()
-        raise ValueError(error)
+        raise ValueError(error[0])
     return lock
 
 

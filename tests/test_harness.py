@@ -54,6 +54,11 @@ def test_atomic_save_keeps_the_last_good_file_and_no_temporary(tmp_path, monkeyp
         H.atomic_save({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
+    # a save in progress holds its partial file: a run starting beside it leaves it alone
+    with H.atomic_path(str(tmp_path / "other.pt")) as partial:
+        open(partial, "wb").write(b"half")
+        H.remove_stale_partials(str(tmp_path))
+        assert os.path.exists(partial)
 
 
 def test_two_writers_of_one_path_never_share_a_temporary_file_and_links_are_not_followed(tmp_path):

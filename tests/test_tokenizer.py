@@ -338,8 +338,10 @@ def test_a_users_checkpoints_are_never_destroyed(tmp_path, micro_videos, capsys)
     assert concurrent.returncode != 0 and f"process {os.getpid()} on {socket.gethostname()}" in concurrent.stderr
     assert (out_dir / "tokenizer.pt").read_bytes() == trained
     # the lock of a run that has ended, however it ended, holds nothing back
-    T.main(["--resume", f"--out_dir={out_dir}", "--max_iters=2"])
+    capsys.readouterr()
+    T.main(["--resume", f"--out_dir={out_dir}", "--max_iters=2", "--preset=large"])
     assert T.load_tokenizer(str(out_dir / "tokenizer.pt"))[1]["step"] == 2
+    assert "--preset is ignored: the model is the one --resume's" in capsys.readouterr().err
     # --encode never writes over anything but a tokens file, and its advice names no such path
     before = (out_dir / "tokenizer.pt").read_bytes()
     with pytest.raises(SystemExit, match="not a tokens file; pass a new path") as refused:
