@@ -8,8 +8,7 @@ measured, every ratio measured side by side in one run, times next to the device
   python bench.py --preset large --device cuda --dry_run  # its code at tiny sizes, on the CPU
 
 Memory is the peak above what the measured calls start with (model, optimizer state, input),
-"total" where a row says so; on the CPU each measurement runs in a process of its own (see
-measure). Times: the median of up to 3 calls after an untimed one, where compiling happens.
+"total" where a row says so, on the CPU each measured in a process of its own (see measure).
 """
 
 import argparse
@@ -42,10 +41,9 @@ PAPER_STAGE1 = T.TrainConfig(learning_rate=1e-4, weight_decay=1e-3)  # the paper
 
 def measure(fn, device, repeats=3, budget_s=10.0):
     """fn() once untimed (compiling happens there), then up to `repeats` timed calls, fewer where
-    the first shows they would take over budget_s: {"seconds": their median, "first_seconds",
-    "held_bytes": memory held before them, "peak_bytes": the peak above it}. The peak is the CUDA
-    allocator's, or the CPU's resident one, which a process cannot reset: None unless run_alone
-    started this process for this one measurement."""
+    they would take over budget_s: {"seconds": their median, "first_seconds", "held_bytes": held
+    before them, "peak_bytes": the peak above it}: the CUDA allocator's, or the CPU's resident
+    one, which a process cannot reset: None but in a process run_alone started for this call."""
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     sync()
@@ -76,9 +74,8 @@ def resident_peak_bytes():
 
 
 def run_alone(device, fn, *args):
-    """fn(*args), which measures once, in a new process on the CPU (in this one on CUDA): freed
-    memory stays with its process and its peak cannot be reset. A process that dies, most likely
-    out of memory, gives {"error": why}."""
+    """fn(*args), one measurement, in a process of its own on the CPU, which keeps what is freed
+    and cannot reset its peak (in this one on CUDA). A process that dies gives {"error": why}."""
     if device.type == "cuda":
         return fn(*args)
     try:
@@ -196,8 +193,7 @@ def cells(r, base=None):  # a measurement's time (or why none) and memory, then 
 
 
 def table(title, *columns):
-    print(f"\n### {title}\n\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns),
-          flush=True)
+    print(f"\n### {title}\n\n| {' | '.join(columns)} |\n|{'---|' * len(columns)}", flush=True)
 
 
 def row(*values):
@@ -428,8 +424,7 @@ def main(argv=None):
         "gpu": lambda: part_gpu(gpu_cfg, device, args.dry_run),
         "loader": lambda: part_loader(gpu_cfg, results["gpu"]["clips_per_s"],
                                       f"measured by gpu on {where}", 1 if args.dry_run else 10)
-        if "gpu" in results
-        else part_loader(large, estimated_clips_per_s(large), estimate)}
+        if "gpu" in results else part_loader(large, estimated_clips_per_s(large), estimate)}
     default = ["gpu", "loader"] if device.type == "cuda" or args.dry_run else \
         [p for p in PARTS if p != "gpu"]
     for part in sorted(set(args.parts or default), key=PARTS.index):

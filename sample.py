@@ -1,6 +1,5 @@
 """
-Sample clips from a trained SiT (dit.py) and decode them with the CoordTok tokenizer it was
-trained on.
+Sample clips from a trained SiT (dit.py) and decode them with the CoordTok it was trained on.
 
   python sample.py                         # out/dit.pt -> out/samples/*.mp4 and grid.png
   python sample.py --num_samples 16 --class_label stars --cfg_scale 2 --sampler heun --steps 50
@@ -8,10 +7,9 @@ trained on.
   torchrun --nproc_per_node=8 sample.py --num_samples 2048 --format lossless   # for FVD
   python sample.py --ckpt coordtok_sit_l2_ucf101 --tokenizer coordtok_ucf101 --tokens T.pt
 
-The checkpoint's EMA weights draw normalised triplanes (SDE or ODE, optionally with guidance),
-de-normalised with the tokens file's statistics and decoded at the patch coordinates of the
-frames asked for. Sample k depends only on --seed and k, whatever the batch, the device or the
-number of processes (each takes its share of the indices). Only the weights used are read.
+The EMA weights draw normalised triplanes (SDE or ODE, optionally guided), de-normalised with the
+tokens file's statistics and decoded at the frames asked for. Sample k depends only on --seed and
+k, whatever the batch, the device or the number of processes. Only the weights used are read.
 """
 
 import os
@@ -69,9 +67,8 @@ def parse_labels(spec, class_names, num_samples, model):
         none = " or 'none'" if model.null_class is not None else ""
         raise ValueError(f"--class_label {spec!r} is not a class of the checkpoint; use one of "
                          f"{', '.join(f'{i}={n}' for i, n in enumerate(class_names))}{none}.")
-    names = [data.safe_name(class_names[i]) if i < len(class_names) else "uncond"
-             for i in labels.tolist()]
-    return labels, names
+    return labels, [data.safe_name(class_names[i]) if i < len(class_names) else "uncond"
+                    for i in labels.tolist()]
 
 
 def parse_frames(spec, num_frames):
@@ -123,13 +120,12 @@ def sample(sc: SampleConfig, explicit=frozenset()):
                          "and --grid_frames >= 1, --grid_clips >= 0.")
     H.check_out_dir(sc.out_dir)
     dist = H.setup_distributed(sc.device)
-    device = dist.device
-    model, stats, class_names, tokenizer = load_models(sc, device)
+    model, stats, class_names, tokenizer = load_models(sc, dist.device)
     frames = parse_frames(sc.frames, tokenizer.config.num_frames)
     labels, names = parse_labels(sc.class_label, class_names, sc.num_samples, model)
     if model.null_class is None and "cfg_scale" in explicit and dist.is_main:
         print("the checkpoint has no null class, so --cfg_scale (guidance) is ignored")
-    forward = torch.compile(model) if H.use_compile(sc.compile, device) else model
+    forward = torch.compile(model) if H.use_compile(sc.compile, dist.device) else model
     extension = ".mkv" if sc.format == "lossless" else ".mp4"
     mine, grid, seconds = list(dist.share(sc.num_samples)), {}, 0.0
     batches = [mine[i:i + sc.batch_size] for i in range(0, len(mine), sc.batch_size)]
@@ -141,7 +137,7 @@ def sample(sc: SampleConfig, explicit=frozenset()):
                                generators, sc.diffusion, progress=dist.is_main,
                                desc=f"batch {b + 1}/{len(batches)}")           # normalised
         triplane = denormalize(planes, stats["mean"], stats["std"])
-        with H.autocast(device):
+        with H.autocast(dist.device):
             video = data.to_uint8(tokenizer.decode_frames(triplane, frames)).cpu().numpy()
         seconds += time.perf_counter() - t0
         for k, clip in zip(indices, video):
@@ -153,17 +149,17 @@ def sample(sc: SampleConfig, explicit=frozenset()):
     shares = H.gather_to_main(dist, (grid, seconds))
     if dist.is_main:
         rows = {k: v for g, _ in shares for k, v in g.items()}
-        grid_path, grid = os.path.join(sc.out_dir, "grid.png"), ""
+        grid_path, grid_note = os.path.join(sc.out_dir, "grid.png"), ""
         if rows:
             zoom = sc.grid_zoom or max(1, round(96 / tokenizer.config.img_size))
             data.write_png(grid_path, data.frame_grid(np.stack([rows[k] for k in sorted(rows)]),
                                                       sc.grid_frames, zoom))
-            grid = f" and {grid_path} (a row per clip: {', '.join(names[:len(rows)])})"
+            grid_note = f" and {grid_path} (a row per clip: {', '.join(names[:len(rows)])})"
         per_clip = sum(s for _, s in shares) / sc.num_samples
         height, width = tokenizer.config.frame_size
         print(f"wrote {sc.num_samples} clips of {len(frames)} frames (frames {frames.start}:"
-              f"{frames.stop}) at {height}x{width} to {sc.out_dir}/{grid}; {per_clip:.2f} s per "
-              f"clip on {device} x{dist.world_size}")
+              f"{frames.stop}) at {height}x{width} to {sc.out_dir}/{grid_note}; {per_clip:.2f} s "
+              f"per clip on {dist.device} x{dist.world_size}")
     H.cleanup_distributed(dist)
 
 
