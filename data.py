@@ -1,7 +1,6 @@
 """
-Video data for CoordTok: reading clips with PyAV (any file FFmpeg reads, any length, any frame
-shape), writing videos, a resized copy of a data set, the dataset and its loader, the train /
-held-out split, the built-in synthetic set, and the tokens file that dit.py reads.
+Video data for CoordTok: reading clips with PyAV (any file FFmpeg reads, any length or shape),
+writing videos, prepared copies, the dataset, loader and split, the synthetic set, the tokens file.
 
   python data.py --synthetic data/synthetic                # write the synthetic set
   python data.py --prepare UCF-101 ucf128 --img_size 128   # a copy resized once, read ~10x faster
@@ -40,9 +39,8 @@ class VideoReadError(Exception):
 
 
 def find_videos(root):
-    """Every video file under root, links followed (each folder once), as (path, class), sorted;
-    the class is the folder below root (`a/clips` for root/a/clips/x.mp4; root's own name for
-    files directly in it)."""
+    """Every video file under root (links followed, each folder once) as sorted (path, class):
+    class `a/b` for root/a/b/x.mp4, root's own name for a file directly in root."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data folder {root!r} does not exist; pass --data with a folder "
                                 f"of videos, or no --data for the synthetic set.")
@@ -77,22 +75,20 @@ def _open_video(path):
 
 
 def probe_video(path):
-    """A readable video's frame index: {"n_frames", "pts" (sorted presentation times, one per
-    frame), "keys" (the keyframes' times), "fps", "height", "width" (as stored)}, or
-    VideoReadError. Frames are counted from the stream's packets, not taken from the header,
-    which can be missing or wrong."""
+    """A video's frame index {"n_frames", "pts" (sorted presentation times, one per frame), "keys"
+    (the keyframes' times), "fps", "height", "width" (as stored)}, or VideoReadError. Frames are
+    counted from the packets: a header's count can be missing or wrong."""
     container, stream = _open_video(path)
     shape = dict(fps=stream.average_rate or 25, height=stream.height, width=stream.width)
     packets, decodes = [], False
     try:
-        for packet in container.demux(stream):  # every packet; decoded until a frame comes out
-            if packet.size > 0:  # not the flushing packet at the end
-                packets.append((packet.pts, packet.is_keyframe))
-            decodes = decodes or bool(packet.decode())
+        with container:
+            for packet in container.demux(stream):  # every packet; decoded until a frame comes out
+                if packet.size > 0:  # not the flushing packet at the end
+                    packets.append((packet.pts, packet.is_keyframe))
+                decodes = decodes or bool(packet.decode())
     except (av.FFmpegError, OSError) as e:
         raise VideoReadError(f"{path}: cannot decode ({e})") from e
-    finally:
-        container.close()
     if not decodes:
         raise VideoReadError(f"{path}: no frames")
     if stream.frames and stream.frames != len(packets):
@@ -118,8 +114,7 @@ def hw(size):
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
-# PyAV >= 17 scales with a thread per core unless told otherwise: at these frame sizes one
-# thread is faster, and a loader runs a process per core already
+# PyAV >= 17 scales on every core by default: one is faster here, and a loader has one per core
 _SCALER_THREADS = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
 
 
@@ -128,11 +123,9 @@ def to_rgb(frame, size, scaler):
     scaled to cover (H, W) (area averaging) and centre-cropped. scaler: a VideoReformatter kept
     for the whole video (frame.reformat would set up a scaler per frame, 3x the resize's cost)."""
     (height, width), turns = size, round(getattr(frame, "rotation", 0) / 90) % 4
-    w, h = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)  # upright
-    scale = max(height / h, width / w)
-    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
-    if turns % 2:
-        new_w, new_h = new_h, new_w
+    h, w = (width, height) if turns % 2 else (height, width)  # the size as stored, turned after
+    scale = max(h / frame.height, w / frame.width)
+    new_w, new_h = max(w, round(frame.width * scale)), max(h, round(frame.height * scale))
     rgb = scaler.reformat(frame, width=new_w, height=new_h, format="rgb24", interpolation="AREA",
                           **_SCALER_THREADS).to_ndarray()
     rgb = np.rot90(rgb, turns)  # counter-clockwise, as FFmpeg's display matrix reads
@@ -141,10 +134,9 @@ def to_rgb(frame, size, scaler):
 
 
 def frames_from(path, size, start=0, info=None):
-    """The frames of a video from index `start` on, each through to_rgb. With probe_video's
-    index, decoding starts at the keyframe before `start` (a seek) and each frame's index comes
-    from its time, so the seek is frame-exact. A frame that does not decode is warned of and
-    replaced by the nearest that does (the one before it, if any), the same from any start."""
+    """A video's frames from index `start` on, through to_rgb. With probe_video's index (info) it
+    seeks to the keyframe before `start` and numbers frames by their times: exact to the frame. A
+    frame that does not decode is warned of; the nearest that does (before it, if any) stands in."""
     container, stream, size = *_open_video(path), hw(size)
     pts, scaler, index, previous = (info or {}).get("pts"), VideoReformatter(), -1, None
     try:
@@ -180,19 +172,21 @@ def frames_from(path, size, start=0, info=None):
 
 
 def read_clip(path, size, num_frames, start=None, rng=None, info=None):
-    """num_frames consecutive frames, (num_frames, H, W, 3) uint8, and how many are real (a
-    video shorter than the clip is padded with zero frames). start None: drawn at random (rng);
-    an int fixes it. size: img_size, or (height, width)."""
-    size, info = hw(size), info or probe_video(path)
+    """A clip (num_frames, H, W, 3) uint8 from frame `start` (None: drawn with rng), zero frames
+    past the video's end, and how many frames are real. size: img_size or (height, width)."""
+    info = info or probe_video(path)
     start = random_start(info["n_frames"], num_frames, rng) if start is None else start
-    clip = np.zeros((num_frames, *size, 3), dtype=np.uint8)
-    n_real = 0
-    for n_real, image in enumerate(itertools.islice(frames_from(path, size, start, info),
-                                                    num_frames), 1):
-        clip[n_real - 1] = image
-    if n_real == 0:
+    frames = list(itertools.islice(frames_from(path, size, start, info), num_frames))
+    if not frames:
         raise VideoReadError(f"{path}: no frames from frame {start} on")
-    return clip, n_real
+    return _padded(frames, num_frames), len(frames)
+
+
+def _padded(frames, num_frames):
+    """Frames (n <= num_frames, H, W, 3) uint8 as a clip (num_frames, H, W, 3), zero frames last."""
+    clip = np.zeros((num_frames, *frames[0].shape), np.uint8)
+    clip[:len(frames)] = frames
+    return clip
 
 
 def random_start(n_total, num_frames, rng=None):
@@ -202,8 +196,7 @@ def random_start(n_total, num_frames, rng=None):
 
 
 def window_starts(n_total, num_frames, stride):
-    """First frames of windows covering a video: every `stride` frames, and one more ending at
-    the video's last frame; [0] when the video is no longer than a window."""
+    """Starts of windows covering a video: every `stride` frames, and one ending at its end."""
     if n_total <= num_frames:
         return [0]
     starts = list(range(0, n_total - num_frames + 1, stride))
@@ -225,15 +218,12 @@ def iter_windows(path, size, num_frames, stride, info=None):
     while starts and starts[0] < n:  # the end came early: the rest padded from what there is
         start = starts.popleft()
         frames = list(recent)[len(recent) - (n - start):]
-        clip = np.zeros((num_frames, *frames[0].shape), np.uint8)
-        clip[:len(frames)] = frames
-        yield start, clip, len(frames)
+        yield start, _padded(frames, num_frames), len(frames)
 
 
 def measure_read_speed(path, size, num_frames, clips=8, seed=0):
-    """How fast one process reads a video: {"frames_per_s", "clips_per_s"} at random starts as
-    training reads (real frames counted), "decode_frames_per_s" of decoding alone, and
-    "seconds_per_clip" at its start, middle and end (seeks)."""
+    """How fast one process reads a video: "frames_per_s" and "clips_per_s" at random starts (real
+    frames), "decode_frames_per_s" decoding alone, "seconds_per_clip" at its start, middle, end."""
     info = probe_video(path)
     read_clip(path, size, num_frames, 0, info=info)  # untimed: the file into the page cache
     rng, begin, frames = np.random.default_rng(seed), time.perf_counter(), 0
@@ -257,7 +247,6 @@ def measure_read_speed(path, size, num_frames, clips=8, seed=0):
 # -----------------------------------------------------------------------------
 # writing videos and pictures, each through a temporary file (harness.atomic_path)
 
-
 # codec -> the pixel format it stores
 VIDEO_CODECS = {
     "libx264": "yuv420p",  # H.264, what every player reads; crf sets the quality
@@ -270,10 +259,9 @@ VIDEO_CODECS = {
 
 @contextlib.contextmanager
 def video_writer(path, fps=8, crf=12, lossless=False, codec=None):
-    """A function that appends one (H, W, 3) uint8 frame to a new video file; the file appears
-    when the block ends without error. codec: one of VIDEO_CODECS (default H.264 at quality crf,
-    or FFV1 RGB with lossless, bit-exact; use .mkv). yuv420p needs even sizes: an odd edge row
-    or column is repeated. "mpeg4" aims at UCF-101's ~0.25 bits per pixel."""
+    """A function appending an (H, W, 3) uint8 frame to a new video file, which appears when the
+    block ends without error. codec: one of VIDEO_CODECS (default H.264 at quality crf, or with
+    lossless FFV1 RGB, bit-exact: use .mkv); yuv420p repeats an odd edge row or column."""
     codec = codec or ("ffv1" if lossless else "libx264")
     if codec not in VIDEO_CODECS:
         raise ValueError(f"unknown codec {codec!r}; use one of {', '.join(VIDEO_CODECS)}.")
@@ -291,11 +279,10 @@ def video_writer(path, fps=8, crf=12, lossless=False, codec=None):
             if stream is None:  # sized by the first frame
                 stream = container.add_stream(codec, rate=fps)
                 stream.height, stream.width, stream.pix_fmt = *image.shape[:2], pix_fmt
-                bits = str(int(0.25 * image[..., 0].size * fps))
+                bits = str(int(0.25 * image[..., 0].size * fps))  # UCF-101's ~0.25 per pixel
                 stream.options = {"libx264": {"crf": str(crf)}, "mpeg4": {"b": bits}}.get(codec, {})
-            frame = scaler.reformat(av.VideoFrame.from_ndarray(image, format="rgb24"),
-                                    format=pix_fmt)
-            container.mux(stream.encode(frame))
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            container.mux(stream.encode(scaler.reformat(frame, format=pix_fmt)))
 
         yield write
         if stream is None:
@@ -304,8 +291,7 @@ def video_writer(path, fps=8, crf=12, lossless=False, codec=None):
 
 
 def write_video(path, frames, **options):
-    """(T, H, W, 3) uint8, or any iterable of (H, W, 3) frames (a long video never sits in
-    memory) -> a video file; options: those of video_writer."""
+    """(T, H, W, 3) uint8, or an iterable of frames (a long video never in memory) -> a video."""
     with video_writer(path, **options) as write:
         for image in frames:
             write(image)
@@ -345,8 +331,7 @@ def write_png(path, image):
 
 
 def frame_grid(videos, num_columns=8, zoom=1):
-    """uint8 clips (N, T, H, W, 3) -> one image: a row per clip, num_columns evenly spaced frames
-    per row, each pixel repeated zoom x zoom times."""
+    """(N, T, H, W, 3) uint8 clips -> an image: a row per clip, num_columns evenly spaced frames."""
     videos = np.asarray(videos)
     columns = np.unique(np.linspace(0, videos.shape[1] - 1, min(num_columns, videos.shape[1]))
                         .round().astype(int))
@@ -355,19 +340,16 @@ def frame_grid(videos, num_columns=8, zoom=1):
 
 
 def comparison_grid(inputs, recons, num_columns=8, zoom=1, error_gain=4):
-    """uint8 clips (K, T, H, W, 3) x2 -> frame_grid's image of three rows per clip: input,
-    reconstruction, |error| x error_gain."""
+    """(K, T, H, W, 3) uint8 x2 -> frame_grid rows: input, reconstruction, |error| x error_gain."""
     inputs, recons = np.asarray(inputs), np.asarray(recons)
     error = np.clip(np.abs(inputs.astype(np.int16) - recons.astype(np.int16)) * error_gain, 0, 255)
     rows = np.stack([inputs, recons, error.astype(np.uint8)], 1)              # (K, 3, T, H, W, 3)
     return frame_grid(rearrange(rows, "k r t h w c -> (k r) t h w c"), num_columns, zoom)
 
 
-
 def planes_image(planes, zoom=1):
-    """A triplane's planes, (C, h, w) each, side by side as one image: each plane's first three
-    principal components over its channels (the directions its texels differ most in) as RGB,
-    stretched to 0..255, a texel zoom x zoom pixels."""
+    """A triplane's planes (C, h, w) side by side as one image: each plane's first three principal
+    components over its channels as RGB, stretched to 0..255, a texel zoom x zoom pixels."""
     images = []
     for z in planes:
         texels = rearrange(z.float().cpu(), "c h w -> (h w) c")
@@ -415,10 +397,9 @@ def _prepare_one(job):
 
 
 def prepare_videos(source_root, target_root, img_size, workers=1, codec="rawvideo"):
-    """A copy of source_root, same folders and names, every video at img_size (square, or
-    (height, width)) through read_clip's own resize, stored losslessly: frame i of a copy is
-    frame i of read_clip on its source, bit for bit (concealed frames of a damaged stretch may
-    differ), read several times faster. Skips what exists or does not read; returns the counts."""
+    """A copy of source_root (same folders and names), every video at img_size (int or (H, W)),
+    stored losslessly: frame i of a copy is read_clip's frame i of its source, bit for bit (bar
+    concealed damage), read several times faster. Skips what exists or does not read; counts."""
     size = hw(img_size)
     if os.path.abspath(target_root).startswith(os.path.join(os.path.abspath(source_root), "")):
         raise ValueError(f"--prepare: put the copy {target_root!r} outside {source_root!r}.")
@@ -447,11 +428,9 @@ IN_MEMORY_BYTES = 2 ** 29  # a data set whose decoded frames fit in this is kept
 
 class VideoDataset(torch.utils.data.Dataset):
     """A clip of num_frames frames per video of a folder, at frame_size (img_size or (H, W)).
-
-    split: "train", "val" (held out: held_out_paths) or "all". An item is {"video": uint8 (T, H,
-    W, 3), "n_frames": real frames, "label", "video_index", "start"}; the index may be (index,
-    seed) from ClipSampler, whose seed fixes the random start. Unreadable files are skipped with
-    a warning when the dataset is built."""
+    split: "train", "val" (held out: held_out_paths) or "all". An item: {"video": uint8 (T, H, W,
+    3), "n_frames" (the real ones), "label", "video_index", "start"}; an index (index, seed) from
+    ClipSampler fixes the random start. Unreadable files are skipped with a warning."""
 
     def __init__(self, root, frame_size, num_frames, split="train", val_fraction=0.1,
                  split_file="", random_start=None):
@@ -464,26 +443,24 @@ class VideoDataset(torch.utils.data.Dataset):
         self.class_names = sorted({name for _, name in videos})
         self.size, self.num_frames = hw(frame_size), num_frames
         self.random_start = split == "train" if random_start is None else random_start
-        held_out = set() if split == "all" else held_out_paths(videos, root, val_fraction,
-                                                                split_file)
-        chosen = [(p, name) for p, name in videos
-                  if split == "all" or (p in held_out) == (split == "val")]
+        chosen = videos
+        if split != "all":
+            held_out = held_out_paths(videos, root, val_fraction, split_file)
+            chosen = [(p, name) for p, name in videos if (p in held_out) == (split == "val")]
         self.files, self.info, unreadable = [], [], []
         for path, name in chosen:
             try:
                 self.info.append(probe_video(path))
+                self.files.append((path, self.class_names.index(name)))
             except VideoReadError as e:
                 unreadable.append(e)
-                continue
-            self.files.append((path, self.class_names.index(name)))
         warn_skipped(unreadable)
         if chosen and not self.files:
             raise FileNotFoundError(
                 f"no readable video in the {split!r} split of {root!r}: all {len(chosen)} videos "
                 f"chosen for it failed (e.g. {unreadable[0]}), the other "
                 f"{len(videos) - len(chosen)} videos are in the other split; replace the files.")
-        # a data set this small (the synthetic one) is decoded once, each video when first read:
-        # its clips are then slices
+        # a set this small (the synthetic one) is decoded once, each video at its first read
         small = sum(i["n_frames"] for i in self.info) * 3 * np.prod(self.size) <= IN_MEMORY_BYTES
         self.decoded = {} if small else None
 
@@ -497,7 +474,7 @@ class VideoDataset(torch.utils.data.Dataset):
         index, seed = index if isinstance(index, (tuple, list)) else (index, index)
         for attempt in range(len(self.files)):  # a file that fails now: take the next one
             i = (index + attempt) % len(self.files)
-            (path, label), rng, n = self.files[i], np.random.default_rng(seed), None
+            (path, label), rng = self.files[i], np.random.default_rng(seed)
             try:
                 if self.decoded is not None and i not in self.decoded:
                     self.decoded[i] = np.stack(list(frames_from(path, self.size, 0, self.info[i])))
@@ -505,31 +482,30 @@ class VideoDataset(torch.utils.data.Dataset):
                 start = random_start(n, self.num_frames, rng) if self.random_start else 0
                 if self.decoded is not None:  # the slice read_clip would read
                     window = self.decoded[i][start:start + self.num_frames]
-                    clip = np.zeros((self.num_frames, *window.shape[1:]), np.uint8)
-                    clip[:len(window)], n_frames = window, len(window)
+                    clip, n_frames = _padded(window, self.num_frames), len(window)
                 else:
                     clip, n_frames = read_clip(path, self.size, self.num_frames, start,
                                                info=self.info[i])
             except VideoReadError as e:
                 warnings.warn(f"skipping unreadable video {e}")
                 continue
-            return {"video": torch.from_numpy(clip), "n_frames": torch.tensor(n_frames),
-                    "label": torch.tensor(label), "video_index": torch.tensor(i),
-                    "start": torch.tensor(start)}
+            return _item(clip, n_frames=n_frames, label=label, video_index=i, start=start)
         raise VideoReadError(f"none of the {len(self.files)} videos could be read")
 
 
+def _item(clip, **numbers):
+    """A dataset item: the clip (T, H, W, 3) uint8 and each number as a tensor."""
+    return {"video": torch.from_numpy(clip), **{k: torch.tensor(v) for k, v in numbers.items()}}
+
+
 def batched_windows(dataset, videos, stride, batch_size):
-    """Batches of every window of the given videos of a dataset (iter_windows: each video read
-    once), as dicts like the dataset's items, stacked."""
+    """Every window of the given videos (iter_windows: each read once), batched as stacked items."""
     def windows():
         for i in videos:
             (path, label), info = dataset.files[i], dataset.info[i]
             for start, clip, n_real in iter_windows(path, dataset.size, dataset.num_frames,
                                                     stride, info):
-                yield {"video": torch.from_numpy(clip), "n_frames": torch.tensor(n_real),
-                       "label": torch.tensor(label), "video_index": torch.tensor(i),
-                       "start": torch.tensor(start)}
+                yield _item(clip, n_frames=n_real, label=label, video_index=i, start=start)
 
     it = windows()
     while batch := list(itertools.islice(it, batch_size)):
@@ -537,16 +513,14 @@ def batched_windows(dataset, videos, stride, batch_size):
 
 
 class ClipSampler(torch.utils.data.Sampler):
-    """An endless, deterministic stream of (index, seed) pairs for one process: a permutation of
-    the clips per epoch (seeded by seed and epoch), cut into global batches of batch_size x
-    world_size, of which rank r takes rows r * batch_size ... (r + 1) * batch_size, so the ranks
-    read together what one process with the global batch reads. It starts anywhere (a resumed
-    run skips without decoding), and each clip carries the seed of its random start."""
+    """An endless, deterministic stream of (index, seed) for one rank: a permutation of the clips
+    per epoch (seeded by seed and epoch) cut into global batches of batch_size x world_size, rank r
+    taking rows r * batch_size ... (r + 1) * batch_size: together the ranks read what one process
+    would. It starts anywhere (a resume decodes nothing to skip); the seed fixes a random start."""
 
     def __init__(self, num_items, shuffle, seed, rank, world_size, batch_size, start=0):
-        self.num_items, self.shuffle, self.seed = num_items, shuffle, seed
+        self.num_items, self.shuffle, self.seed, self.start = num_items, shuffle, seed, start
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self.start = start
 
     def __iter__(self):
         orders = {}
@@ -571,10 +545,9 @@ def leave_signals_to_the_loop(worker_id):
 
 def make_loader(dataset, batch_size, shuffle, num_workers, dist=None, seed=0, start_step=0,
                 infinite=True):
-    """Batches of clips, decoded in worker processes (none for a data set held in memory: its
-    clips are slices, and workers would only take cores from the model). infinite: an endless
-    stream for training (ClipSampler; each rank its share) from batch start_step on; otherwise
-    one pass in order."""
+    """Batches of clips decoded in worker processes (none for a set held in memory: they would only
+    take cores from the model). infinite: an endless stream for training (ClipSampler; each rank
+    its share) from batch start_step on; otherwise one pass in order."""
     if len(dataset) == 0:
         raise FileNotFoundError("the data set has no readable clips for this split; add videos "
                                 "or lower --val_fraction.")
@@ -605,7 +578,20 @@ def held_out_paths(videos, root, val_fraction, split_file=""):
     groups whose hash falls below val_fraction. A group is a UCF-101 clip group or a file; its
     side depends on its path below root only: adding videos or renaming root moves none across."""
     if split_file:
-        return _held_out_by_list(videos, split_file)
+        if not os.path.isfile(split_file):
+            raise FileNotFoundError(f"split_file {split_file!r} does not exist; pass a list like "
+                                    f"UCF-101's trainlist01.txt, or none to split by name.")
+        path_of = {_video_key(path): path for path, _ in videos}
+        with open(split_file) as f:
+            entries = [line.split()[0] for line in f if line.strip()]
+        keys = [_video_key(entry.replace("\\", "/")) for entry in entries]
+        listed = {path_of[key] for key in keys if key in path_of}
+        unmatched = [entry for entry, key in zip(entries, keys) if key not in path_of]
+        if unmatched:
+            warnings.warn(f"{len(unmatched)} entries of {split_file} match no video in the data "
+                          f"folder (e.g. {unmatched[0]}); they are ignored.")
+        is_test_list = "test" in os.path.basename(split_file).lower()
+        return listed if is_test_list else {path for path, _ in videos} - listed
 
     def group(path):  # `class/stem` below root, `stem` for a file in root; a UCF-101 clip's group
         stem = os.path.splitext(os.path.basename(path))[0]
@@ -620,27 +606,9 @@ def held_out_paths(videos, root, val_fraction, split_file=""):
 
 
 def _video_key(path):
-    """(class folder, stem), lower case: how a split list names a video, whatever the container
-    (a prepared .mov copy of an .avi still matches)."""
+    """(class folder, stem) in lower case: a split list's name for a video in any container."""
     stem = os.path.splitext(os.path.basename(path))[0]
     return os.path.basename(os.path.dirname(path)).lower(), stem.lower()
-
-
-def _held_out_by_list(videos, split_file):
-    if not os.path.isfile(split_file):
-        raise FileNotFoundError(f"split_file {split_file!r} does not exist; pass a list like "
-                                f"UCF-101's trainlist01.txt, or none to split by name.")
-    path_of = {_video_key(path): path for path, _ in videos}
-    with open(split_file) as f:
-        entries = [line.split()[0] for line in f if line.strip()]
-    listed = {path_of[k] for k in map(_video_key, (e.replace("\\", "/") for e in entries))
-              if k in path_of}
-    unmatched = [e for e in entries if _video_key(e.replace("\\", "/")) not in path_of]
-    if unmatched:
-        warnings.warn(f"{len(unmatched)} entries of {split_file} match no video in the data "
-                      f"folder (e.g. {unmatched[0]}); they are ignored.")
-    is_test_list = "test" in os.path.basename(split_file).lower()
-    return listed if is_test_list else {path for path, _ in videos} - listed
 
 
 def report_split_change(recorded, val_set, ckpt_path):
@@ -659,8 +627,7 @@ SHAPES = ("discs", "squares", "triangles", "stars")
 
 
 def _shape_distance(shape, u, v):
-    """Signed distance (negative inside, in object radii) of the points (u, v) of the object's
-    own frame."""
+    """Signed distance (negative inside, in object radii) of points (u, v) in the object's frame."""
     r = np.hypot(u, v)
     if shape == "discs":
         return r - 1
@@ -714,9 +681,8 @@ def make_synthetic(out_dir, num_classes=4, videos_per_class=48, num_frames=32, s
 
 
 def make_ucf_like_video(path, num_frames=175, seed=0, loops=1):
-    """A video in UCF-101's format, for read-speed measurements without a download: 320x240,
-    25 fps, MPEG-4 part 2 in .avi at about its bit rate, with a camera-like grain; its frames
-    played `loops` times make a long video."""
+    """A video in UCF-101's format for read-speed measurements without a download (320x240, 25 fps,
+    MPEG-4 part 2 in .avi at about its bit rate, camera-like grain), its frames `loops` times."""
     rng = np.random.default_rng(seed)
     video = repeat(_render_video(rng, "stars", num_frames, 160), "t h w c -> t (h 2) (w 2) c")
     grain = rng.integers(-6, 7, video[:, 40:280].shape)                      # (T, 240, 320, 3)
@@ -775,11 +741,10 @@ def load_tokens(path):
         for k in PLANES:
             if not torch.isfinite(tokens[k]).all():
                 problems.append(f"{k} is not finite")
-            mean, std = tokens["mean"][k], tokens["std"][k]
-            for stat, v in (("mean", mean), ("std", std)):
+            for stat, v in (("mean", tokens["mean"][k]), ("std", tokens["std"][k])):
                 if v.shape != tokens[k].shape[1:2] or not torch.isfinite(v).all():
                     problems.append(f"{stat} of {k} is not finite per channel")
-            if (std <= 0).any():
+            if (tokens["std"][k] <= 0).any():
                 problems.append(f"std of {k} is not positive per channel")
         classes = max(len(tokens["class_names"]), 1)
         if n and not (labels.min() >= 0 and labels.max() < classes):
@@ -805,7 +770,7 @@ def check_tokens_path(path):
     H.check_out_dir(os.path.dirname(os.path.abspath(path)), "--encode")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     task = parser.add_mutually_exclusive_group(required=True)
     task.add_argument("--synthetic", metavar="DIR", help="folder to write the synthetic set to")
@@ -819,25 +784,21 @@ def main():
     parser.add_argument("--img_size", type=int, default=128, help="--prepare: frame height")
     parser.add_argument("--img_width", type=int, default=0, help="--prepare: width (0: square)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="--prepare: processes")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
-        run(args)
+        if args.prepare:
+            (source, target), begin = args.prepare, time.perf_counter()
+            size = (args.img_size, args.img_width or args.img_size)
+            counts = prepare_videos(source, target, size, args.workers, args.codec)
+            print(f"prepared {source} in {target}/ in {time.perf_counter() - begin:.0f} s: "
+                  f"{counts['written']} written, {counts['exists']} already there, "
+                  f"{counts['unreadable']} unreadable (skipped, named above)")
+        else:
+            make_synthetic(args.synthetic, args.num_classes, args.videos_per_class,
+                           args.num_frames, args.size, args.seed)
+            print(f"wrote {args.num_classes * args.videos_per_class} videos to {args.synthetic}/")
     except (ValueError, OSError, VideoReadError) as e:
         raise SystemExit(f"error: {e}") from None
-
-
-def run(args):
-    if args.prepare:
-        (source, target), begin = args.prepare, time.perf_counter()
-        counts = prepare_videos(source, target, (args.img_size, args.img_width or args.img_size),
-                                args.workers, args.codec)
-        print(f"prepared {source} in {target}/ in {time.perf_counter() - begin:.0f} s: "
-              f"{counts['written']} written, {counts['exists']} already there, "
-              f"{counts['unreadable']} unreadable (skipped, named above)")
-        return
-    make_synthetic(args.synthetic, args.num_classes, args.videos_per_class, args.num_frames,
-                   args.size, args.seed)
-    print(f"wrote {args.num_classes * args.videos_per_class} videos to {args.synthetic}/")
 
 
 if __name__ == "__main__":
