@@ -409,10 +409,9 @@ def fvd_command(args, device):
         info = data.probe_video(first[0][0])
         num_frames = num_frames or info["n_frames"]
         frame_size = (frame_size, frame_size) if frame_size else (info["height"], info["width"])
-    real, fake = (folder_features(detector, folder, num_frames, frame_size, device,
-                                  args.i3d_batch, random_start=random_start,
-                                  num_clips=args.num_clips, batch_size=args.batch_size,
-                                  num_workers=args.num_workers)
+    real, fake = (folder_features(detector, folder, num_frames, frame_size, device, args.i3d_batch,
+                                  random_start=random_start, num_clips=args.num_clips,
+                                  batch_size=args.batch_size, num_workers=args.num_workers)
                   for folder, random_start in ((args.real, True), (args.fake, False)))
     fvd, reason = M.fvd_from_features(real, fake)
     if fvd is None:
