@@ -12,10 +12,8 @@ on whole clips, and how many tokens a clip becomes; reconstruct whole videos of 
 
 Writes out/eval.json, recon.mp4 (input | reconstruction) and recon.png; --video writes
 <stem>_recon.mp4 (.mkv with --format lossless), <stem>_side_by_side.mp4 and <stem>_recon.json.
-PSNR, SSIM (an 11x11 Gaussian window, sigma 1.5: scikit-image's) and LPIPS (VGG16, v0.1) are
-per frame on [0, 1] after clamping, over every real frame; rFVD / FVD are StyleGAN-V's (its
-TorchScript I3D on whole uint8 clips, the Frechet distance of the two Gaussians; biased upward on
-few clips, so the count is printed beside). A metric without its weights (fetched on first use,
+The measures are metrics.py's, over every real frame; rFVD / FVD are StyleGAN-V's (biased upward
+on few clips, so the count is printed beside). A metric without its weights (fetched on first use,
 or --i3d / --lpips_vgg / --lpips_lin) is reported unavailable with the reason, null in the JSON.
 """
 
@@ -37,15 +35,7 @@ from tqdm import tqdm
 
 import data
 import harness as H
-from metrics import (
-    I3D_KWARGS,
-    frame_metrics,
-    fvd_from_features,
-    i3d_features,
-    load_lpips,
-    reconstruct,
-    score,
-)
+import metrics as M
 from tokenizer import PRESETS, CoordTok, CoordTokConfig, load_tokenizer
 
 # StyleGAN-V's detector, called as its src/metrics/frechet_video_distance.py calls it
@@ -57,9 +47,8 @@ PREVIEW_CLIPS, PREVIEW_FRAMES = 4, 8
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
-                                epilog="--tokens also takes --preset NAME and tokenizer.py's model "
-                                       "flags (e.g. --triplane_rs 32).")
+    epilog = "--tokens also takes --preset and tokenizer.py's model flags (e.g. --triplane_rs 32)."
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], epilog=epilog)
     p.add_argument("--ckpt", default="out/tokenizer.pt", help="tokenizer checkpoint, or a name "
                    "of the authors' release (coordtok_ucf101)")
     p.add_argument("--data", default="", help="folder of videos; default: the checkpoint's data")
@@ -99,7 +88,7 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# FVD: I3D features of whole clips, and the Frechet distance of two Gaussians
+# the clips evaluated, and the I3D detector that FVD compares them with
 
 
 def load_i3d(path, device):
@@ -114,20 +103,19 @@ def load_i3d(path, device):
 
 def clip_loader(folder, frame_size, num_frames, split="all", random_start=False, val_fraction=0.1,
                 num_clips=0, batch_size=8, num_workers=0, split_file="", dist=None):
-    """num_clips clips (0: all) of a split of a folder, spread evenly over it (the files are
-    sorted by class: the first N would be the first classes only), once, in order; under
-    torchrun this rank's contiguous share."""
+    """num_clips clips (0: all) of a split, spread evenly (files sort by class: the first N would
+    be the first classes only), once, in order; under torchrun this rank's contiguous share."""
     dataset = data.VideoDataset(folder, frame_size, num_frames, split, val_fraction, split_file,
                                 random_start)
     if len(dataset) == 0:
         raise ValueError(f"the {split!r} split of {folder} has no clips; add videos, or pass "
                          f"--split all.")
     chosen = range(len(dataset))
-    if dist and min(num_clips or len(dataset), len(dataset)) < dist.world_size:
-        raise ValueError(f"{folder} gives fewer clips than the {dist.world_size} processes; run "
-                         f"fewer processes.")
     if 0 < num_clips < len(dataset):
         chosen = torch.linspace(0, len(dataset) - 1, num_clips).round().long().tolist()
+    if dist and len(chosen) < dist.world_size:
+        raise ValueError(f"{folder} gives fewer clips than the {dist.world_size} processes; run "
+                         f"fewer processes.")
     mine = [chosen[i] for i in (dist.share(len(chosen)) if dist else range(len(chosen)))]
     return data.make_loader(torch.utils.data.Subset(dataset, mine), batch_size, False,
                             num_workers, infinite=False)
@@ -142,7 +130,7 @@ def folder_features(detector, folder, num_frames, frame_size, device, i3d_batch=
         whole = batch["n_frames"] == num_frames
         short += int((~whole).sum())
         if whole.any():
-            features.append(i3d_features(detector, batch["video"][whole], device, i3d_batch))
+            features.append(M.i3d_features(detector, batch["video"][whole], device, i3d_batch))
     if short:
         warnings.warn(f"{short} videos in {folder} are shorter than {num_frames} frames and were "
                       f"left out")
@@ -155,23 +143,21 @@ def folder_features(detector, folder, num_frames, frame_size, device, i3d_batch=
 
 def grid_latent_shape(num_frames, frame_size, channels=GRID_CHANNELS):
     """(C, T', H', W') of the GRID_DOWNSAMPLE latent grid; a partial block makes a latent too."""
-    height, width = (frame_size,) * 2 if isinstance(frame_size, int) else frame_size
-    return (channels, *(math.ceil(n / d) for n, d in zip((num_frames, height, width),
-                                                         GRID_DOWNSAMPLE)))
+    sizes = (num_frames, *data.hw(frame_size))
+    return (channels, *(math.ceil(n / d) for n, d in zip(sizes, GRID_DOWNSAMPLE)))
 
 
 def token_counts(model, num_frames):
-    cfg, (height, width) = model.config, model.config.frame_size
-    channels, *grid = grid_latent_shape(num_frames, (height, width))
-    c = dict(frames=num_frames, frame_size=[height, width], tokens=model.num_tokens(),
-             channels=cfg.triplane_c, floats=sum(map(math.prod, model.triplane_shapes)),
-             raw_floats=num_frames * height * width * 3, grid_downsample=list(GRID_DOWNSAMPLE),
-             grid_channels=channels, grid_tokens=math.prod(grid))
-    c["grid_floats"] = c["grid_tokens"] * channels
-    c["compression_vs_raw"] = c["raw_floats"] / c["floats"]
-    c["grid_tokens_per_token"] = c["grid_tokens"] / c["tokens"]
-    c["grid_floats_per_float"] = c["grid_floats"] / c["floats"]
-    return c
+    (height, width), tokens = model.config.frame_size, model.num_tokens()
+    grid_channels, *grid = grid_latent_shape(num_frames, (height, width))
+    floats, grid_tokens = sum(map(math.prod, model.triplane_shapes)), math.prod(grid)
+    raw_floats, grid_floats = num_frames * height * width * 3, grid_tokens * grid_channels
+    return dict(frames=num_frames, frame_size=[height, width], tokens=tokens,
+                channels=model.config.triplane_c, floats=floats, raw_floats=raw_floats,
+                grid_downsample=list(GRID_DOWNSAMPLE), grid_channels=grid_channels,
+                grid_tokens=grid_tokens, grid_floats=grid_floats,
+                compression_vs_raw=raw_floats / floats, grid_tokens_per_token=grid_tokens / tokens,
+                grid_floats_per_float=grid_floats / floats)
 
 
 def token_rows(c):
@@ -193,38 +179,39 @@ def print_table(title, rows):
 
 
 # -----------------------------------------------------------------------------
-def report(result, metrics, preview, out_dir):
-    """Print the table of an evaluation, then write eval.json and the previews."""
+def report(result, metrics, first_batch, out_dir):
+    """Print an evaluation's table; write eval.json and previews of first_batch's clips."""
     def show(name, fmt):  # fmt may name other figures, as rFVD's clip count
-        value = result[name]
-        return fmt.format(value, **result) if value is not None else \
-            f"unavailable: {result['unavailable'][name]}"
+        if result[name] is None:
+            return f"unavailable: {result['unavailable'][name]}"
+        return fmt.format(result[name], **result)
 
     clips, frames, model_frames = result["clips"], result["frames_per_clip"], result["model_frames"]
     frames_row = f"{frames}" + (f" (model: {model_frames})" if frames != model_frames else "")
     if result["real_frames"] != clips * frames:
         frames_row += f"; {result['real_frames']} real frames evaluated"
     no_split = "" if result["train_config"] else "; the checkpoint carries no training split"
-    marks = result["yardsticks"]
+    marks, speed = result["yardsticks"], result["encode_decode_clips_per_s"]
     rows = [("clips", f"{clips} ({result['split']} split of {result['data']}{no_split})"),
             ("frames per clip", frames_row), ("resolution", "{}x{}".format(*result["resolution"])),
             *[(label, show(name, fmt)) for name, (label, fmt, _) in metrics.items()],
             ("rFVD", show("rfvd", "{:.1f} ({rfvd_clips} clips)")),
             ("yardsticks: PSNR of", f"the clip's mean frame {marks['temporal_mean']:.2f} dB, a "
              f"blur over each decoder patch {marks['patch_blur']:.2f} dB"),
-            *token_rows(result["tokens"]), ("encode + decode",
-                                            f"{result['encode_decode_clips_per_s']:.2f} clips/s "
-                                            f"on {result['device']}")]
+            *token_rows(result["tokens"]),
+            ("encode + decode", f"{speed:.2f} clips/s on {result['device']}")]
     step = "" if result["step"] is None else f" (step {result['step']})"
     print_table(f"CoordTok evaluation of {result['checkpoint']}{step}", rows)
     write_json(os.path.join(out_dir, "eval.json"), result)
-    inputs, recons, n_frames = preview
-    real = int(n_frames.min())                                   # frames real in every clip
-    pairs = torch.cat([inputs[:, :real], recons[:, :real]], dim=3)              # (K, T, H, 2W, 3)
+    clips, recon, n_frames, _ = first_batch
+    real = int(n_frames[:PREVIEW_CLIPS].min())                   # frames real in every clip
+    inputs = clips[:PREVIEW_CLIPS, :real]                                       # (K, T, H, W, 3)
+    recons = data.to_uint8(recon[:PREVIEW_CLIPS, :real]).cpu()
+    pairs = torch.cat([inputs, recons], dim=3)                                  # (K, T, H, 2W, 3)
     data.write_video(os.path.join(out_dir, "recon.mp4"),
                      rearrange(pairs, "k t h w c -> t (k h) w c").numpy())
     data.write_png(os.path.join(out_dir, "recon.png"),
-                   data.comparison_grid(inputs[:, :real], recons[:, :real], PREVIEW_FRAMES))
+                   data.comparison_grid(inputs, recons, PREVIEW_FRAMES))
     print(f"wrote {os.path.join(out_dir, 'eval.json')}, recon.mp4 and recon.png")
 
 
@@ -263,16 +250,15 @@ def evaluate_command(args, dist):
                          **held_out)
     if split == "val" and dist.is_main:
         data.report_split_change(ckpt.get("held_out"), loader.dataset.dataset, args.ckpt)
-    lpips, lpips_reason = load_lpips(args.lpips_vgg, args.lpips_lin, device)
+    lpips, lpips_reason = M.load_lpips(args.lpips_vgg, args.lpips_lin, device)
     detector, i3d_reason = load_i3d(args.i3d, device)
-    metrics = frame_metrics(lpips)
-    batches = reconstruct(model, loader, num_frames, device, show=dist.is_main)
+    metrics = M.frame_metrics(lpips)
+    batches = M.reconstruct(model, loader, num_frames, device, show=dist.is_main)
     first = next(batches, None)                                  # rank 0's first clips: previews
-    figures, rfvd_reason = score(itertools.chain([first] if first else [], batches), metrics,
-                                 detector, args.i3d_batch, device, model.patch_size, dist)
+    figures, rfvd_reason = M.score(itertools.chain([first] if first else [], batches), metrics,
+                                   detector, args.i3d_batch, device, model.patch_size, dist)
     if not dist.is_main:
         return None
-    clips, recon, n_frames, _ = first
     unavailable = {name: reason for name, reason in (("lpips", lpips_reason),
                                                      ("rfvd", rfvd_reason or i3d_reason))
                    if figures[name] is None}
@@ -282,11 +268,9 @@ def evaluate_command(args, dist):
         date=datetime.datetime.now().isoformat(timespec="seconds"), device=describe(device),
         torch=torch.__version__, frames_per_clip=num_frames, model_frames=cfg.num_frames,
         resolution=list(cfg.frame_size), **figures, unavailable=unavailable,
-        tokens=token_counts(model, num_frames), i3d=dict(url=I3D_URL, kwargs=I3D_KWARGS),
+        tokens=token_counts(model, num_frames), i3d=dict(url=I3D_URL, kwargs=M.I3D_KWARGS),
         model_config=dataclasses.asdict(cfg), train_config=train_config)
-    preview = (clips[:PREVIEW_CLIPS], data.to_uint8(recon[:PREVIEW_CLIPS]).cpu(),
-               n_frames[:PREVIEW_CLIPS])
-    report(result, metrics, preview, args.out_dir)
+    report(result, metrics, first, args.out_dir)
     return result
 
 
@@ -296,11 +280,10 @@ def evaluate_command(args, dist):
 
 @torch.no_grad()
 def reconstruct_video(model, path, args, metrics, device, stem):
-    """One video back, every frame in order at the model's frame size. Windows of the model's
-    length start every (length - overlap) frames, the last one ending at the video's last frame
-    (one padded, masked window for a video shorter than the model's); a frame that several
-    windows decode is their weighted mean, weights ramping over the overlap. The video is read
-    once and memory holds a batch of windows. Returns the figures, also in <stem>_recon.json."""
+    """One video back, every frame in order at the model's frame size: windows of the model's
+    length every (length - overlap) frames, the last ending at the video's last frame (a shorter
+    video: one padded, masked window); a frame several windows decode is their mean, weighted by
+    a ramp over the overlap. Read once, a batch of windows in memory. Returns the figures (JSON)."""
     begin, T = time.perf_counter(), model.config.num_frames
     info, overlap = data.probe_video(path), args.overlap
     if overlap >= T:
@@ -318,9 +301,8 @@ def reconstruct_video(model, path, args, metrics, device, stem):
         final = [pending.pop(i) for i in range(written, upto)]
         if not final:
             return
-        recon = torch.stack([total / weight for total, weight, _ in final])  # (F, H, W, 3)
-        recon = data.to_uint8(recon)
-        inputs = torch.stack([frame for _, _, frame in final])
+        recon = data.to_uint8(torch.stack([total / weight for total, weight, _ in final]))
+        inputs = torch.stack([frame for _, _, frame in final])              # (F, H, W, 3) uint8
         for frame, pair in zip(recon.numpy(), torch.cat([inputs, recon], 2).numpy()):
             write_recon(frame)
             write_pair(pair)
@@ -386,7 +368,7 @@ def video_command(args, device):
             name = f"{stem}_{k}"
         stems.append(name)
     model, _ = load_tokenizer(args.ckpt, device)
-    metrics = frame_metrics(load_lpips(args.lpips_vgg, args.lpips_lin, device)[0])
+    metrics = M.frame_metrics(M.load_lpips(args.lpips_vgg, args.lpips_lin, device)[0])
     return [reconstruct_video(model, path, args, metrics, device, stem)
             for path, stem in zip(args.video, stems)]
 
@@ -412,8 +394,7 @@ def tokens_command(args, model_flags):
 
 
 def fvd_command(args, device):
-    """FVD between two folders, StyleGAN-V style: real clips from a seeded random start,
-    generated ones from their first frame, videos shorter than the clip left out."""
+    """FVD between --real (clips from a seeded random start) and --fake (from their first frame)."""
     for flag, folder in (("--real", args.real), ("--fake", args.fake)):
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"{flag} folder {folder!r} does not exist; pass a folder.")
@@ -428,12 +409,11 @@ def fvd_command(args, device):
         info = data.probe_video(first[0][0])
         num_frames = num_frames or info["n_frames"]
         frame_size = (frame_size, frame_size) if frame_size else (info["height"], info["width"])
-    real, fake = (folder_features(detector, folder, num_frames, frame_size, device,
-                                  args.i3d_batch, random_start=random_start,
-                                  num_clips=args.num_clips, batch_size=args.batch_size,
-                                  num_workers=args.num_workers)
+    real, fake = (folder_features(detector, folder, num_frames, frame_size, device, args.i3d_batch,
+                                  random_start=random_start, num_clips=args.num_clips,
+                                  batch_size=args.batch_size, num_workers=args.num_workers)
                   for folder, random_start in ((args.real, True), (args.fake, False)))
-    fvd, reason = fvd_from_features(real, fake)
+    fvd, reason = M.fvd_from_features(real, fake)
     if fvd is None:
         raise SystemExit(f"FVD unavailable: {reason}")
     print(f"FVD {fvd:.2f}  ({len(real)} real / {len(fake)} fake clips of {num_frames} frames at "

@@ -1,9 +1,8 @@
 """
 The measures of a reconstruction, shared by training (its held-out evaluation, stage 2's LPIPS
 loss) and eval.py: PSNR, SSIM and LPIPS per frame, the yardsticks, I3D features and the Frechet
-distance (rFVD / FVD), and `score`, which runs them over reconstructed clips. A first reader of
-the method may skip this file; a metric added to `frame_metrics` shows in eval.py's table and in
-training's log.
+distance (rFVD / FVD), and `score`, which runs them over reconstructed clips. A first reader may
+skip this file; a metric added to `frame_metrics` shows in eval.py's table and in training's log.
 """
 
 import time
@@ -51,27 +50,19 @@ def per_frame(image_metric, pred, target):
     return rearrange(scores, "(b t) -> b t", b=batch)
 
 
-def gaussian_window(size=SSIM_WINDOW, sigma=SSIM_SIGMA, device=None):
-    """The normalised 1D Gaussian (size,) float64; SSIM's 2D window is its outer product."""
-    x = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    return g / g.sum()
-
-
 def ssim_images(x, y):
-    """SSIM of images (N, 3, H, W) in [0, 1] -> (N,), the mean over channels and positions.
-
-    Local moments are Gaussian-weighted averages with population covariance. Only windows fully
-    inside the image count: scikit-image filters with reflected borders and then crops (window-1)/2
-    pixels per side, which leaves the positions of a 'valid' convolution. float64, because the
-    variances are differences of nearly equal numbers (E[x^2] - E[x]^2).
-    """
+    """SSIM of images (N, 3, H, W) in [0, 1] -> (N,), scikit-image's: Gaussian-weighted moments,
+    population covariance, the mean over channels and the windows fully inside the image (what its
+    crop of a reflect-padded filter leaves). float64: variances are E[x^2] - E[x]^2, a difference
+    of nearly equal numbers."""
     if min(x.shape[-2:]) < SSIM_WINDOW:
         raise ValueError(f"SSIM needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, "
                          f"got {x.shape[-2]}x{x.shape[-1]}.")
     x, y = x.double(), y.double()
     moments = torch.cat([x, y, x * x, y * y, x * y], dim=1)                # (N, 15, H, W)
-    g, k = gaussian_window(device=x.device), moments.shape[1]
+    offsets = torch.arange(SSIM_WINDOW, device=x.device).double() - (SSIM_WINDOW - 1) / 2
+    g = torch.exp(-offsets ** 2 / (2 * SSIM_SIGMA ** 2))  # 1D: the 2D window is its outer product
+    g, k = g / g.sum(), moments.shape[1]
     moments = F.conv2d(moments, repeat(g, "n -> k 1 n 1", k=k), groups=k)        # along H
     moments = F.conv2d(moments, repeat(g, "n -> k 1 1 n", k=k), groups=k)        # along W
     mu_x, mu_y, e_xx, e_yy, e_xy = moments.chunk(5, dim=1)                 # (N, 3, h', w') each
@@ -89,8 +80,7 @@ def ssim_per_frame(pred, target):
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LPIPS_LIN_URL = ("https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/"
                  "v0.1/vgg.pth")
-VGG16_CHANNELS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512,
-                  512)
+VGG16_CHANNELS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 LPIPS_TAPS = (3, 8, 15, 22, 29)  # torchvision's indices of relu1_2 ... relu5_3
 
 
@@ -115,23 +105,10 @@ class LPIPS(nn.Module):
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
 
-    def load_published(self, vgg_state, lin_state):
-        """torchvision's vgg16 state dict (the layers up to relu5_3 are used) and LPIPS's."""
-        expected, state = self.state_dict(), {"shift": self.shift, "scale": self.scale}
-        for given, prefix, name in ((vgg_state, "features.", "torchvision's vgg16 (--lpips_vgg)"),
-                                    (lin_state, "lin", "LPIPS v0.1's vgg.pth (--lpips_lin)")):
-            state.update({k: v for k, v in given.items() if k.startswith(prefix) and k in expected})
-            wrong = [k for k in expected if k.startswith(prefix)
-                     and (k not in state or state[k].shape != expected[k].shape)]
-            if wrong:
-                raise H.WeightsUnavailable(f"{name}: {wrong[0]} missing or reshaped, not the "
-                                           f"published layout; pass the published file.")
-        self.load_state_dict(state)
-        return self
-
     @classmethod
     def from_pretrained(cls, vgg_path="", lin_path=""):
-        """From paths, or fetched to the hub cache (torchvision's hash-checked), tensors only."""
+        """torchvision's vgg16 (its layers up to relu5_3) and LPIPS v0.1's weights, from paths or
+        fetched to the hub cache (torchvision's hash-checked), read as tensors only."""
         def load(url, path, flag):
             file = H.fetch(url, path, flag)
             try:
@@ -141,7 +118,18 @@ class LPIPS(nn.Module):
                                            f"replace it with {url}.") from None
         vgg = load(VGG16_URL, vgg_path, "--lpips_vgg")
         lin = load(LPIPS_LIN_URL, lin_path, "--lpips_lin")
-        return cls().load_published(vgg, lin).eval().requires_grad_(False)
+        lpips = cls()
+        expected, state = lpips.state_dict(), {"shift": lpips.shift, "scale": lpips.scale}
+        for given, prefix, name in ((vgg, "features.", "torchvision's vgg16 (--lpips_vgg)"),
+                                    (lin, "lin", "LPIPS v0.1's vgg.pth (--lpips_lin)")):
+            state.update({k: v for k, v in given.items() if k.startswith(prefix) and k in expected})
+            wrong = [k for k in expected if k.startswith(prefix)
+                     and (k not in state or state[k].shape != expected[k].shape)]
+            if wrong:
+                raise H.WeightsUnavailable(f"{name}: {wrong[0]} missing or reshaped, not the "
+                                           f"published layout; pass the published file.")
+        lpips.load_state_dict(state)
+        return lpips.eval().requires_grad_(False)
 
     def forward(self, x, y):  # (N, 3, H, W) in [-1, 1] -> (N,)
         h, dist, k = torch.cat([x, y]).sub(self.shift).div(self.scale), 0.0, 0
@@ -168,14 +156,13 @@ def frame_metrics(lpips):
     target) -> (B, T), or None without weights). A new metric is one entry."""
     lpips_fn = None if lpips is None else lambda pred, target: per_frame(
         lambda a, b: lpips(a, b).float(), to_unit(pred) * 2 - 1, to_unit(target) * 2 - 1)
-    return {"psnr": ("PSNR", "{:.2f} dB", psnr_per_frame), "ssim": ("SSIM", "{:.4f}",
-            ssim_per_frame), "lpips": ("LPIPS", "{:.4f}", lpips_fn)}
+    return {"psnr": ("PSNR", "{:.2f} dB", psnr_per_frame),
+            "ssim": ("SSIM", "{:.4f}", ssim_per_frame), "lpips": ("LPIPS", "{:.4f}", lpips_fn)}
 
 
 def yardsticks(target, patch_size):
-    """Reconstructions a tokenizer should beat, of clips (B, T, H, W, 3): each frame replaced by
-    the clip's mean frame (blind to motion), and by its mean over each decoder patch (a perfect
-    tokenizer with no detail inside a patch)."""
+    """What a tokenizer should beat, for clips (B, T, H, W, 3): each frame replaced by the clip's
+    mean frame (blind to motion), or by its mean over each decoder patch (no detail inside one)."""
     _, ph, pw = patch_size
     frames = rearrange(target, "b t h w c -> (b t) c h w")
     blur = F.interpolate(F.avg_pool2d(frames, (ph, pw)), scale_factor=(ph, pw), mode="nearest")
@@ -217,16 +204,11 @@ def feature_stats(features):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)).
-
-    The trace term without a general matrix square root: sigma1 sigma2 is similar to the
-    symmetric positive semi-definite M = S sigma2 S with S = sigma1^(1/2), so tr((sigma1
-    sigma2)^(1/2)) is the sum of the square roots of M's eigenvalues. Symmetric eigensolvers are
-    backward stable and give real eigenvalues; rounding can only push the zero ones of a
-    rank-deficient covariance slightly negative, and those are clamped (scipy's sqrtm of the
-    non-symmetric product can come out complex from the same rounding)."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    """|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)). The trace term is the
+    sum of the square roots of the eigenvalues of M = S sigma2 S, S = sigma1^(1/2), symmetric and
+    similar to sigma1 sigma2: real, rounding's slightly negative zeros clamped (scipy's sqrtm of
+    the non-symmetric product can come out complex from the same rounding)."""
+    mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
     w, v = np.linalg.eigh(sigma1)
     sqrt_sigma1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     m = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
@@ -286,9 +268,8 @@ def score(batches, metrics, detector, i3d_batch, device, patch_size, dist=None):
         whole = n_frames == clips.shape[1]
         try:
             if detector is not None and not refusal and whole.any():
-                features[0].append(i3d_features(detector, clips[whole], device, i3d_batch))
-                recon_uint8 = data.to_uint8(recon).cpu()[whole]
-                features[1].append(i3d_features(detector, recon_uint8, device, i3d_batch))
+                for side, videos in zip(features, (clips, data.to_uint8(recon).cpu())):
+                    side.append(i3d_features(detector, videos[whole], device, i3d_batch))
         except ClipsTooShortForI3D as e:
             features, refusal = ([], []), str(e)
     shares = H.gather_to_main(dist, (sums, features, refusal))
