@@ -10,6 +10,7 @@ import argparse
 import collections
 import contextlib
 import hashlib
+import inspect
 import itertools
 import multiprocessing
 import os
@@ -621,70 +622,146 @@ def report_split_change(recorded, val_set, ckpt_path):
 
 
 # -----------------------------------------------------------------------------
-# the synthetic set: textured objects moving, turning and changing colour on varied backgrounds
+# the synthetic set: scenes with the statistics of photographs, filmed by a moving camera
 
-SHAPES = ("discs", "squares", "triangles", "stars")
-
-
-def _shape_distance(shape, u, v):
-    """Signed distance (negative inside, in object radii) of points (u, v) in the object's frame."""
-    r = np.hypot(u, v)
-    if shape == "discs":
-        return r - 1
-    if shape == "squares":
-        return np.maximum(np.abs(u), np.abs(v)) - 0.85
-    if shape == "triangles":  # the distance to the nearest of three edges
-        edges = [u * np.cos(a) + v * np.sin(a) for a in (np.pi / 2, np.pi * 7 / 6, np.pi * 11 / 6)]
-        return np.max(edges, 0) - 0.6
-    return r - (0.75 + 0.3 * np.cos(5 * np.arctan2(v, u)))  # stars: a five-lobed radius
+MOTIONS = ("still", "zoom", "pan", "handheld")  # the classes: how the camera moves
 
 
-def _render_video(rng, shape, num_frames, size):
-    """One clip (num_frames, size, size, 3) uint8 of 1-2 textured objects of one shape."""
-    ys, xs = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
-    t = np.arange(num_frames)[:, None, None] / max(num_frames - 1, 1)                # (T, 1, 1)
-    # background: a gradient between two colours plus a slow wave drifting over time
-    c0, c1 = rng.uniform(0.1, 0.9, 3), rng.uniform(0.1, 0.9, 3)
-    direction = rng.uniform(0, 2 * np.pi)
-    ramp = (np.cos(direction) * xs + np.sin(direction) * ys + 1.4) / 2.8              # (S, S)
-    k = rng.uniform(1.5, 3.5, 2) * rng.choice([-1, 1], 2)
-    wave = 0.08 * np.sin(np.pi * (k[0] * xs + k[1] * ys) + rng.uniform(0, 6) + 3 * t)  # (T, S, S)
-    video = c0 + (c1 - c0) * ramp[None, :, :, None] + wave[..., None]               # (T, S, S, 3)
-    for _ in range(rng.integers(1, 3)):
-        radius = rng.uniform(0.14, 0.24)
-        pos0, vel = rng.uniform(0.25, 0.75, 2), rng.uniform(-0.45, 0.45, 2)
-        # straight-line motion reflected at the borders (a triangle wave keeps it inside)
-        lo, hi = radius, 1 - radius
-        path = lo + np.abs(np.mod(pos0 + vel * t[:, 0, 0, None] - lo, 2 * (hi - lo)) - (hi - lo))
-        angle = rng.uniform(0, 2 * np.pi) + rng.uniform(-1.5, 1.5) * t             # turning
-        scale = radius * (1 + 0.1 * np.sin(2 * np.pi * t * rng.uniform(0.5, 1.5)))  # pulsing
-        du, dv = (xs - path[:, None, None, 0]) / scale, (ys - path[:, None, None, 1]) / scale
-        u, v = np.cos(angle) * du + np.sin(angle) * dv, -np.sin(angle) * du + np.cos(angle) * dv
-        alpha = np.clip(0.5 - _shape_distance(shape, u, v) * scale * size / 2.5, 0, 1)[..., None]
-        # texture: stripes in the object's own frame (they turn with it), colours drifting
-        stripes = np.sin(np.pi * rng.uniform(1.2, 2.4) * u + rng.uniform(0, 6))[..., None]
-        colour = np.clip(rng.uniform(0.2, 0.8, 3)
-                         + 0.25 * np.sin(2 * np.pi * (t[..., None] + rng.uniform(0, 1, 3))), 0, 1)
-        video = video * (1 - alpha) + colour * (0.7 + 0.3 * stripes) * alpha
-    return (np.clip(video, 0, 1) * 255 + 0.5).astype(np.uint8)
+def pink_noise(rng, shape, size, slope=1.0):
+    """Noise (*shape, size, size) float32, zero mean and unit std per image, its amplitude
+    spectrum falling as 1/f^slope: photographs of natural scenes fall about as 1/f."""
+    f = np.hypot(np.fft.fftfreq(size)[:, None], np.fft.rfftfreq(size)[None])
+    f[0, 0] = np.inf                                                        # no constant term
+    spectrum = rng.normal(size=(*shape, size, size // 2 + 1, 2)) @ np.array([1, 1j])
+    x = np.fft.irfft2(spectrum / f ** slope, s=(size, size))
+    return ((x - x.mean((-2, -1), keepdims=True)) / x.std((-2, -1), keepdims=True)).astype("f4")
 
 
-def make_synthetic(out_dir, num_classes=4, videos_per_class=48, num_frames=32, size=64, seed=0):
-    """Write the synthetic set: out_dir/<shape>/<shape>_NNN.mp4, a class per object shape."""
+def texture(rng, size, contrast=1.0):
+    """RGB (3, size, size) in [0, 1]: a greyish colour, a 1/f luminance and a fainter, smoother
+    variation of hue (in photographs brightness varies more than colour)."""
+    slope = rng.uniform(1.0, 1.5)
+    luminance, hue = pink_noise(rng, (), size, slope), pink_noise(rng, (2,), size, slope + 0.3)
+    colour = rng.uniform(0.2, 0.8) + rng.uniform(-0.15, 0.15, 3)
+    hue_axes = np.linalg.qr(rng.normal(size=(3, 3)))[0][:, :2]                        # (3, 2)
+    rgb = (colour[:, None, None] + 0.18 * contrast * luminance
+           + 0.05 * np.einsum("ck,khw->chw", hue_axes, hue))
+    return np.clip(rgb, 0, 1).astype("f4")
+
+
+def object_sprite(rng, size=64):
+    """RGBA (4, size, size): a textured blob or polygon, lit from one side, hard or soft edged."""
+    v, u = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
+    angle, r = np.arctan2(v, u), np.hypot(u, v)
+    if rng.random() < 0.5:  # a blob: a radius that wobbles with the angle
+        k = rng.integers(2, 5)
+        radius = 0.7 + 0.15 * np.sin(k * angle + rng.uniform(0, 6)) + 0.08 * np.sin((k + 1) * angle)
+    else:  # a polygon of 3 to 6 sides
+        n = rng.integers(3, 7)
+        radius = 0.75 * np.cos(np.pi / n) / np.cos((angle - rng.uniform(0, 6)) % (2 * np.pi / n)
+                                                   - np.pi / n)
+    alpha = np.clip((radius - r) / rng.choice([0.03, 0.3]) + 0.5, 0, 1)
+    light = rng.uniform(0, 2 * np.pi)
+    shading = 0.8 + 0.25 * (np.cos(light) * u + np.sin(light) * v)
+    return np.concatenate([np.clip(texture(rng, size) * shading, 0, 1), alpha[None]]).astype("f4")
+
+
+def camera_path(rng, motion, num_frames):
+    """The camera of each frame: its centre (T, 2) in view widths and its zoom (T,), > 1 nearer."""
+    t = torch.arange(num_frames) / num_frames - 0.5                                   # (T,)
+    centre, zoom = torch.zeros(num_frames, 2), torch.ones(num_frames)
+    if motion == "pan":
+        heading = rng.uniform(0, 2 * np.pi)
+        speed = rng.uniform(0.25, 0.75)                               # view widths per video
+        centre = torch.tensor([np.cos(heading), np.sin(heading)]) * speed * t[:, None]
+    elif motion == "zoom":
+        centre = torch.from_numpy(rng.uniform(-0.1, 0.1, 2)) * (t[:, None] + 0.5)
+        zoom = torch.exp(rng.uniform(0.25, 0.6) * rng.choice([-1, 1]) * t)
+    elif motion == "handheld":  # a small shake about a point, and a little breathing in depth
+        centre = torch.from_numpy(rng.normal(0, 0.004, (num_frames, 2))).cumsum(0)
+        centre = centre - centre.mean(0)
+        zoom = 1 + torch.from_numpy(rng.normal(0, 0.004, num_frames)).cumsum(0)
+    return centre.float(), zoom.float()
+
+
+def film(rgba, centre, zoom, size, depth=1.0, position=None, scale=1.0):
+    """What the camera sees of an RGBA canvas (4, S, S): (T, 4, size, size). A layer at `depth`
+    moves 1/depth as fast as the camera (parallax) and spans [-1.5, 1.5]^2 view widths (its
+    borders mirrored); a sprite at `position` (T, 2), 2 x scale wide, is transparent around."""
+    axis = torch.linspace(-0.5, 0.5, size)
+    ys, xs = torch.meshgrid(axis, axis, indexing="ij")                                 # the view
+    zoom = zoom[:, None, None] ** (1 / depth)
+    grid = torch.stack([centre[:, 0, None, None] / depth + xs / zoom,
+                        centre[:, 1, None, None] / depth + ys / zoom], -1)        # (T, s, s, 2)
+    if position is None:
+        grid, padding = grid / 1.5, "reflection"
+    else:
+        grid, padding = (grid - position[:, None, None]) / scale, "zeros"
+    canvas = torch.from_numpy(rgba)[None].expand(len(grid), -1, -1, -1)
+    return torch.nn.functional.grid_sample(canvas, grid, padding_mode=padding, align_corners=False)
+
+
+def render_video(rng, motion, num_frames, size):
+    """(num_frames, size, size, 3) uint8: a far textured layer, a near one covering part of it
+    and one to three objects moving in front, filmed by the camera of `motion` (one of MOTIONS)
+    under a light whose brightness and tint change slowly."""
+    T, canvas = num_frames, 3 * size
+    centre, zoom = camera_path(rng, motion, T)
+    far = np.concatenate([texture(rng, canvas), np.ones((1, canvas, canvas), "f4")])
+    video = film(far, centre, zoom, size, depth=2.0)[:, :3]                        # (T, 3, s, s)
+    regions = np.clip((pink_noise(rng, (), canvas, 2.0) + rng.uniform(-1, 0.3))
+                      / rng.uniform(0.05, 0.4), 0, 1)                     # large, hard or soft
+    layers = [film(np.concatenate([texture(rng, canvas, 1.3), regions[None]]), centre, zoom, size)]
+    t = torch.arange(T)[:, None] - T / 2
+    for _ in range(rng.integers(1, 4)):
+        speed = rng.uniform(0.2, 1.0) if motion == "still" else rng.uniform(0, 0.6)
+        heading = rng.uniform(0, 2 * np.pi)
+        velocity = torch.tensor([np.cos(heading), np.sin(heading)]).float() * speed / T
+        position = torch.from_numpy(rng.uniform(-0.3, 0.3, 2)).float() + velocity * t  # (T, 2)
+        layers.append(film(object_sprite(rng), centre, zoom, size, 1.0, position,
+                           rng.uniform(0.12, 0.3)))
+    for layer in layers:                                        # each over the ones before it
+        video = video * (1 - layer[:, 3:]) + layer[:, :3] * layer[:, 3:]
+    phase = torch.arange(T) / T * rng.uniform(0.3, 1) + rng.uniform()
+    gain = 1 + rng.uniform(0.05, 0.2) * torch.sin(2 * np.pi * phase)                    # (T,)
+    tint = 1 + torch.from_numpy(rng.normal(0, 0.04, 3)).float() * t / T               # (T, 3)
+    video = video * gain[:, None, None, None] * tint[:, :, None, None]
+    return to_uint8(rearrange(video, "t c h w -> t h w c") * 2 - 1).numpy()
+
+
+def moving_photo(image, num_frames=64, size=64, seed=0):
+    """A photograph (H, W, 3) uint8 filmed as the synthetic set is, the camera panning across its
+    centre square and zooming: (num_frames, size, size, 3) uint8."""
+    rng, side = np.random.default_rng(seed), min(image.shape[:2])
+    top, left = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
+    photo = torch.from_numpy(image[top:top + side, left:left + side]).float() / 255
+    photo = torch.nn.functional.interpolate(rearrange(photo, "h w c -> 1 c h w"),
+                                            size=(3 * size, 3 * size), mode="area")[0]
+    rgba = torch.cat([photo, torch.ones_like(photo[:1])]).numpy()
+    centre, zoom = camera_path(rng, "pan", num_frames)[0], camera_path(rng, "zoom", num_frames)[1]
+    video = film(rgba, centre, zoom, size)[:, :3]
+    return to_uint8(rearrange(video, "t c h w -> t h w c") * 2 - 1).numpy()
+
+
+def make_synthetic(out_dir, num_classes=4, videos_per_class=48, num_frames=64, size=64, seed=0):
+    """Write the synthetic set: out_dir/<motion>/<motion>_NNN.mp4, a class per camera motion;
+    videos of two clips' length, so that clips are drawn from them."""
     rng = np.random.default_rng(seed)
     for c in range(num_classes):
-        name = SHAPES[c % len(SHAPES)] + (f"_{c // len(SHAPES)}" if c >= len(SHAPES) else "")
+        motion = MOTIONS[c % len(MOTIONS)]
+        name = motion if c < len(MOTIONS) else f"{motion}_{c // len(MOTIONS)}"
         for i in range(videos_per_class):
-            clip = _render_video(rng, SHAPES[c % len(SHAPES)], num_frames, size)
-            write_video(os.path.join(out_dir, name, f"{name}_{i:03d}.mp4"), clip)
+            write_video(os.path.join(out_dir, name, f"{name}_{i:03d}.mp4"),
+                        render_video(rng, motion, num_frames, size))
     return out_dir
 
 
 def make_ucf_like_video(path, num_frames=175, seed=0, loops=1):
-    """A video in UCF-101's format for read-speed measurements without a download (320x240, 25 fps,
-    MPEG-4 part 2 in .avi at about its bit rate, camera-like grain), its frames `loops` times."""
+    """A video in UCF-101's format, for read-speed measurements without a download: 320x240,
+    25 fps, MPEG-4 part 2 in .avi at about its bit rate, with a camera-like grain; its frames
+    played `loops` times make a long video."""
     rng = np.random.default_rng(seed)
-    video = repeat(_render_video(rng, "stars", num_frames, 160), "t h w c -> t (h 2) (w 2) c")
+    video = repeat(render_video(rng, "pan", num_frames, 160), "t h w c -> t (h 2) (w 2) c")
     grain = rng.integers(-6, 7, video[:, 40:280].shape)                      # (T, 240, 320, 3)
     video = np.clip(video[:, 40:280] + grain, 0, 255).astype(np.uint8)
     write_video(path, (frame for _ in range(loops) for frame in video), fps=25, codec="mpeg4")
@@ -778,9 +855,8 @@ def main(argv=None):
                       help="every video of SRC at --img_size to DST, same folders")
     parser.add_argument("--codec", default="rawvideo", choices=PREPARED_FORMATS,
                         help="--prepare: rawvideo reads fastest, huffyuv takes 2.5x less disk")
-    for name, default in (("num_classes", 4), ("videos_per_class", 48), ("num_frames", 32),
-                          ("size", 64), ("seed", 0)):  # --synthetic: make_synthetic's
-        parser.add_argument(f"--{name}", type=int, default=default)
+    for name, p in list(inspect.signature(make_synthetic).parameters.items())[1:]:  # --synthetic
+        parser.add_argument(f"--{name}", type=int, default=p.default)
     parser.add_argument("--img_size", type=int, default=128, help="--prepare: frame height")
     parser.add_argument("--img_width", type=int, default=0, help="--prepare: width (0: square)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="--prepare: processes")

@@ -33,7 +33,7 @@ MICRO = dict(num_frames=8, img_size=16, enc_patch_t=4, enc_patch_s=8, enc_width=
              dec_patch_t=1, dec_patch_s=4, decode_chunk=8)
 MICRO_TOKENS = 8 * 8 + 2 * 8 * 8
 MICRO_FLAGS = [f"--{k}={v}" for k, v in MICRO.items()]
-# val_fraction 0.4 holds out one video of each class of micro_videos (discs_000, squares_000)
+# val_fraction 0.4 holds out one video of each class of micro_videos (still_002, zoom_000)
 MICRO_TRAIN_FLAGS = MICRO_FLAGS + ["--batch_size=2", "--num_samples=32", "--num_workers=0", "--eval_clips=2",
                                    "--log_interval=1", "--warmup_iters=1", "--val_fraction=0.4"]
 # a SiT that trains in seconds

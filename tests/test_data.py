@@ -349,7 +349,7 @@ def test_synthetic_set_moves_and_is_not_flat(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     videos = D.find_videos(str(tmp_path / "syn"))
-    assert len(videos) == 8 and {c for _, c in videos} == set(D.SHAPES)
+    assert len(videos) == 8 and {c for _, c in videos} == set(D.MOTIONS)
     for path, _ in videos:
         clip, n_frames = D.read_clip(path, 32, 12, start=0)
         clip = clip.astype(np.float64)

@@ -351,7 +351,7 @@ def test_tokenizer_dit_sample_pipeline_samples_what_the_checkpoint_says(tmp_path
     for name, batch in (("a", 2), ("b", 3)):
         S.main([*common, f"--out_dir={tmp_path / name}", f"--batch_size={batch}"])
     a, b = read_clips(tmp_path / "a", 16, 8), read_clips(tmp_path / "b", 16, 8)
-    assert list(a) == ["000_discs.mkv", "001_squares.mkv", "002_discs.mkv"] == list(b)
+    assert list(a) == ["000_still.mkv", "001_zoom.mkv", "002_still.mkv"] == list(b)
     for name in a:  # sample k is the same clip whatever the batch it was drawn in (up to float rounding)
         assert np.abs(a[name].astype(int) - b[name].astype(int)).max() <= 1, name
     # the same clips by hand: the EMA weights, sample k's own generator, the tokens' statistics, the tokenizer
@@ -374,7 +374,7 @@ def test_tokenizer_dit_sample_pipeline_samples_what_the_checkpoint_says(tmp_path
         assert np.abs(wrong.astype(int) - expected.astype(int)).mean() > 3
     # random access: frames 2..4 of each clip only; and the default mp4 output with its frame grid
     S.main([*common[:-1], f"--out_dir={tmp_path / 'c'}", "--frames=2:5"])
-    with av.open(str(tmp_path / "c" / "000_discs.mp4")) as container:
+    with av.open(str(tmp_path / "c" / "000_still.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 3 and frames[0].shape == (16, 16, 3) and (tmp_path / "c" / "grid.png").exists()
 
@@ -394,8 +394,8 @@ def test_the_whole_pipeline_at_32x48(tmp_path, micro_videos, capsys):
     assert [tuple(D.load_tokens(tokens)[k].shape[1:]) for k in D.PLANES] == list(model.triplane_shapes)
     dit.main([f"--tokens={tokens}", f"--out_dir={tmp_path}", *MICRO_SIT_FLAGS, "--max_iters=2", "--batch_size=2"])
     S.main(["--num_samples=2", "--steps=3", f"--out_dir={tmp_path / 's'}", f"--ckpt={tmp_path / 'dit.pt'}"])
-    assert read_clips(tmp_path / "s", (32, 48), 8)["000_discs.mp4"].shape == (8, 32, 48, 3)
-    with av.open(str(tmp_path / "s" / "000_discs.mp4")) as container:
+    assert read_clips(tmp_path / "s", (32, 48), 8)["000_still.mp4"].shape == (8, 32, 48, 3)
+    with av.open(str(tmp_path / "s" / "000_still.mp4")) as container:
         assert (container.streams.video[0].height, container.streams.video[0].width) == (32, 48)
     capsys.readouterr()
     result = E.main([f"--ckpt={tmp_path / 'tokenizer.pt'}", "--num_workers=0", f"--out_dir={tmp_path}",
@@ -463,7 +463,7 @@ def test_sample_flags_and_seeds_are_checked_before_any_work(tmp_path, sit_run, c
     # --grid_clips 0: no grid, and none claimed
     S.main([f"--ckpt={sit_run / 'dit.pt'}", "--num_samples=1", "--steps=2", "--grid_clips=0",
             f"--out_dir={tmp_path / 'out'}", f"--seed={2 ** 32 - 1}"])
-    assert os.listdir(tmp_path / "out") == ["000_discs.mp4"] and "grid.png" not in capsys.readouterr().out
+    assert os.listdir(tmp_path / "out") == ["000_still.mp4"] and "grid.png" not in capsys.readouterr().out
 
 
 def test_a_sit_checkpoint_is_read_lean(tmp_path):

@@ -454,7 +454,7 @@ def test_resume_says_when_the_held_out_videos_are_not_the_folder_s_now(tmp_path)
     D.make_synthetic(str(videos), num_classes=2, videos_per_class=3, num_frames=10, size=24, seed=1)
     T.main([*MICRO_TRAIN_FLAGS, f"--data={videos}", "--max_iters=1", f"--out_dir={tmp_path / 'out'}"])
     held_out = torch.load(tmp_path / "out" / "tokenizer.pt", weights_only=False)["held_out"]
-    assert held_out == ["discs/discs_000.mp4", "squares/squares_000.mp4"]
+    assert held_out == ["still/still_002.mp4", "zoom/zoom_000.mp4"]
     D.make_synthetic(str(tmp_path / "more"), num_classes=2, videos_per_class=12, num_frames=10, size=24, seed=2)
     for path, _ in D.find_videos(str(tmp_path / "more")):                 # 24 more videos, other names
         os.rename(path, path.replace(str(tmp_path / "more"), str(videos)).replace(".mp4", "_new.mp4"))
