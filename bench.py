@@ -6,6 +6,7 @@ measured, every ratio measured side by side in one run, times next to the device
   python bench.py --parts scaling dit --frames 16 32      # some parts, fewer rows
   python bench.py --preset large --device cuda       # the GPU check: one H100, under 5 minutes
   python bench.py --preset large --device cuda --dry_run  # its code at tiny sizes, on the CPU
+  python bench.py --parts transfer                   # do the synthetic figures predict photos?
 
 Memory is the peak above what the measured calls start with (model, optimizer state, input),
 "total" where a row says so, on the CPU each measured in a process of its own (see measure).
@@ -31,9 +32,11 @@ import data
 import dit
 import eval as evaluation
 import harness as H
+import metrics
 import tokenizer as T
 
-PARTS = ("scaling", "compile", "throughput", "dit", "gpu", "loader")  # in the order they run
+PARTS = ("scaling", "compile", "throughput", "dit", "gpu", "loader", "transfer")  # in this order
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # scikit-image's photographs
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM: MFU's denominator
 ASSUMED_MFU = 0.4  # what a `large` step reaches on an H100, for the loader without a GPU check
 PAPER_STAGE1 = T.TrainConfig(learning_rate=1e-4, weight_decay=1e-3)  # the paper's stage-1 AdamW
@@ -365,6 +368,44 @@ def part_loader(cfg, needed_clips_per_s, needed_from, loops=10):
             "read_paths": rows}
 
 
+def part_transfer(ckpt, device):
+    """A trained tokenizer on its held-out synthetic clips and on photographs filmed by the
+    synthetic set's camera (data.moving_photo, 64 frames, the first clip scored), through the
+    same reader, beside the yardsticks of each: does the bench predict real images?"""
+    try:
+        from skimage import data as photographs  # a bench and test dependency only
+        model, saved = T.load_tokenizer(ckpt, device)
+    except (ImportError, ValueError, OSError) as e:
+        print(f"\ntransfer: unavailable ({e})")
+        return {"unavailable": str(e)}
+    cfg, train_config = model.config, saved.get("train_config") or {}
+    table(f"Transfer: {ckpt} (step {saved.get('step')}, {cfg.num_frames}-frame clips at "
+          f"{'x'.join(map(str, cfg.frame_size))}), PSNR against the yardsticks' (dB)", "clips of",
+          "clips", "PSNR", "still frame (the clip's mean)", "patch blur", "PSNR - still frame")
+    out = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for seed, name in enumerate(PHOTOS):
+            data.write_video(os.path.join(folder, name, f"{name}.mp4"),
+                             data.moving_photo(getattr(photographs, name)(), seed=seed))
+        sets = {"held-out synthetic clips": (saved["data"], "val")}
+        sets.update({f"photograph: {name}": (os.path.join(folder, name), "all") for name in PHOTOS})
+        for label, (videos, split) in sets.items():
+            loader = evaluation.clip_loader(videos, cfg.frame_size, cfg.num_frames, split,
+                                            val_fraction=train_config.get("val_fraction", 0.1),
+                                            split_file=train_config.get("split_file", ""))
+            batches = metrics.reconstruct(model, loader, cfg.num_frames, device, show=False)
+            psnr = {"psnr": metrics.frame_metrics(None)["psnr"]}
+            r = out[label] = metrics.score(batches, psnr, None, 1, device, model.patch_size)[0]
+            marks = r["yardsticks"]
+            row(label, r["clips"], f"{r['psnr']:.2f}", f"{marks['temporal_mean']:.2f}",
+                f"{marks['patch_blur']:.2f}", f"{r['psnr'] - marks['temporal_mean']:+.2f}")
+    photos = statistics.mean(out[f"photograph: {name}"]["psnr"] for name in PHOTOS)
+    print(f"\nPhotographs: {photos:.2f} dB on average, "
+          f"{photos - out['held-out synthetic clips']['psnr']:+.2f} dB from the held-out synthetic "
+          f"clips.", flush=True)
+    return out
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__,
@@ -377,6 +418,7 @@ def main(argv=None):
                         help="clip lengths, scaling")
     parser.add_argument("--batch_size", type=int, default=2, help="clips per step, scaling to dit")
     parser.add_argument("--json", default="", help="PATH: every number, written after each part")
+    parser.add_argument("--ckpt", default="out/tokenizer.pt", help="transfer: a trained tokenizer")
     parser.add_argument("--dry_run", action="store_true",
                         help="gpu and loader at tiny sizes on the CPU (dynamo, eager backend)")
     args, command = parser.parse_args(argv), " ".join(["python bench.py", *argv])
@@ -424,7 +466,8 @@ def main(argv=None):
         "gpu": lambda: part_gpu(gpu_cfg, device, args.dry_run),
         "loader": lambda: part_loader(gpu_cfg, results["gpu"]["clips_per_s"],
                                       f"measured by gpu on {where}", 1 if args.dry_run else 10)
-        if "gpu" in results else part_loader(large, estimated_clips_per_s(large), estimate)}
+        if "gpu" in results else part_loader(large, estimated_clips_per_s(large), estimate),
+        "transfer": lambda: part_transfer(args.ckpt, device)}
     default = ["gpu", "loader"] if device.type == "cuda" or args.dry_run else \
         [p for p in PARTS if p != "gpu"]
     for part in sorted(set(args.parts or default), key=PARTS.index):

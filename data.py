@@ -770,9 +770,13 @@ def make_ucf_like_video(path, num_frames=175, seed=0, loops=1):
 
 def ensure_synthetic(out_dir="data/synthetic"):
     """The synthetic set's folder, written first if it holds no videos yet."""
-    if not (os.path.isdir(out_dir) and find_videos(out_dir)):
+    videos = find_videos(out_dir) if os.path.isdir(out_dir) else []
+    if not videos:
         print(f"writing the synthetic video set to {out_dir}/")
         make_synthetic(out_dir)
+    elif {c for _, c in videos} != set(MOTIONS):
+        raise ValueError(f"{out_dir} holds another synthetic set (an older version's classes); "
+                         f"delete it, and the default job writes this version's.")
     return out_dir
 
 

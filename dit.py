@@ -19,7 +19,6 @@ loop. harness.py maps the authors' weights onto the model (from_official).
 import copy
 import math
 import os
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -572,18 +571,8 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
     bar.close()
     if not finite:  # the run ended in a non-finite streak: nothing was saved since it began
         raise H.diverged(bad_steps + 1, ckpt_path)
-    log.close()
-    if dist.is_main and signum:
-        print(f"{signal.Signals(signum).name} at step {step}: saved {ckpt_path}; continue it "
-              f"with --resume")
-    elif dist.is_main:
-        stopped = f", stopped by --max_time {tc.max_time}" if step < tc.max_iters else ""
-        print(f"saved {ckpt_path} (step {step}{stopped}); its curves: {log.curves}; sample "
-              f"with `python sample.py --ckpt {ckpt_path}`")
-    lock.close()
-    H.cleanup_distributed(dist)
-    if signum:  # the exit status of a process ended by the signal, for the scripts that relaunch
-        raise SystemExit(128 + signum)
+    H.end_run(dist, tc, lock, log, step, signum, ckpt_path,
+              f"; sample with `python sample.py --ckpt {ckpt_path}`")
 
 
 def main(argv=None):

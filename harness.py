@@ -173,6 +173,22 @@ def warn_skipped_step(bad_steps, max_bad_steps, ckpt_path):
         raise diverged(bad_steps, ckpt_path)
 
 
+def end_run(dist, tc, lock, log, step, signum, ckpt_path, note=""):
+    """Close the run's record (drawing its curves) and its lock, and say how it ended. A run a
+    signal stopped exits as one the signal ended (143 SIGTERM, 130 SIGINT), for relaunch scripts."""
+    log.close()
+    if dist.is_main and signum:
+        print(f"{signal.Signals(signum).name} at step {step}: saved {ckpt_path}; continue it "
+              f"with --resume")
+    elif dist.is_main:
+        stopped = f", stopped by --max_time {tc.max_time}" if step < tc.max_iters else ""
+        print(f"saved {ckpt_path} (step {step}{stopped}); its curves: {log.curves}{note}")
+    lock.close()
+    cleanup_distributed(dist)
+    if signum:
+        raise SystemExit(128 + signum)
+
+
 # -----------------------------------------------------------------------------
 # the record of a run: a JSON line per log interval and evaluation, and its curves
 

@@ -15,7 +15,6 @@ loop, --encode. harness.py maps the authors' weights onto the model (from_offici
 
 import math
 import os
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -513,10 +512,10 @@ class TrainConfig:
     encode: str = ""             # write the tokens file of every window to this path and exit
     encode_stride: int = 0       # --encode: a window every this many frames (0: back to back)
     split_file: str = ""         # a list of videos (UCF-101's trainlist01.txt) that sets the split
-    max_iters: int = 2000
+    max_iters: int = 3000
     batch_size: int = 8          # clips per step on each process
     grad_accum: int = 1
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     min_lr: float = 1e-4
     lr_schedule: str = "cosine"  # constant | cosine
     warmup_iters: int = field(default=100, metadata={"min": 0})
@@ -666,7 +665,7 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
                                                           else None)
     n_decoded = tc.num_samples if tc.stage == 1 else tc.num_frames_stage2 * gh * gw
     clips_per_step = tc.batch_size * tc.grad_accum * dist.world_size
-    flops_per_step = 3 * raw_model.flops_per_clip(n_decoded) * clips_per_step / dist.world_size
+    flops_per_step = 3 * raw_model.flops_per_clip(n_decoded) * tc.batch_size * tc.grad_accum
     log = H.RunLog(tc.out_dir, "tokenizer", start_step, dist.is_main, tc.wandb_project, asdict(tc))
     if dist.is_main:
         print(f"CoordTok {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params, "
@@ -766,20 +765,11 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
     bar.close()
     if not finite:  # the run ended in a non-finite streak: nothing was saved since it began
         raise H.diverged(bad_steps + 1, ckpt_path)
-    log.close()
-    if dist.is_main and signum:
-        print(f"{signal.Signals(signum).name} at step {step}: saved {ckpt_path}; continue it "
-              f"with --resume")
-    elif dist.is_main:
-        picture = os.path.join(tc.out_dir, "tokenizer.png")
+    picture = os.path.join(tc.out_dir, "tokenizer.png")
+    if dist.is_main and not signum:
         write_picture(raw_model.eval(), val_set, picture, device)
-        stopped = f", stopped by --max_time {tc.max_time}" if step < tc.max_iters else ""
-        print(f"saved {ckpt_path} (step {step}{stopped}); its curves: {log.curves}; {picture}: "
-              f"rows of input, reconstruction, error x4, then z_xy, z_xt, z_yt")
-    lock.close()
-    H.cleanup_distributed(dist)
-    if signum:  # the exit status of a process ended by the signal, for the scripts that relaunch
-        raise SystemExit(128 + signum)
+    H.end_run(dist, tc, lock, log, step, signum, ckpt_path, f"; {picture}: rows of input, "
+              f"reconstruction, error x4, then z_xy, z_xt, z_yt")
 
 
 @torch.no_grad()

@@ -13,6 +13,8 @@ import torch
 import bench as B
 import dit
 import eval as evaluation
+import tokenizer as T
+from conftest import MICRO_TRAIN_FLAGS
 from tokenizer import PRESETS
 
 CPU = torch.device("cpu")
@@ -111,3 +113,18 @@ def test_bad_flags_say_what_to_change(capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match=r"CUDA is not available.*--dry_run"):
             B.main(["--device=cuda", "--preset=large"])
+
+
+def test_transfer_scores_a_checkpoint_on_its_held_out_clips_and_on_filmed_photographs(tmp_path, micro_videos, capsys):
+    T.main([*MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=1", f"--out_dir={tmp_path}"])
+    out = tmp_path / "bench.json"
+    B.main(["--parts", "transfer", f"--ckpt={tmp_path / 'tokenizer.pt'}", f"--json={out}"])
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())["transfer"]
+    assert list(result) == ["held-out synthetic clips", *(f"photograph: {p}" for p in B.PHOTOS)]
+    assert result["held-out synthetic clips"]["clips"] == 2 and result["photograph: coffee"]["clips"] == 1
+    for figures in result.values():
+        assert 0 < figures["psnr"] < 60 and 0 < figures["yardsticks"]["temporal_mean"] < 60
+    assert "| photograph: rocket | 1 |" in printed and "Photographs:" in printed
+    B.main(["--parts", "transfer", f"--ckpt={tmp_path / 'none.pt'}"])          # no checkpoint: said, not a crash
+    assert "transfer: unavailable" in capsys.readouterr().out

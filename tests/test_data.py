@@ -3,6 +3,7 @@ and the tokens file."""
 
 import hashlib
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -684,3 +685,40 @@ def test_planes_image_shows_each_plane_s_principal_components_side_by_side():
     first = image[:4, :10, 0].astype(int)                  # the first component, zoomed: one value per column pair
     assert sorted({first[0, 0], first[0, -1]}) == [0, 255] and (np.diff(first[0]) * np.sign(first[0, -1] - 128) >= 0).all()
     assert (image[4:, :10] == 255).all()                   # under the shorter plane: white
+
+
+def test_the_synthetic_set_has_the_spectrum_of_photographs_and_a_camera_per_class(tmp_path):
+    def amplitude_slope(image):  # the log-log slope of the radially averaged amplitude spectrum
+        spectrum = np.abs(np.fft.fftshift(np.fft.fft2(image - image.mean())))
+        y, x = np.indices(image.shape) - np.array(image.shape)[:, None, None] // 2
+        radius = np.hypot(y, x).astype(int)
+        f = np.arange(2, image.shape[0] // 2)
+        mean = np.bincount(radius.ravel(), spectrum.ravel())[f] / np.bincount(radius.ravel())[f]
+        return np.polyfit(np.log(f), np.log(mean), 1)[0]
+
+    rng = np.random.default_rng(0)
+    assert amplitude_slope(D.pink_noise(rng, (), 128)) == pytest.approx(-1.0, abs=0.1)
+    frames = [D.render_video(rng, m, 8, 128)[0].mean(-1) for m in D.MOTIONS for _ in range(2)]
+    assert -1.8 < np.mean([amplitude_slope(f) for f in frames]) < -0.8      # photographs: about -1
+    still, zoom, pan, handheld = (D.camera_path(rng, m, 64) for m in D.MOTIONS)
+    assert not still[0].any() and (still[1] == 1).all()
+    assert (zoom[1].diff().sign() == zoom[1].diff()[0].sign()).all() and abs(zoom[1][-1] / zoom[1][0] - 1) > 0.2
+    assert torch.allclose(pan[0].diff(dim=0), pan[0][1] - pan[0][0], atol=1e-6) and pan[0].diff(dim=0).norm(dim=1)[0] > 0
+    assert 0 < handheld[0].abs().max() < 0.1 and (pan[1] == 1).all()
+    # the old set's classes in data/synthetic: an error that says to delete it, not a silent mix
+    D.write_video(str(tmp_path / "discs" / "discs_000.mp4"), np.zeros((2, 16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="another synthetic set.*delete it"):
+        D.ensure_synthetic(str(tmp_path))
+
+
+def test_a_photograph_is_filmed_by_the_same_camera(tmp_path):
+    from skimage import data as photographs
+    image = photographs.astronaut()                                          # (512, 512, 3)
+    video = D.moving_photo(image, num_frames=16, size=32, seed=3)
+    assert video.shape == (16, 32, 32, 3) and video.dtype == np.uint8
+    assert np.abs(video[0].astype(int) - video[-1]).mean() > 5               # it moves
+    # half way the camera is at the centre, unzoomed: the middle third of the photograph
+    middle = torch.from_numpy(image[171:341, 171:341]).permute(2, 0, 1)[None].float()
+    expected = torch.nn.functional.interpolate(middle, size=(32, 32), mode="area")[0].permute(1, 2, 0)
+    mse = ((torch.from_numpy(video[8]).float() - expected) ** 2).mean()
+    assert 10 * math.log10(255 ** 2 / mse) > 25
