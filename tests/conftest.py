@@ -35,7 +35,7 @@ MICRO_TOKENS = 8 * 8 + 2 * 8 * 8
 MICRO_FLAGS = [f"--{k}={v}" for k, v in MICRO.items()]
 # val_fraction 0.4 holds out one video of each class of micro_videos (still_002, zoom_000)
 MICRO_TRAIN_FLAGS = MICRO_FLAGS + ["--batch_size=2", "--num_samples=32", "--num_workers=0", "--eval_clips=2",
-                                   "--log_interval=1", "--warmup_iters=1", "--val_fraction=0.4"]
+                                   "--log_interval=1", "--warmup_iters=1", "--val_fraction=0.4", "--learning_rate=1e-3"]
 # a SiT that trains in seconds
 MICRO_SIT_FLAGS = ["--width=32", "--depth=1", "--heads=2"]
 
