@@ -148,8 +148,8 @@ class SiT(nn.Module):
         self.pos_t = nn.Parameter(torch.zeros(1, self.grids[1][0] * self.time_columns, width))
         self.plane_type = nn.Parameter(torch.randn(1, 3, width))
         self.time_mlp = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
-        null_class = 1 if cfg.class_dropout > 0 else 0  # the row of "no label", for guidance
-        self.class_embed = nn.Embedding(num_classes + null_class, width)
+        null_rows = 1 if cfg.class_dropout > 0 else 0  # the row of "no label", for guidance
+        self.class_embed = nn.Embedding(num_classes + null_rows, width)
         self.blocks = nn.ModuleList(SiTBlock(width, cfg.heads, cfg.mlp_ratio)
                                     for _ in range(cfg.depth))
         self.heads = nn.ModuleList(OutputHead(width, p, c * (1 + cfg.learn_sigma))

@@ -154,16 +154,12 @@ def decay_groups(model, weight_decay):
             {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
 
 
-class Diverged(ValueError):
-    pass
-
-
 def diverged(bad_steps, ckpt_path):
     """The error of a run whose last bad_steps steps were not finite. No checkpoint is written
     during such a streak, so the file it names is the last good one."""
     kept = ckpt_path if os.path.exists(ckpt_path) else "no checkpoint was written"
-    return Diverged(f"{bad_steps} non-finite steps in a row (last good file: {kept}); lower "
-                    f"--learning_rate or check the data, then --resume.")
+    return ValueError(f"{bad_steps} non-finite steps in a row (last good file: {kept}); lower "
+                      f"--learning_rate or check the data, then --resume.")
 
 
 def warn_skipped_step(bad_steps, max_bad_steps, ckpt_path):
