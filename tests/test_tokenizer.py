@@ -6,6 +6,9 @@ import math
 import os
 import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ import data as D
 import harness as H
 import metrics as M
 import tokenizer as T
-from conftest import MICRO, MICRO_TRAIN_FLAGS, run_script
+from conftest import ENV, MICRO, MICRO_TRAIN_FLAGS, ROOT, run_script
 
 
 def run_cli(*args, **kwargs):
@@ -486,3 +489,21 @@ def test_the_logged_psnr_is_the_psnr_whatever_the_loss(tmp_path, micro_videos, m
     assert logged["doubled"]["loss"] == pytest.approx(2 * logged["l2"]["loss"], rel=1e-3)
     assert logged["doubled"]["psnr"] == logged["l2"]["psnr"]
     assert 3 < logged["l2"]["psnr"] < 30                                       # a PSNR in dB of an untrained model
+
+
+def test_sigterm_to_the_whole_process_group_leaves_the_loader_processes_to_the_loop(tmp_path, micro_videos):
+    # a cluster signals every process of the job, loader workers included: they must not die before the save
+    code = ("import sys, data, tokenizer; data.IN_MEMORY_BYTES = 0; "  # read in loader processes, as a large set is
+            "tokenizer.main(sys.argv[1:])")
+    log = tmp_path / "tokenizer_log.jsonl"
+    run = subprocess.Popen([sys.executable, "-c", code, *MICRO_TRAIN_FLAGS, f"--data={micro_videos}", "--max_iters=500",
+                            "--num_workers=1", f"--out_dir={tmp_path}"], cwd=ROOT, env=ENV, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGTERM)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 143, err[-2000:]
+    step = torch.load(tmp_path / "tokenizer.pt", weights_only=False)["step"]
+    assert f"SIGTERM at step {step}: saved" in out and "DataLoader worker" not in err
