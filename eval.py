@@ -401,14 +401,15 @@ def fvd_command(args, device):
     detector, reason = load_i3d(args.i3d, device)
     if detector is None:
         raise SystemExit(f"FVD unavailable: {reason}")
-    num_frames, frame_size = args.num_frames, args.img_size
+    num_frames = args.num_frames
+    frame_size = data.hw(args.img_size) if args.img_size else None
     if not (num_frames and frame_size):
         first = data.find_videos(args.fake)
         if not first:
             raise FileNotFoundError(f"no video in --fake {args.fake!r}; pass sample.py's folder.")
         info = data.probe_video(first[0][0])
         num_frames = num_frames or info["n_frames"]
-        frame_size = (frame_size, frame_size) if frame_size else (info["height"], info["width"])
+        frame_size = frame_size or (info["height"], info["width"])
     real, fake = (folder_features(detector, folder, num_frames, frame_size, device, args.i3d_batch,
                                   random_start=random_start, num_clips=args.num_clips,
                                   batch_size=args.batch_size, num_workers=args.num_workers)

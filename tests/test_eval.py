@@ -302,6 +302,9 @@ def test_fvd_between_folders_with_a_stand_in_detector(tmp_path, micro_videos, we
     expected = scipy_fvd(standin_features(reals), standin_features(fakes))
     assert result["fvd"] == pytest.approx(expected, rel=1e-5)
     assert json.loads((tmp_path / "out" / "fvd.json").read_text())["fvd"] == pytest.approx(expected, rel=1e-5)
+    given = E.main(["--fvd", "--real", micro_videos, "--fake", str(tmp_path / "fake"), "--i3d", weights["i3d"],
+                    "--num_workers=0", "--num_frames=10", "--img_size=24", f"--out_dir={tmp_path / 'out'}"])
+    assert (given["num_frames"], given["frame_size"], given["fvd"]) == (10, [24, 24], pytest.approx(expected, rel=1e-5))
 
 
 def test_detector_is_called_the_stylegan_v_way(weights):
