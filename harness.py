@@ -1,9 +1,6 @@
-"""The training harness the scripts share; a first reader may skip this file.
-
-Processes and DDP, devices, signals, the schedule and the optimizer's groups, the record of a run,
-flags and configs, files and their safety (atomic writes, locks, checksums, tensors-only reads,
-fetched weights), the authors' file layouts.
-"""
+"""The training harness the scripts share (a first reader may skip this file): processes and DDP,
+devices, signals, the schedule, the record of a run, flags and configs, files and their safety
+(atomic writes, locks, checksums, tensors-only reads, fetched weights), the authors' layouts."""
 
 import argparse
 import contextlib
@@ -101,8 +98,7 @@ def use_compile(flag, device):
 
 
 def agree(dist, *values):
-    """Each value, the largest any rank holds (numbers): every rank stops at the same step, and
-    for the same reason."""
+    """The largest of each value over the ranks: all stop at the same step, for the same reason."""
     if not dist.ddp:
         return values
     values = torch.tensor(values, dtype=torch.float64, device=dist.device)
@@ -112,9 +108,8 @@ def agree(dist, *values):
 
 @contextlib.contextmanager
 def stop_signals():
-    """SIGTERM (a cluster's preemption) and SIGINT (Ctrl-C) caught as requests to stop: the
-    numbers of those received (a list) for the loop to read after each step. A second signal of
-    the same kind acts as it would have (SIGTERM ends the process, SIGINT raises)."""
+    """SIGTERM (a cluster's preemption) and SIGINT (Ctrl-C) as requests to stop: the list of those
+    received, read by the loop after each step. A second one acts as it would (ends, raises)."""
     received = []
 
     def catch(signum, frame):
@@ -190,10 +185,9 @@ def end_run(dist, tc, lock, log, step, signum, ckpt_path, note=""):
 
 
 class RunLog:
-    """out_dir/<name>_log.jsonl, one JSON object a line, written by rank 0 and flushed at once
-    (a kill loses at most the line being written). A resumed run keeps the records up to its
-    checkpoint's step and appends after them, so no step is logged twice; a new run starts the
-    file anew. With wandb_project, each record goes to wandb too (imported only then)."""
+    """out_dir/<name>_log.jsonl: a JSON object a line, written by rank 0, flushed at once (a kill
+    loses at most that line). A resumed run keeps the records up to its step (none logged twice)
+    and appends; a new run starts anew. With wandb_project, to wandb too (imported only then)."""
 
     def __init__(self, out_dir, name, start_step, enabled, wandb_project="", config=None):
         self.path, self.file, self.wandb = os.path.join(out_dir, f"{name}_log.jsonl"), None, None
@@ -239,9 +233,8 @@ def read_log(path):
 
 
 def write_curves(log_path):
-    """<name>_curves.svg beside a RunLog file: a panel per figure against the step, a held-out
-    figure (red) drawn with the training one of its name (held_out_psnr with psnr). An SVG, so
-    no plotting library is needed; a figure added to the records gets its panel."""
+    """<name>_curves.svg beside a RunLog file (no plotting library): a panel per figure against the
+    step, a held-out figure (red) with the training one of its name (held_out_psnr with psnr)."""
     panels = {}  # name -> {record key: [(step, value)]}
     for r in read_log(log_path):
         for key, v in r.items():
@@ -285,9 +278,8 @@ def _parse_bool(s):
 
 
 def field_problems(config):
-    """What is wrong with a config's numbers, by their declarations: each must be finite; an int
-    >= 1, or >= 0 where its default is 0 (0: off, none, automatic) or its field says
-    `metadata={"min": 0}`; a float >= 0 (or its field's "min")."""
+    """What is wrong with a config's numbers: each finite, and >= its field's metadata "min", else
+    >= 0 for a float or an int whose default is 0 (off, none, automatic), >= 1 for other ints."""
     problems = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -370,8 +362,7 @@ def resumed_config(saved, given, explicit, keep=()):
 
 
 def check_model_flags(trained, cfg, explicit, source):
-    """Model flags cannot change under a trained model: those written that differ from it are an
-    error, and --preset, which names a model, is ignored (and said to be)."""
+    """Model flags written that differ from the trained model are an error; --preset is ignored."""
     changed = [f"--{n}" for n in sorted(explicit) if hasattr(trained, n)
                and getattr(cfg, n) != getattr(trained, n)]
     if changed:
@@ -382,8 +373,7 @@ def check_model_flags(trained, cfg, explicit, source):
 
 
 def resume_from(ckpt_path, kind, cfg, tc, explicit, keep):
-    """A resumed run's checkpoint, its model config and its training config with this command
-    line's flags as overrides."""
+    """(checkpoint, model config, training config, overrides to print) of a resumed run."""
     if not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"--resume found no checkpoint at {ckpt_path}; pass the --out_dir "
                                 f"of the run, or drop --resume to start a new one.")
@@ -398,8 +388,7 @@ def resume_from(ckpt_path, kind, cfg, tc, explicit, keep):
 
 
 def check_out_dir(path, flag="--out_dir"):
-    """Create the output folder now and check that it takes files: fail at start, not at the
-    first save after hours of work."""
+    """Create the output folder, check that it takes files: fail at start, not at the first save."""
     try:
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
@@ -474,9 +463,8 @@ def check_tensors(tree, source, checksums=None):
 
 @contextlib.contextmanager
 def run_lock(ckpt_path):
-    """Hold ckpt_path while this run writes it: two runs never write one checkpoint. The lock is
-    the kernel's (flock) on a hidden file beside it, so it ends with its process however that
-    ends, and whatever the file holds; the file only names the holder."""
+    """Hold ckpt_path while this run writes it: two runs never write one checkpoint. The kernel's
+    lock (flock) on a hidden file beside it ends with its process; the file names the holder."""
     folder, name = os.path.split(os.path.abspath(ckpt_path))
     lock = os.path.join(folder, f".{name}.lock")
     if os.path.isdir(lock) or os.path.islink(lock):
@@ -496,9 +484,8 @@ def run_lock(ckpt_path):
 
 
 def lock_run(ckpt_path, resume, dist):
-    """Take ckpt_path for this run before any work: rank 0 holds run_lock until the returned
-    stack is closed (or the process ends); under it, a fresh run refuses to replace a trained
-    checkpoint and the partial files of killed saves are removed. Every rank raises the error."""
+    """Take ckpt_path before any work: rank 0 holds run_lock until the returned stack closes; a
+    fresh run refuses a trained checkpoint, killed saves' partial files are removed. All raise."""
     lock, error = contextlib.ExitStack(), [""]
     if dist.is_main:
         try:
@@ -654,11 +641,9 @@ def fetch(url, path="", flag=""):
         finally:
             socket.setdefaulttimeout(previous)
     elif expected:
-        digest = hashlib.sha256()
         with open(cached, "rb") as f:
-            for block in iter(lambda: f.read(2 ** 20), b""):
-                digest.update(block)
-        if not digest.hexdigest().startswith(expected[1]):
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if not digest.startswith(expected[1]):
             raise WeightsUnavailable(f"{cached} does not match the hash in its name; delete it "
                                      f"and fetch {url} again.")
     return cached
@@ -693,11 +678,8 @@ def unwrap_state_dict(source, marker_key, what, prefer=("model",)):
     is_path = isinstance(source, (str, os.PathLike))
     name = source if is_path else "the state dict"
     state = read_torch_file(released_file(source), f"official {what} file") if is_path else source
-    for key in prefer:
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if isinstance(state, dict):
+    if isinstance(state, dict):  # the first key in `prefer` that holds a dict, else the file's
+        state = next((state[key] for key in prefer if isinstance(state.get(key), dict)), state)
         state = {k.removeprefix("module."): v for k, v in state.items()}
     if not isinstance(state, dict) or marker_key not in state:
         raise NotOfficial(f"{name} is not the authors' {what}: it has no {marker_key!r} (bare, or "
@@ -796,13 +778,11 @@ OFFICIAL_SIT_PAPER_KWARGS = dict(input_size=(32, 16), patch_size=2, in_channels=
 
 # their names -> ours (their planes xy, yt, xt are our z_xy, z_xt, z_yt: index 0, 1, 2)
 OFFICIAL_SIT_NAMES = [
-    (r"^x_embedder_xy\.proj\.", "embeds.0."), (r"^x_embedder_yt\.proj\.", "embeds.1."),
-    (r"^x_embedder_xt\.proj\.", "embeds.2."),
+    *[(rf"^x_embedder_{p}\.proj\.", f"embeds.{i}.") for i, p in enumerate(["xy", "yt", "xt"])],
+    *[(rf"^final_layer_{p}\.", f"heads.{i}.") for i, p in enumerate(["xy", "yt", "xt"])],
     (r"^pos_embed_xy$", "pos_xy"), (r"^pos_embed_t$", "pos_t"), (r"^type_embed$", "plane_type"),
     (r"^t_embedder\.mlp\.", "time_mlp."), (r"^y_embedder\.embedding_table\.", "class_embed."),
-    (r"\.adaLN_modulation\.1\.", ".modulation."),
-    (r"^final_layer_xy\.", "heads.0."), (r"^final_layer_yt\.", "heads.1."),
-    (r"^final_layer_xt\.", "heads.2."), (r"^(heads\.\d)\.linear\.", r"\1.proj."),
+    (r"\.adaLN_modulation\.1\.", ".modulation."), (r"^(heads\.\d)\.linear\.", r"\1.proj."),
 ]
 
 
