@@ -641,9 +641,11 @@ def fetch(url, path="", flag=""):
         finally:
             socket.setdefaulttimeout(previous)
     elif expected:
-        with open(cached, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        if not digest.startswith(expected[1]):
+        digest = hashlib.sha256()
+        with open(cached, "rb") as f:  # in blocks (hashlib.file_digest needs Python 3.11)
+            for block in iter(lambda: f.read(2 ** 20), b""):
+                digest.update(block)
+        if not digest.hexdigest().startswith(expected[1]):
             raise WeightsUnavailable(f"{cached} does not match the hash in its name; delete it "
                                      f"and fetch {url} again.")
     return cached
