@@ -210,8 +210,7 @@ def iter_windows(path, size, num_frames, stride, info=None):
     truncated file) end short, padded, or are not yielded when their first frame is missing."""
     info = info or probe_video(path)
     starts = collections.deque(window_starts(info["n_frames"], num_frames, stride))
-    recent = collections.deque(maxlen=num_frames)
-    n = 0
+    recent, n = collections.deque(maxlen=num_frames), 0
     for n, image in enumerate(frames_from(path, size, 0, info), 1):
         recent.append(image)
         if starts and n == starts[0] + num_frames:
@@ -248,8 +247,7 @@ def measure_read_speed(path, size, num_frames, clips=8, seed=0):
 # -----------------------------------------------------------------------------
 # writing videos and pictures, each through a temporary file (harness.atomic_path)
 
-# codec -> the pixel format it stores
-VIDEO_CODECS = {
+VIDEO_CODECS = {  # codec -> the pixel format it stores
     "libx264": "yuv420p",  # H.264, what every player reads; crf sets the quality
     "mpeg4": "yuv420p",    # MPEG-4 part 2 in .avi, UCF-101's format, at about its bit rate
     "ffv1": "bgr0",        # lossless and compact (.mkv): clips a metric must see as they were
@@ -315,8 +313,7 @@ def safe_name(text):
 
 
 def write_png(path, image):
-    """(H, W, 3) uint8 -> an RGB PNG written by hand (no imaging library needed): signature,
-    IHDR, one zlib IDAT (filter 0 on each row), IEND."""
+    """(H, W, 3) uint8 -> an RGB PNG written by hand (no imaging library), filter 0 on each row."""
     image = np.ascontiguousarray(image, dtype=np.uint8)
     h, w, _ = image.shape
 
@@ -501,15 +498,11 @@ def _item(clip, **numbers):
 
 def batched_windows(dataset, videos, stride, batch_size):
     """Every window of the given videos (iter_windows: each read once), batched as stacked items."""
-    def windows():
-        for i in videos:
-            (path, label), info = dataset.files[i], dataset.info[i]
-            for start, clip, n_real in iter_windows(path, dataset.size, dataset.num_frames,
-                                                    stride, info):
-                yield _item(clip, n_frames=n_real, label=label, video_index=i, start=start)
-
-    it = windows()
-    while batch := list(itertools.islice(it, batch_size)):
+    items = (_item(clip, n_frames=n_real, label=dataset.files[i][1], video_index=i, start=start)
+             for i in videos
+             for start, clip, n_real in iter_windows(dataset.files[i][0], dataset.size,
+                                                     dataset.num_frames, stride, dataset.info[i]))
+    while batch := list(itertools.islice(items, batch_size)):
         yield {k: torch.stack([item[k] for item in batch]) for k in batch[0]}
 
 
@@ -671,8 +664,7 @@ def camera_path(rng, motion, num_frames):
     t = torch.arange(num_frames) / num_frames - 0.5                                   # (T,)
     centre, zoom = torch.zeros(num_frames, 2), torch.ones(num_frames)
     if motion == "pan":
-        heading = rng.uniform(0, 2 * np.pi)
-        speed = rng.uniform(0.25, 0.75)                               # view widths per video
+        heading, speed = rng.uniform(0, 2 * np.pi), rng.uniform(0.25, 0.75)  # view widths per video
         centre = torch.tensor([np.cos(heading), np.sin(heading)]) * speed * t[:, None]
     elif motion == "zoom":
         centre = torch.from_numpy(rng.uniform(-0.1, 0.1, 2)) * (t[:, None] + 0.5)
@@ -684,9 +676,9 @@ def camera_path(rng, motion, num_frames):
     return centre.float(), zoom.float()
 
 
-def film(rgba, centre, zoom, size, depth=1.0, position=None, scale=1.0):
-    """What the camera sees of an RGBA canvas (4, S, S): (T, 4, size, size). A layer at `depth`
-    moves 1/depth as fast as the camera (parallax) and spans [-1.5, 1.5]^2 view widths (its
+def film(image, centre, zoom, size, depth=1.0, position=None, scale=1.0):
+    """What the camera sees of a canvas (C, S, S), RGB or RGBA: (T, C, size, size). A layer at
+    `depth` moves 1/depth as fast as the camera (parallax) and spans [-1.5, 1.5]^2 view widths (its
     borders mirrored); a sprite at `position` (T, 2), 2 x scale wide, is transparent around."""
     axis = torch.linspace(-0.5, 0.5, size)
     ys, xs = torch.meshgrid(axis, axis, indexing="ij")                                 # the view
@@ -697,7 +689,7 @@ def film(rgba, centre, zoom, size, depth=1.0, position=None, scale=1.0):
         grid, padding = grid / 1.5, "reflection"
     else:
         grid, padding = (grid - position[:, None, None]) / scale, "zeros"
-    canvas = torch.from_numpy(rgba)[None].expand(len(grid), -1, -1, -1)
+    canvas = torch.from_numpy(image)[None].expand(len(grid), -1, -1, -1)
     return torch.nn.functional.grid_sample(canvas, grid, padding_mode=padding, align_corners=False)
 
 
@@ -707,8 +699,7 @@ def render_video(rng, motion, num_frames, size):
     under a light whose brightness and tint change slowly."""
     T, canvas = num_frames, 3 * size
     centre, zoom = camera_path(rng, motion, T)
-    far = np.concatenate([texture(rng, canvas), np.ones((1, canvas, canvas), "f4")])
-    video = film(far, centre, zoom, size, depth=2.0)[:, :3]                        # (T, 3, s, s)
+    video = film(texture(rng, canvas), centre, zoom, size, depth=2.0)              # (T, 3, s, s)
     regions = np.clip((pink_noise(rng, (), canvas, 2.0) + rng.uniform(-1, 0.3))
                       / rng.uniform(0.05, 0.4), 0, 1)                     # large, hard or soft
     layers = [film(np.concatenate([texture(rng, canvas, 1.3), regions[None]]), centre, zoom, size)]
@@ -737,9 +728,8 @@ def moving_photo(image, num_frames=64, size=64, seed=0):
     photo = torch.from_numpy(image[top:top + side, left:left + side]).float() / 255
     photo = torch.nn.functional.interpolate(rearrange(photo, "h w c -> 1 c h w"),
                                             size=(3 * size, 3 * size), mode="area")[0]
-    rgba = torch.cat([photo, torch.ones_like(photo[:1])]).numpy()
     centre, zoom = camera_path(rng, "pan", num_frames)[0], camera_path(rng, "zoom", num_frames)[1]
-    video = film(rgba, centre, zoom, size)[:, :3]
+    video = film(photo.numpy(), centre, zoom, size)
     return to_uint8(rearrange(video, "t c h w -> t h w c") * 2 - 1).numpy()
 
 
@@ -757,9 +747,8 @@ def make_synthetic(out_dir, num_classes=4, videos_per_class=48, num_frames=64, s
 
 
 def make_ucf_like_video(path, num_frames=175, seed=0, loops=1):
-    """A video in UCF-101's format, for read-speed measurements without a download: 320x240,
-    25 fps, MPEG-4 part 2 in .avi at about its bit rate, with a camera-like grain; its frames
-    played `loops` times make a long video."""
+    """A video in UCF-101's format (320x240, 25 fps, MPEG-4 part 2 .avi at its bit rate, camera-like
+    grain) to measure read speed without a download; `loops` times its frames make it long."""
     rng = np.random.default_rng(seed)
     video = repeat(render_video(rng, "pan", num_frames, 160), "t h w c -> t (h 2) (w 2) c")
     grain = rng.integers(-6, 7, video[:, 40:280].shape)                      # (T, 240, 320, 3)
@@ -791,10 +780,10 @@ def save_tokens(path, clips, class_names, tokenizer_ckpt, tokenizer_config, fing
     """clips: the stacked planes (N, C, ., .) and label, n_frames, video_index, start (N,); with
     per-plane per-channel mean and std (population, over clips and positions), the class names,
     the video files, and the tokenizer that made them (its path, config, weights' fingerprint)."""
+    ckpt = tokenizer_ckpt if tokenizer_ckpt in H.RELEASED else os.path.abspath(tokenizer_ckpt)
     tokens = {"kind": "coordtok_tokens", "class_names": list(class_names), "videos": list(videos),
-              "tokenizer_ckpt": tokenizer_ckpt if tokenizer_ckpt in H.RELEASED else
-              os.path.abspath(tokenizer_ckpt), "tokenizer_fingerprint":
-              fingerprint, "tokenizer_config": dict(tokenizer_config), "mean": {}, "std": {},
+              "tokenizer_ckpt": ckpt, "tokenizer_fingerprint": fingerprint,
+              "tokenizer_config": dict(tokenizer_config), "mean": {}, "std": {},
               "labels": clips["label"].long(), **{k: clips[k].long() for k in CLIP_FIELDS[1:]}}
     for name in PLANES:
         tokens[name] = plane = clips[name].float()
