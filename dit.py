@@ -123,14 +123,12 @@ class OutputHead(nn.Module):
 
 
 class SiT(nn.Module):
-    """The velocity at (planes, t, y): planes (z_xy, z_xt, z_yt) in, the same shapes out.
-
-    Each plane is cut into patches by its own conv; the xy plane gets a fixed 2D sin-cos table,
-    the two time planes share one learned table (on their common time axis; a non-square frame
-    gives them widths of their own, each reading the first columns), each plane adds a learned
-    type vector; the tokens form one sequence (the paper: 64 + 128 + 128 = 320). num_classes:
-    rows of the class embedding, plus a null class (guidance's "no label") with class dropout.
-    """
+    """The velocity at (planes, t, y): planes (z_xy, z_xt, z_yt) in, the same shapes out. Each
+    plane is cut into patches by its own conv; the xy plane gets a fixed 2D sin-cos table, the
+    two time planes share one learned table (on their common time axis; a non-square frame gives
+    them widths of their own, each reading the first columns), each plane adds a learned type
+    vector; the tokens form one sequence (the paper: 64 + 128 + 128 = 320). num_classes: rows
+    of the class embedding, plus a null class (guidance's "no label") with class dropout."""
 
     def __init__(self, config: SiTConfig, plane_shapes, num_classes=1):
         super().__init__()
@@ -232,7 +230,7 @@ def validate_config(cfg, plane_shapes):
 
 
 # -----------------------------------------------------------------------------
-# flow matching: the linear path from noise (t = 0) to data (t = 1), velocity prediction
+# flow matching (the linear path from noise at t = 0 to data at t = 1), guidance, the samplers
 
 
 def shift_time(u, shift):
@@ -253,11 +251,10 @@ def randn_planes(shapes, generator=None, device="cpu"):
 
 def flow_matching_loss(model, x1, y, null_class=None, class_dropout=0.0, generator=None,
                        time_shift=1.0, share=(0, 1)):
-    """Mean squared error between predicted and true velocity x1 - noise at a random time, per
-    plane, then averaged over the planes. x1: data planes (B, C, H, W); y (B,) labels, of which
-    class_dropout become null_class (so the network also learns the unconditional velocity).
-    share (rank, world): times, noise and dropped labels are drawn for the global batch and this
-    process takes its rows, so a run is the same on any number of processes."""
+    """Mean over the planes of the squared error of the predicted velocity x1 - noise at a random
+    time. x1: data planes (B, C, H, W); y (B,) labels, of which class_dropout become null_class
+    (so the network also learns the unconditional velocity). share (rank, world): times, noise
+    and dropped labels are drawn for the global batch, the same on any number of processes."""
     (rank, world), B, device = share, x1[0].shape[0], x1[0].device
     mine = slice(rank * B, (rank + 1) * B)
     t = shift_time(torch.rand(B * world, generator=generator, device=device), time_shift)[mine]
@@ -270,10 +267,6 @@ def flow_matching_loss(model, x1, y, null_class=None, class_dropout=0.0, generat
         y = torch.where(drop, torch.full_like(y, null_class), y)
     v = model(x_t, t, y)
     return sum((vi.float() - (x - n)).pow(2).mean() for vi, x, n in zip(v, x1, noise)) / len(x1)
-
-
-# -----------------------------------------------------------------------------
-# guidance and samplers
 
 
 def guided_velocity(model, x, t, y, cfg_scale, null_class):
@@ -291,7 +284,6 @@ SAMPLERS = ("euler", "heun", "sde")
 def integrate(velocity, noise, sampler="sde", steps=250, generator=None, diffusion=1.0,
               time_shift=1.0, last_step=0.04, progress=False, desc=None):
     """Carry planes from noise at t = 0 to data at t = 1; velocity(x, t) takes planes and t (B,).
-
     euler, heun: the ODE dx = v dt in `steps` steps (first and second order).
     sde: SiT's default sampler (Euler-Maruyama, diffusion form "sigma", last step "Mean"):
         dx = [v + w(t) score] dt + sqrt(2 w(t)) dW,   w(t) = diffusion (1 - t),
@@ -299,8 +291,7 @@ def integrate(velocity, noise, sampler="sde", steps=250, generator=None, diffusi
     x - t v, so score = -(x - t v) / (1 - t) and the drift is v + diffusion (t v - x). steps - 1
     Euler-Maruyama steps go from t = 0 to 1 - last_step, then one noise-free step of the drift
     ends at t = 1: `steps` model calls in all (SiT: 250, last step 0.04, diffusion 1). Times are
-    uniform in u and placed at t = shift_time(u), as in training.
-    """
+    uniform in u and placed at t = shift_time(u), as in training."""
     if sampler not in SAMPLERS:
         raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}.")
     fewest = 2 if sampler == "sde" else 1  # the SDE's last step is a step of its own
@@ -370,7 +361,7 @@ def denormalize(planes, mean, std):
 
 
 # -----------------------------------------------------------------------------
-# EMA
+# training: the EMA of the weights, the loop
 
 
 def ema_decay_at(step, decay, warmup=True):
@@ -384,10 +375,6 @@ def ema_update(ema, model, decay):
     """ema <- decay ema + (1 - decay) model, parameter by parameter."""
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach(), 1 - decay)
-
-
-# -----------------------------------------------------------------------------
-# training
 
 
 @dataclass
@@ -421,9 +408,8 @@ class DiTTrainConfig:
 
 
 def load_dit(path, device="cpu"):
-    """The EMA weights of a SiT (eval mode; only they are read from the file) and its checkpoint
-    dict, ours or the authors' release (kind "official": no token statistics, classes or
-    tokenizer; those must be given)."""
+    """The EMA weights of a SiT (eval mode; only they are read) and its checkpoint dict, ours or
+    the authors' release (kind "official": no token statistics, classes or tokenizer: give them)."""
     model, ckpt = H.load_model_file(path, "coordtok_dit", SiTConfig,
                                     lambda cfg, c: SiT(cfg, c["plane_shapes"], c["num_classes"]),
                                     "ema", SiT.from_official, "SiT")
@@ -447,8 +433,7 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
         problems.append(f"--ema_decay must be in [0, 1), got {tc.ema_decay}")
     H.check_train_config(tc, problems)
     tokens = data.load_tokens(tc.tokens)
-    planes = normalize(tuple(tokens[k].float() for k in data.PLANES), tokens["mean"],
-                       tokens["std"])
+    planes = normalize(tuple(tokens[k].float() for k in data.PLANES), tokens["mean"], tokens["std"])
     tc = replace(tc, tokens=os.path.abspath(tc.tokens))  # --resume reads the same file
     plane_shapes = [tuple(z.shape[1:]) for z in planes]
     class_names = list(tokens["class_names"]) if cfg.conditional else []
@@ -491,19 +476,16 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
               f"{sum(h * w for h, w in raw_model.grids)} tokens per clip from planes "
               f"{plane_shapes}; {len(labels)} clips from {tc.tokens}, {mode}; on {device} "
               f"x{dist.world_size}; the record of the run: {log.path}")
-        if tc.resume:
-            print(f"resuming {ckpt_path} at step {step}")
-        for line in overrides:
-            print(line)
+        if tc.resume:  # and the flags this command line changes
+            print(f"resuming {ckpt_path} at step {step}", *overrides, sep="\n")
 
     def save(step):
         H.atomic_save({"kind": "coordtok_dit", "model": raw_model.state_dict(),
                        "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                        "model_config": asdict(cfg), "train_config": asdict(tc),
-                       "plane_shapes": [list(s) for s in plane_shapes],
-                       "num_classes": num_classes, "class_names": class_names,
-                       "mean": tokens["mean"], "std": tokens["std"], "tokens": tc.tokens,
-                       "tokenizer_ckpt": tokens["tokenizer_ckpt"],
+                       "plane_shapes": [list(s) for s in plane_shapes], "num_classes": num_classes,
+                       "class_names": class_names, "mean": tokens["mean"], "std": tokens["std"],
+                       "tokens": tc.tokens, "tokenizer_ckpt": tokens["tokenizer_ckpt"],
                        "tokenizer_config": tokens["tokenizer_config"],
                        "tokenizer_fingerprint": tokens["tokenizer_fingerprint"]}, ckpt_path)
 
@@ -518,8 +500,7 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
             lr = H.lr_at(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # noise, times and dropped labels are drawn for the global batch, seeded by (seed,
-            # step): a resumed run draws the same, and so does a run on any number of processes
+            # seeded by (seed, step): a resumed run draws the same noise, times and dropped labels
             gen = torch.Generator(device).manual_seed(tc.seed * 1_000_003 + step)
             loss_sum = torch.zeros((), device=device)
             for micro in range(tc.grad_accum):
@@ -577,8 +558,7 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
 
 def main(argv=None):
     (cfg, tc), explicit = H.parse_config((SiTConfig, DiTTrainConfig), PRESETS, argv,
-                                         description=__doc__.split("\n\n")[1],
-                                         default_preset="cpu")
+                                         description=__doc__.split("\n\n")[1], default_preset="cpu")
     try:
         train(cfg, tc, explicit)
     except (ValueError, OSError) as e:

@@ -72,21 +72,19 @@ class CoordTokConfig:
                 self.frame_size[1] // self.dec_patch_s)
 
 
-def paper(**kw):  # the paper's clip, triplane and decoder patch, with the sizes in kw
-    return CoordTokConfig(**dict(num_frames=128, img_size=128, enc_patch_t=8, enc_patch_s=16,
-                                 triplane_rs=16, triplane_rt=32, triplane_c=8, query_patch_s=8,
-                                 query_patch_t=16, dec_patch_t=1, dec_patch_s=8, decode_chunk=4,
-                                 **kw))
+def paper(width, heads, layers):  # the paper's clip, triplane and decoder patch; 8 ViT blocks
+    return CoordTokConfig(num_frames=128, img_size=128, enc_patch_t=8, enc_patch_s=16,
+                          triplane_rs=16, triplane_rt=32, triplane_c=8, query_patch_s=8,
+                          query_patch_t=16, dec_patch_t=1, dec_patch_s=8, decode_chunk=4,
+                          enc_width=width, enc_heads=heads, enc_layers=8, query_layers=layers,
+                          dec_width=width, dec_heads=heads, dec_layers=layers)
 
 
 PRESETS = {
     "tiny": CoordTokConfig(mlp_ratio=2.0, pooled_queries=True),  # 32x32x32, 320 tokens: 2 cores
-    "small": paper(enc_width=512, enc_heads=8, enc_layers=8, query_layers=8,
-                   dec_width=512, dec_heads=8, dec_layers=8),
-    "base": paper(enc_width=768, enc_heads=12, enc_layers=8, query_layers=12,
-                  dec_width=768, dec_heads=12, dec_layers=12),
-    "large": paper(enc_width=1024, enc_heads=16, enc_layers=8, query_layers=24,
-                   dec_width=1024, dec_heads=16, dec_layers=24),
+    "small": paper(width=512, heads=8, layers=8),
+    "base": paper(width=768, heads=12, layers=12),
+    "large": paper(width=1024, heads=16, layers=24),
 }
 
 # -----------------------------------------------------------------------------
@@ -162,12 +160,10 @@ class QueryBlock(nn.Module):
 
 
 def lookup_triplane(triplane, coords, grid_size):
-    """Bilinear lookup of each (t, y, x) patch coordinate in the three planes: (B, N, 3C).
-
-    The patch index is normalised to [0, 1] by (grid_size - 1): the first and last patch sit on
-    the planes' corner texels (align_corners), whatever the resolutions. Always fp32: under bf16,
-    coordinates on a 32-texel axis would be off by up to 0.06 texel.
-    """
+    """Bilinear lookup of each (t, y, x) patch coordinate in the three planes: (B, N, 3C). The
+    patch index is normalised to [0, 1] by (grid_size - 1): the first and last patch sit on the
+    planes' corner texels (align_corners), whatever the resolutions. Always fp32: under bf16,
+    coordinates on a 32-texel axis would be off by up to 0.06 texel."""
     z_xy, z_xt, z_yt = (z.float() for z in triplane)       # (B, C, Rs, Rs'), (B, C, Rt, Rs'|Rs)
     scale = coords.new_tensor([max(g - 1, 1) for g in grid_size], dtype=torch.float32)
     t, y, x = (coords.float() / scale * 2 - 1).unbind(-1)  # each (B, N) in [-1, 1]
@@ -247,11 +243,9 @@ class CoordTok(nn.Module):
                 for i, (_, h, w) in enumerate(self.triplane_shapes)]
 
     def encode(self, video, n_frames=None):
-        """video (B, T, H, W, 3) in [-1, 1] -> the triplane (z_xy, z_xt, z_yt).
-
-        n_frames (B,) marks padded clips: padded frames are zeroed and the tokens made only of
-        padding are masked out of every attention, so padding never changes the code.
-        """
+        """video (B, T, H, W, 3) in [-1, 1] -> the triplane (z_xy, z_xt, z_yt). n_frames (B,)
+        marks padded clips: padded frames are zeroed and the tokens made only of padding are
+        masked out of every attention, so padding never changes the code."""
         cfg, B = self.config, video.shape[0]
         real, vit_mask, cross_mask = None, None, None
         if n_frames is not None:
@@ -393,14 +387,13 @@ def validate_config(cfg):
 
 
 # -----------------------------------------------------------------------------
-# the patch geometry: which coordinates are decoded, and their target pixels (on the device)
+# the patch geometry (which coordinates are decoded, their target pixels, on the device); the loss
 
 
 def patchify(video, patch_size):
     """(B, T, H, W, 3) -> (B, gt, gh, gw, pt*ph*pw*3), each patch laid out as (pt ph pw c)."""
     pt, ph, pw = patch_size
-    return rearrange(video, "b (t pt) (h ph) (w pw) c -> b t h w (pt ph pw c)",
-                     pt=pt, ph=ph, pw=pw)
+    return rearrange(video, "b (t pt) (h ph) (w pw) c -> b t h w (pt ph pw c)", pt=pt, ph=ph, pw=pw)
 
 
 def unpatchify(patches, patch_size):
@@ -426,23 +419,19 @@ def gather_patches(video, coords, patch_size):
 
 
 def random_keys(batch, n, generator, device, share=(0, 1)):
-    """Uniform keys (batch, n) for this process's rows of a global batch, share = (rank, world):
-    every rank draws all world x batch rows and keeps its own, so the draws do not depend on the
-    number of processes."""
+    """Uniform keys (batch, n), this process's rows of a global batch, share = (rank, world):
+    every rank draws all the rows and keeps its own: the same draws on any number of processes."""
     rank, world = share
     keys = torch.rand(batch * world, n, device=device, generator=generator)
     return keys[rank * batch:(rank + 1) * batch]
 
 
 def sample_patches(video, n_frames, num_samples, patch_size, generator=None, share=(0, 1)):
-    """Stage 1's targets: num_samples distinct random patches per clip, from real frames only.
-
+    """Stage 1's targets: num_samples distinct random patches per clip, from real frames only:
     video (B, T, H, W, 3), n_frames (B,) -> coords (B, N, 3) long, targets (B, N, pt*ph*pw*3).
     Random keys, +inf on padded patches, and the N smallest: sampling without replacement,
-    batched, with no loop over clips or patches. share: see random_keys.
-    """
-    _, T, H, W, _ = video.shape
-    gt, gh, gw = T // patch_size[0], H // patch_size[1], W // patch_size[2]
+    batched, with no loop over clips or patches. share: see random_keys."""
+    gt, gh, gw = (n // p for n, p in zip(video.shape[1:4], patch_size))            # patch grid
     grid = full_grid((gt, gh, gw), video.device)                                   # (P, 3)
     keys = random_keys(video.shape[0], len(grid), generator, video.device, share)  # (B, P)
     real_t = (n_frames // patch_size[0]).clamp_min(1)[:, None]         # (B, 1) real time patches
@@ -462,8 +451,7 @@ def smallest(keys, n, n_real):
 def sample_frames(video, n_frames, num_frames_k, patch_size, generator=None, share=(0, 1)):
     """Stage 2's targets: every patch of K distinct random real temporal patches per clip
     ("whole frames"): coords (B, K*gh*gw, 3), targets (B, K*gh*gw, pt*ph*pw*3)."""
-    _, T, H, W, _ = video.shape
-    gt, gh, gw = T // patch_size[0], H // patch_size[1], W // patch_size[2]
+    gt, gh, gw = (n // p for n, p in zip(video.shape[1:4], patch_size))            # patch grid
     keys = random_keys(video.shape[0], gt, generator, video.device, share)   # (B, gt)
     real_t = (n_frames // patch_size[0]).clamp_min(1)[:, None]              # (B, 1)
     keys = keys.masked_fill(torch.arange(gt, device=video.device) >= real_t, float("inf"))
@@ -483,10 +471,6 @@ def random_flips(video, generator=None, share=(0, 1)):
     """Each clip (B, T, H, W, 3) mirrored left-right with probability 1/2 (see random_keys)."""
     keys = random_keys(video.shape[0], 1, generator, video.device, share)
     return torch.where(keys[:, :, None, None, None] < 0.5, video.flip(3), video)
-
-
-# -----------------------------------------------------------------------------
-# the loss
 
 
 def reconstruction_loss(pred, target, lpips=None, lpips_weight=1.0, to_frames=None):
@@ -569,9 +553,8 @@ def load_tokenizer(path, device="cpu"):
 
 
 def evaluate(model, val_set, num_clips, batch_size, device, lpips=None):
-    """eval.py's per-frame figures (metrics.frame_metrics: PSNR, SSIM, and LPIPS where its
-    weights are loaded) over the real frames of the first num_clips held-out clips, every patch
-    decoded: {"held_out_psnr": ..., ...}."""
+    """eval.py's per-frame figures (metrics.frame_metrics: PSNR, SSIM, LPIPS if loaded), every
+    patch decoded, over the first num_clips held-out clips' real frames: {"held_out_psnr": ...}."""
     clips = torch.utils.data.Subset(val_set, range(num_clips))
     loader = data.make_loader(clips, batch_size, False, 0, infinite=False)
     table = metrics.frame_metrics(lpips)
@@ -673,10 +656,8 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
               f"{'x'.join(map(str, cfg.frame_size))}; {len(train_set.files)} training / "
               f"{len(val_set.files)} held-out videos from {tc.data}; stage {tc.stage} on "
               f"{device} x{dist.world_size}; the record of the run: {log.path}")
-        if tc.resume:
-            print(f"resuming {ckpt_path} at step {start_step}")
-        for line in overrides:
-            print(line)
+        if tc.resume:  # and the flags this command line changes
+            print(f"resuming {ckpt_path} at step {start_step}", *overrides, sep="\n")
 
     def save(step):
         H.atomic_save({"kind": "coordtok_tokenizer", "model": raw_model.state_dict(),
@@ -789,8 +770,7 @@ def encode_dataset(tc: TrainConfig):
         raise ValueError(f"{ckpt_path} does not name the data it was trained on; pass --data DIR.")
     dataset = data.VideoDataset(data_dir, cfg.frame_size, cfg.num_frames, "all")
     mine, encoded = dist.share(len(dataset.files)), []
-    windows = data.batched_windows(dataset, mine, tc.encode_stride or cfg.num_frames,
-                                   tc.batch_size)
+    windows = data.batched_windows(dataset, mine, tc.encode_stride or cfg.num_frames, tc.batch_size)
     for batch in tqdm(windows, desc=f"encoding {len(mine)} videos", disable=not dist.is_main):
         with H.autocast(dist.device):
             video = data.from_uint8(batch.pop("video").to(dist.device))
