@@ -699,7 +699,7 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
                 loss_sum += loss.detach() / tc.grad_accum
                 mse_sum += F.mse_loss(pred.detach().float(), targets.float()) / tc.grad_accum
             # clip the gradient's norm; a step whose gradient is not finite is skipped (the norm
-            # is all-reduced, so every rank skips it; reading it is the step's one sync)
+            # is of the all-reduced gradient, so every rank skips it)
             norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
                                                   tc.grad_clip if tc.grad_clip > 0 else math.inf)
             finite = bool(torch.isfinite(norm))
