@@ -1,6 +1,5 @@
-"""The training harness the scripts share (a first reader may skip this file): processes and DDP,
-devices, signals, the schedule, the record of a run, flags and configs, files and their safety
-(atomic writes, locks, checksums, tensors-only reads, fetched weights), the authors' layouts."""
+"""The training harness the scripts share (a first reader may skip this file): processes, signals,
+the schedule, a run's record, flags and configs, safe files, fetched weights, the authors' files."""
 
 import argparse
 import contextlib
@@ -51,8 +50,7 @@ def pick_device(flag="auto"):
     if flag != "cpu" and not re.fullmatch(r"cuda(:\d+)?", flag):
         raise ValueError(f"--device {flag!r} is not one of auto, cpu, cuda, cuda:N.")
     if flag.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {flag} asks for CUDA, but CUDA is not available; use "
-                         f"--device cpu.")
+        raise ValueError(f"--device {flag}: CUDA is not available; use --device cpu.")
     if flag.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return torch.device(flag)
@@ -140,8 +138,7 @@ def lr_at(step, tc):
 
 
 def decay_groups(model, weight_decay):
-    """The optimizer's parameter groups: weight decay on the weights of linear and convolution
-    layers only, not on biases, norms, position tables, learned planes and tokens, embeddings."""
+    """The optimizer's groups: weight decay on linear and convolution weights, none on the rest."""
     decayed = {id(m.weight) for m in model.modules()
                if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d))}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -150,8 +147,7 @@ def decay_groups(model, weight_decay):
 
 
 def diverged(bad_steps, ckpt_path):
-    """The error of a run whose last bad_steps steps were not finite. No checkpoint is written
-    during such a streak, so the file it names is the last good one."""
+    """The error after bad_steps non-finite steps in a row, naming the last good checkpoint."""
     kept = ckpt_path if os.path.exists(ckpt_path) else "no checkpoint was written"
     return ValueError(f"{bad_steps} non-finite steps in a row (last good file: {kept}); lower "
                       f"--learning_rate or check the data, then --resume.")
@@ -167,13 +163,13 @@ def warn_skipped_step(bad_steps, max_bad_steps, ckpt_path):
 def end_run(dist, tc, lock, log, step, signum, ckpt_path, note=""):
     """Close the run's record (drawing its curves) and its lock, and say how it ended. A run a
     signal stopped exits as one the signal ended (143 SIGTERM, 130 SIGINT), for relaunch scripts."""
-    log.close()
+    curves = log.close()
     if dist.is_main and signum:
         print(f"{signal.Signals(signum).name} at step {step}: saved {ckpt_path}; continue it "
               f"with --resume")
     elif dist.is_main:
         stopped = f", stopped by --max_time {tc.max_time}" if step < tc.max_iters else ""
-        print(f"saved {ckpt_path} (step {step}{stopped}); its curves: {log.curves}{note}")
+        print(f"saved {ckpt_path} (step {step}{stopped}); its curves: {curves}{note}")
     lock.close()
     cleanup_distributed(dist)
     if signum:
@@ -185,13 +181,11 @@ def end_run(dist, tc, lock, log, step, signum, ckpt_path, note=""):
 
 
 class RunLog:
-    """out_dir/<name>_log.jsonl: a JSON object a line, written by rank 0, flushed at once (a kill
-    loses at most that line). A resumed run keeps the records up to its step (none logged twice)
-    and appends; a new run starts anew. With wandb_project, to wandb too (imported only then)."""
+    """out_dir/<name>_log.jsonl: a JSON line a record, from rank 0, flushed (a kill loses at most
+    one). A resumed run keeps the records up to its step, then appends; to wandb_project too."""
 
     def __init__(self, out_dir, name, start_step, enabled, wandb_project="", config=None):
         self.path, self.file, self.wandb = os.path.join(out_dir, f"{name}_log.jsonl"), None, None
-        self.curves = os.path.join(out_dir, f"{name}_curves.svg")
         if not enabled:
             return
         kept = [r for r in read_log(self.path) if r["step"] <= start_step] if start_step else []
@@ -211,10 +205,10 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 
-    def close(self):
+    def close(self):  # draws the curves: returns their path (None where not enabled)
         if self.file is not None:
             self.file.close()
-            write_curves(self.path)
+            return write_curves(self.path)
 
 
 def json_safe(obj):
@@ -233,8 +227,7 @@ def read_log(path):
 
 
 def write_curves(log_path):
-    """<name>_curves.svg beside a RunLog file (no plotting library): a panel per figure against the
-    step, a held-out figure (red) with the training one of its name (held_out_psnr with psnr)."""
+    """<name>_curves.svg beside a RunLog file: a panel per figure, held_out_psnr (red) with psnr."""
     panels = {}  # name -> {record key: [(step, value)]}
     for r in read_log(log_path):
         for key, v in r.items():
@@ -285,9 +278,7 @@ def field_problems(config):
         value = getattr(config, f.name)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        low = f.metadata.get("min", 1)
-        if isinstance(value, float) or f.default == 0:
-            low = f.metadata.get("min", 0)
+        low = f.metadata.get("min", 0 if isinstance(value, float) or f.default == 0 else 1)
         if not math.isfinite(value):
             problems.append(f"--{f.name} must be a finite number, got {value}")
         elif value < low:
@@ -332,8 +323,7 @@ def parse_config(config_classes, presets, argv=None, description="", default_pre
 
 
 def config_from_dict(cls, saved, source):
-    """cls(**saved) from a file: an unknown field is an error; a field the file lacks (it was
-    written before the field was added) takes its default, which means what older code did."""
+    """cls(**saved) from a file: an unknown field is an error, a missing one takes its default."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(saved) - names)
     if unknown:
@@ -414,8 +404,7 @@ def atomic_path(path):
     try:
         yield temporary
         os.chmod(temporary, 0o666 & ~UMASK)  # the permissions a plain open() would give
-        with open(temporary, "rb") as f:
-            os.fsync(f.fileno())  # on disk before it takes the name
+        os.fsync(fd)  # the file's data on disk before it takes the name
         os.replace(temporary, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         free = shutil.disk_usage(folder).free
@@ -554,9 +543,7 @@ def load_model_file(path, kind, config_class, make, weights, from_official, what
     as they are (memory-mapped, only they are read), or the authors' release (kind "official")."""
     path = released_file(path)
     ckpt = read_torch_file(path)
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} is not a {what} checkpoint; pass one of ours or the authors'.")
-    if ckpt.get("kind") is None:
+    if isinstance(ckpt, dict) and ckpt.get("kind") is None:
         try:
             model = from_official(ckpt)
         except NotOfficial:
@@ -652,8 +639,7 @@ def fetch(url, path="", flag=""):
 
 
 # -----------------------------------------------------------------------------
-# the authors' released files (github.com/huiwon-jang/CoordTok): their constructor arguments,
-# names, layouts and packed attention weights, mapped onto our modules when they are loaded
+# the authors' released files (github.com/huiwon-jang/CoordTok), mapped onto our modules
 
 HUB = "https://huggingface.co/huiwon/CoordTok/resolve/main/"
 RELEASED = {"coordtok_ucf101": HUB + "CoordTok_UCF101_1M_50K.pth",
@@ -690,28 +676,24 @@ def unwrap_state_dict(source, marker_key, what, prefer=("model",)):
     return state
 
 
-# their constructor arguments for the paper's CoordTok (their own defaults differ)
-OFFICIAL_PAPER_KWARGS = dict(
+OFFICIAL_PAPER_KWARGS = dict(  # their arguments for the paper's CoordTok (their defaults differ)
     video_shape=(128, 128, 128), enc_embed_dim=1024, enc_num_layers=24, enc_num_heads=16,
     enc_patch_size_xy=16, enc_patch_size_t=8, enc_patch_type="transformer",
     enc_patch_num_layers=8, latent_resolution_xy=16, latent_resolution_t=32, latent_n_features=8,
     latent_patch_size_xy=8, latent_patch_size_t=16, dec_embed_dim=1024, dec_num_layers=24,
     dec_num_heads=16, dec_patch_size_xy=8, dec_patch_size_t=1, lpips_loss_scale=0.0)
 
-# their names -> ours. Their planes are (xy, yt, xt) and their "x" is the row axis: their `yt`
-# plane is indexed by (t, column), our z_xt; their `xt` (t, row) is our z_yt
+# their names -> ours. Their "x" is the row axis: their yt plane, indexed by (t, column), is our xt
+OUR_PLANE = {"xy": "xy", "yt": "xt", "xt": "yt"}
 OFFICIAL_TOKENIZER_NAMES = [
     (r"^encoder\.encoder\.patch_embed\.proj\.", "patch_embed."),
     (r"^encoder\.encoder\.cls_token$", "cls_token"), (r"^encoder\.encoder\.pos_emb$", "enc_pos"),
     (r"^encoder\.encoder\.layers\.", "enc_blocks."), (r"^encoder\.encoder\.norm\.", "ln_enc."),
-    (r"^encoder\.cross_pos_emb$", "cross_pos"), (r"^weight_tokens_xy$", "plane_xy"),
-    (r"^weight_tokens_yt$", "plane_xt"), (r"^weight_tokens_xt$", "plane_yt"),
-    (r"^encoder\.patch_embeds_xy\.proj\.", "query_embed_xy."),
-    (r"^encoder\.patch_embeds_yt\.proj\.", "query_embed_xt."),
-    (r"^encoder\.patch_embeds_xt\.proj\.", "query_embed_yt."),
+    (r"^encoder\.cross_pos_emb$", "cross_pos"), (r"^encoder\.transformer\.norm\.", "ln_query."),
     (r"^encoder\.transformer\.layers\.", "query_blocks."),
-    (r"^encoder\.transformer\.norm\.", "ln_query."), (r"^encoder\.projectors_xy\.", "to_xy."),
-    (r"^encoder\.projectors_yt\.", "to_xt."), (r"^encoder\.projectors_xt\.", "to_yt."),
+    *[(rf"^weight_tokens_{p}$", f"plane_{q}") for p, q in OUR_PLANE.items()],
+    *[(rf"^encoder\.patch_embeds_{p}\.proj\.", f"query_embed_{q}.") for p, q in OUR_PLANE.items()],
+    *[(rf"^encoder\.projectors_{p}\.", f"to_{q}.") for p, q in OUR_PLANE.items()],
     (r"^decoder\.transformer\.pos_embed$", "dec_pos"),
     (r"^decoder\.transformer\.patch_embed\.", "dec_embed."),
     (r"^decoder\.transformer\.layers\.", "dec_blocks."),
@@ -722,8 +704,7 @@ OFFICIAL_TOKENIZER_NAMES = [
 ]
 
 
-# our config fields <- their constructor's arguments
-OFFICIAL_FIELDS = dict(
+OFFICIAL_FIELDS = dict(  # our config fields <- their constructor's arguments
     enc_patch_t="enc_patch_size_t", enc_patch_s="enc_patch_size_xy", enc_width="enc_embed_dim",
     enc_heads="enc_num_heads", enc_layers="enc_patch_num_layers", query_layers="enc_num_layers",
     triplane_rs="latent_resolution_xy", triplane_rt="latent_resolution_t",
@@ -798,10 +779,9 @@ def official_sit(source, official_kwargs=None):
                          f"{', '.join(OFFICIAL_SIT_PAPER_KWARGS)}.")
     k = {**OFFICIAL_SIT_PAPER_KWARGS, **(official_kwargs or {})}
     (rt, rs), c = k["input_size"], k["in_channels"]
-    fields = dict(width=k["hidden_size"], depth=k["depth"], heads=k["num_heads"],
-                  patch_size=k["patch_size"], mlp_ratio=k["mlp_ratio"],
-                  conditional=k["num_classes"] > 1, class_dropout=k["class_dropout_prob"],
-                  learn_sigma=k["learn_sigma"])
+    fields = dict(width=k["hidden_size"], depth=k["depth"], mlp_ratio=k["mlp_ratio"],
+                  heads=k["num_heads"], patch_size=k["patch_size"], learn_sigma=k["learn_sigma"],
+                  conditional=k["num_classes"] > 1, class_dropout=k["class_dropout_prob"])
     ours = {}
     for name, tensor in state.items():
         for pattern, replacement in OFFICIAL_SIT_NAMES:
