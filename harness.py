@@ -182,7 +182,7 @@ def end_run(dist, tc, lock, log, step, signum, ckpt_path, note=""):
 
 class RunLog:
     """out_dir/<name>_log.jsonl, and wandb_project if given: a JSON line per record from rank 0,
-    flushed (a kill loses at most that line); a resumed run keeps those up to its step, appends."""
+    flushed (a kill loses at most one); a resumed run keeps those up to its step, then appends."""
 
     def __init__(self, out_dir, name, start_step, enabled, wandb_project="", config=None):
         self.path, self.file, self.wandb = os.path.join(out_dir, f"{name}_log.jsonl"), None, None
