@@ -42,7 +42,7 @@ class SiTConfig:
     patch_size: int = 2
     mlp_ratio: float = 4.0
     conditional: bool = False    # condition on the tokens file's classes (the paper: no)
-    class_dropout: float = 0.0   # labels replaced by the null class in training (for guidance)
+    class_dropout: float = field(default=0.0, metadata={"below": 1})  # labels made null (guidance)
     learn_sigma: bool = True     # the authors' heads also output an unused variance half
     time_shift: float = 1.0      # > 1: more training times and sampler steps near the noise end
 
@@ -213,20 +213,16 @@ class SiT(nn.Module):
 
 def validate_config(cfg, plane_shapes):
     """Fail at start, naming the flag, instead of with a NaN or a reshape error later."""
-    problems = H.field_problems(cfg)
-    if not problems and cfg.width % cfg.heads:
+    problems = [f"--{n} must be > 0" for n in ("mlp_ratio", "time_shift") if getattr(cfg, n) <= 0]
+    if cfg.heads > 0 and cfg.width % cfg.heads:
         problems.append(f"--width {cfg.width} is not divisible by --heads {cfg.heads}")
-    problems += [f"--{n} must be > 0" for n in ("mlp_ratio", "time_shift") if getattr(cfg, n) <= 0]
-    if cfg.class_dropout >= 1:
-        problems.append("--class_dropout must be in [0, 1)")
     if len(plane_shapes) != 3 or plane_shapes[1][:2] != plane_shapes[2][:2]:
         problems.append(f"the planes {plane_shapes} are not a triplane (two time planes of one "
                         f"length and channels)")
     problems += [f"plane {name} ({h}x{w}) is not divisible by --patch_size {cfg.patch_size}"
                  for name, (_, h, w) in zip(data.PLANES, plane_shapes)
                  if cfg.patch_size > 0 and (h % cfg.patch_size or w % cfg.patch_size)]
-    if problems:
-        raise ValueError("invalid configuration: " + "; ".join(problems) + ".")
+    H.check_config(cfg, problems)
 
 
 # -----------------------------------------------------------------------------
@@ -387,23 +383,23 @@ class DiTTrainConfig:
     grad_accum: int = 1
     learning_rate: float = 1e-3  # the paper: 1e-4 (constant) at batch 64
     min_lr: float = 1e-4
-    lr_schedule: str = "cosine"  # constant | cosine
+    lr_schedule: str = field(default="cosine", metadata=H.SCHEDULE)
     warmup_iters: int = field(default=100, metadata={"min": 0})
     lr_decay_iters: int = 0      # 0: max_iters
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0       # 0: no clipping
-    ema_decay: float = 0.9999
+    ema_decay: float = field(default=0.9999, metadata={"below": 1})
     ema_warmup: bool = True      # decay min(ema_decay, (1 + step) / (10 + step))
     log_interval: int = 10
     ckpt_interval: int = 500
     max_time: float = 0.0        # minutes; stop (and save) once exceeded, 0: no limit
     max_bad_steps: int = 20      # non-finite steps in a row before the run stops
     peak_flops: float = 989e12   # MFU: the accelerator's dense bf16 FLOP/s (H100 SXM)
-    seed: int = 0
+    seed: int = field(default=0, metadata=H.SEED)
     device: str = "auto"         # auto | cpu | cuda | cuda:N
-    compile: str = "auto"        # auto (on for CUDA) | true | false
+    compile: str = field(default="auto", metadata=H.COMPILE)
     wandb_project: str = ""      # also log to this wandb project (pip install wandb)
 
 
@@ -428,10 +424,7 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
         if step >= tc.max_iters:
             return print(f"{ckpt_path} is at step {step}: nothing to train below --max_iters "
                          f"{tc.max_iters}.")
-    problems = []
-    if tc.ema_decay >= 1:
-        problems.append(f"--ema_decay must be in [0, 1), got {tc.ema_decay}")
-    H.check_train_config(tc, problems)
+    H.check_config(tc)
     tokens = data.load_tokens(tc.tokens)
     planes = normalize(tuple(tokens[k].float() for k in data.PLANES), tokens["mean"], tokens["std"])
     tc = replace(tc, tokens=os.path.abspath(tc.tokens))  # --resume reads the same file

@@ -89,9 +89,7 @@ def autocast(device):  # bf16 on CUDA, fp32 on the CPU
     return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
 
-def use_compile(flag, device):
-    if flag not in ("auto", "true", "false"):
-        raise ValueError(f"--compile must be auto, true or false, got {flag!r}.")
+def use_compile(flag, device):  # flag: one of COMPILE's choices
     return device.type == "cuda" if flag == "auto" else flag == "true"
 
 
@@ -270,27 +268,36 @@ def _parse_bool(s):
     return s.lower() in ("1", "true", "yes", "on")
 
 
+# metadata of fields that several configs have
+SEED = {"below": 2 ** 32}  # the seeds drawn from, seed * 1_000_003 + step, fit in 64 bits
+COMPILE = {"choices": ("auto", "true", "false")}  # auto: on for CUDA
+SCHEDULE = {"choices": ("constant", "cosine")}
+
+
 def field_problems(config):
-    """What is wrong with a config's numbers: each finite, and >= its field's metadata "min", else
-    >= 0 for a float or an int whose default is 0 (off, none, automatic), >= 1 for other ints."""
+    """What is wrong with a config's values, as its fields declare in their metadata: "choices"
+    (the values allowed), "min" and "below" (the bounds of a number). Without "min", a float or an
+    int whose default is 0 (off, none, automatic) is >= 0, another int >= 1; numbers are finite."""
     problems = []
     for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
+        value, choices = getattr(config, f.name), f.metadata.get("choices")
+        if choices and value not in choices:
+            problems.append(f"--{f.name} {value!r} is not one of {', '.join(map(str, choices))}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         low = f.metadata.get("min", 0 if isinstance(value, float) or f.default == 0 else 1)
+        below = f.metadata.get("below", math.inf)
         if not math.isfinite(value):
             problems.append(f"--{f.name} must be a finite number, got {value}")
-        elif value < low:
-            problems.append(f"--{f.name} must be >= {low}, got {value}")
+        elif not low <= value < below:
+            bounds = f"in [{low}, {below:,})" if below < math.inf else f">= {low}"
+            problems.append(f"--{f.name} must be {bounds}, got {value}")
     return problems
 
 
-def check_train_config(tc, problems=()):
-    """Fail at start, naming the flags to change: field_problems, then the loop's own problems."""
-    problems = field_problems(tc) + list(problems)
-    if tc.lr_schedule not in ("constant", "cosine"):
-        problems.append(f"--lr_schedule must be constant or cosine, got {tc.lr_schedule}")
+def check_config(config, problems=()):
+    """Fail at start, naming the flags to change: field_problems, then the caller's problems."""
+    problems = field_problems(config) + list(problems)
     if problems:
         raise ValueError("invalid configuration: " + "; ".join(problems) + ".")
 
@@ -316,9 +323,6 @@ def parse_config(config_classes, presets, argv=None, description="", default_pre
     args = vars(parser.parse_args(argv))
     explicit = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
     configs = tuple(type(b)(**{f.name: args[f.name] for f in dataclasses.fields(b)}) for b in bases)
-    # the seeds drawn from, seed * 1_000_003 + step, must stay in torch.manual_seed's 64 bits
-    if not all(0 <= getattr(c, "seed", 0) < 2 ** 32 for c in configs):
-        raise SystemExit(f"error: --seed must be in [0, 2**32), got {args['seed']}.")
     return configs, explicit
 
 

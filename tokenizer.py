@@ -365,10 +365,8 @@ class CoordTok(nn.Module):
 
 def validate_config(cfg):
     """Fail at start, naming the flag to change, instead of deep inside a reshape."""
-    problems = H.field_problems(cfg)
-    problems += [f"--{n} must be > 0" for n in ("mlp_ratio", "block_eps") if getattr(cfg, n) <= 0]
-    if problems:  # divisibility only means something for positive sizes
-        raise ValueError("invalid configuration: " + "; ".join(problems) + ".")
+    positive = [f"--{n} must be > 0" for n in ("mlp_ratio", "block_eps") if getattr(cfg, n) <= 0]
+    H.check_config(cfg, positive)  # first: divisibility only means something for positive sizes
     (height, width), sizes = cfg.frame_size, asdict(cfg)
     sizes["img_width"] = width
     pairs = (("img_size", "enc_patch_s"), ("img_width", "enc_patch_s"), ("num_frames",
@@ -382,8 +380,7 @@ def validate_config(cfg):
         problems.append(f"the triplane's width, --triplane_rs x --img_width / --img_size = "
                         f"{rs_width:g}, must be a multiple of --query_patch_s {cfg.query_patch_s}; "
                         f"change --triplane_rs or --img_width")
-    if problems:
-        raise ValueError("invalid configuration: " + "; ".join(problems) + ".")
+    H.check_config(cfg, problems)
 
 
 # -----------------------------------------------------------------------------
@@ -490,7 +487,7 @@ def reconstruction_loss(pred, target, lpips=None, lpips_weight=1.0, to_frames=No
 class TrainConfig:
     data: str = ""               # folder of videos (class: the folder below it); "": synthetic
     out_dir: str = "out"
-    stage: int = 1               # 1: random patches, L2. 2: whole frames, L2 + LPIPS
+    stage: int = field(default=1, metadata={"choices": (1, 2)})  # 1: patches, L2; 2: frames, +LPIPS
     init_from: str = ""          # checkpoint whose weights start the run (stage 2)
     resume: bool = False         # continue out_dir/tokenizer.pt exactly where it stopped
     encode: str = ""             # write the tokens file of every window to this path and exit
@@ -501,7 +498,7 @@ class TrainConfig:
     grad_accum: int = 1
     learning_rate: float = 2e-3
     min_lr: float = 1e-4
-    lr_schedule: str = "cosine"  # constant | cosine
+    lr_schedule: str = field(default="cosine", metadata=H.SCHEDULE)
     warmup_iters: int = field(default=100, metadata={"min": 0})
     lr_decay_iters: int = 0      # 0: max_iters
     weight_decay: float = 1e-3
@@ -519,13 +516,13 @@ class TrainConfig:
     ckpt_interval: int = 500
     log_interval: int = 10
     num_workers: int = field(default=2, metadata={"min": 0})
-    val_fraction: float = 0.1
+    val_fraction: float = field(default=0.1, metadata={"below": 1})
     max_time: float = 0.0        # minutes; stop (and save) once exceeded, 0: no limit
     max_bad_steps: int = 20      # non-finite steps in a row before the run stops
     peak_flops: float = 989e12   # MFU: the accelerator's dense bf16 FLOP/s (H100 SXM)
-    seed: int = 0
+    seed: int = field(default=0, metadata=H.SEED)
     device: str = "auto"         # auto | cpu | cuda | cuda:N
-    compile: str = "auto"        # auto (on for CUDA) | true | false
+    compile: str = field(default="auto", metadata=H.COMPILE)
     wandb_project: str = ""      # also log to this wandb project (pip install wandb)
 
 
@@ -534,13 +531,9 @@ def validate_train_config(cfg, tc):
     problems = []
     if tc.num_samples > gt * gh * gw:
         problems.append(f"--num_samples must be in [1, {gt * gh * gw}] (the patches of a clip)")
-    if tc.stage not in (1, 2):
-        problems.append(f"--stage must be 1 or 2, got {tc.stage}")
     if tc.stage == 2 and tc.num_frames_stage2 > gt:
         problems.append(f"--num_frames_stage2 must be in [1, {gt}] (the temporal patches)")
-    if tc.val_fraction >= 1:
-        problems.append(f"--val_fraction must be in [0, 1), got {tc.val_fraction}")
-    H.check_train_config(tc, problems)
+    H.check_config(tc, problems)
 
 
 def load_tokenizer(path, device="cpu"):

@@ -457,7 +457,7 @@ def test_sample_flags_and_seeds_are_checked_before_any_work(tmp_path, sit_run, c
                T.main: [f"--data={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'out'}"]}
     for main, flags in nothing.items():  # seeds are drawn from as seed * 1_000_003 + step
         for seed in (10 ** 29, -1):
-            with pytest.raises(SystemExit, match=rf"--seed must be in \[0, 2\*\*32\), got {seed}"):
+            with pytest.raises(SystemExit, match=rf"--seed must be in \[0, 4,294,967,296\), got {seed}"):
                 main([*flags, f"--seed={seed}"])
     assert not os.path.exists(tmp_path / "out")
     # --grid_clips 0: no grid, and none claimed
