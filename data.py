@@ -319,9 +319,8 @@ def write_png(path, image):
 
 def frame_grid(videos, num_columns=8, zoom=1):
     """(N, T, H, W, 3) uint8 clips -> an image: a row per clip, num_columns evenly spaced frames."""
-    videos = np.asarray(videos)
-    columns = np.unique(np.linspace(0, videos.shape[1] - 1, min(num_columns, videos.shape[1]))
-                        .round().astype(int))
+    videos, T = np.asarray(videos), len(videos[0])
+    columns = np.unique(np.linspace(0, T - 1, min(num_columns, T)).round().astype(int))
     grid = rearrange(videos[:, columns], "n f h w c -> (n h) (f w) c")
     return grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
 
@@ -335,8 +334,7 @@ def comparison_grid(inputs, recons, num_columns=8, zoom=1, error_gain=4):
 
 
 def planes_image(planes, zoom=1):
-    """A triplane's planes (C, h, w) side by side as one image: each plane's first three principal
-    components over its channels as RGB, stretched to 0..255, a texel zoom x zoom pixels."""
+    """A triplane's planes (C, h, w) side by side, each its first 3 principal components as RGB."""
     images = []
     for z in planes:
         texels = rearrange(z.float().cpu(), "c h w -> (h w) c")
@@ -385,7 +383,6 @@ def _prepare_one(job):
 def prepare_videos(source_root, target_root, img_size, workers=1, codec="rawvideo"):
     """A copy of source_root (same folders and names), every video at img_size, stored losslessly:
     frame i of a copy is read_clip's frame i of its source, bit for bit (bar concealed damage)."""
-    size = hw(img_size)
     if os.path.abspath(target_root).startswith(os.path.join(os.path.abspath(source_root), "")):
         raise ValueError(f"--prepare: put the copy {target_root!r} outside {source_root!r}.")
     jobs, targets = [], {}
@@ -395,7 +392,7 @@ def prepare_videos(source_root, target_root, img_size, workers=1, codec="rawvide
             raise ValueError(f"{path} and {targets[relative]} would both be prepared as "
                              f"{relative}; rename one of them.")
         targets[relative] = path
-        jobs.append((path, os.path.join(target_root, relative), size, codec))
+        jobs.append((path, os.path.join(target_root, relative), hw(img_size), codec))
     with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         outcomes = list(pool.imap_unordered(_prepare_one, jobs, 4) if pool
                         else map(_prepare_one, jobs))
@@ -521,9 +518,8 @@ def leave_signals_to_the_loop(worker_id):
 
 def make_loader(dataset, batch_size, shuffle, num_workers, dist=None, seed=0, start_step=0,
                 infinite=True):
-    """Batches of clips decoded in worker processes (none for a set held in memory: they would only
-    take cores from the model). infinite: an endless stream for training (ClipSampler; each rank
-    its share) from batch start_step on; otherwise one pass in order."""
+    """Batches of clips decoded in worker processes (none for a set in memory: they would only take
+    cores from the model). infinite: ClipSampler's stream from batch start_step, else one pass."""
     if len(dataset) == 0:
         raise FileNotFoundError("the data set has no readable clips for this split; add videos "
                                 "or lower --val_fraction.")
@@ -549,10 +545,9 @@ UCF_CLIP_NAME = re.compile(r"(v_.+_g\d+)_c\d+")
 
 
 def held_out_paths(videos, root, val_fraction, split_file=""):
-    """The held-out paths among videos (path, class) of the folder root: split_file's (a UCF-101
-    list; one named "test..." lists the held-out videos, any other the training ones), else the
-    groups whose hash falls below val_fraction. A group is a UCF-101 clip group or a file; its
-    side depends on its path below root only: adding videos or renaming root moves none across."""
+    """The held-out paths among videos (path, class) under root: split_file's (a UCF-101 list; one
+    named "test..." lists them, any other the training ones), else the groups (UCF-101 clip groups,
+    or files) whose path below root hashes below val_fraction: adding videos moves none across."""
     def list_key(path):  # a split list's name for a video in any container: (class folder, stem)
         stem = os.path.splitext(os.path.basename(path))[0]
         return os.path.basename(os.path.dirname(path)).lower(), stem.lower()
