@@ -350,14 +350,12 @@ def planes_image(planes, zoom=1):
 
 def stack_images(*images, axis=0, gap=4):
     """(H, W, 3) uint8 images one under another (axis 0) or side by side (1), white between."""
-    other = 1 - axis
-    size = max(image.shape[other] for image in images)
-    padded = []
-    for image in images:
-        pad = [(0, 0), (0, 0), (0, 0)]
-        pad[axis], pad[other] = (0, gap), (0, size - image.shape[other])
-        padded.append(np.pad(image, pad, constant_values=255))
-    return np.concatenate(padded, axis)
+    if axis == 1:  # side by side: turned, one under another, turned back
+        turned = [rearrange(image, "h w c -> w h c") for image in images]
+        return rearrange(stack_images(*turned, gap=gap), "w h c -> h w c")
+    width = max(image.shape[1] for image in images)
+    return np.concatenate([np.pad(image, ((0, gap), (0, width - image.shape[1]), (0, 0)),
+                                  constant_values=255) for image in images])
 
 # -----------------------------------------------------------------------------
 # preparing a data set: every video resized and cropped once, stored losslessly
