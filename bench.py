@@ -1,15 +1,13 @@
-"""
-Speed and memory of CoordTok on our own code: a markdown report, each row printed as it is
+"""Speed and memory of CoordTok on our own code: a markdown report, each row printed as it is
 measured, every ratio measured side by side in one run, times next to the device that gave them.
+Memory is the peak above what the measured calls start with (model, optimizer state, input; rows
+that say "total" add it), on the CPU each in a process of its own (see measure).
 
   python bench.py                                    # the tiny model on the CPU, a few minutes
   python bench.py --parts scaling dit --frames 16 32      # some parts, fewer rows
   python bench.py --preset large --device cuda       # the GPU check: one H100, under 5 minutes
   python bench.py --preset large --device cuda --dry_run  # its code at tiny sizes, on the CPU
   python bench.py --parts transfer                   # do the synthetic figures predict photos?
-
-Memory is the peak above what the measured calls start with (model, optimizer state, input),
-"total" where a row says so, on the CPU each measured in a process of its own (see measure).
 """
 
 import argparse
@@ -43,10 +41,9 @@ PAPER_STAGE1 = T.TrainConfig(learning_rate=1e-4, weight_decay=1e-3)  # the paper
 
 
 def measure(fn, device, repeats=3, budget_s=10.0):
-    """fn() once untimed (compiling happens there), then up to `repeats` timed calls, fewer where
-    they would take over budget_s: {"seconds": their median, "first_seconds", "held_bytes": held
-    before them, "peak_bytes": the peak above it}: the CUDA allocator's, or the CPU's resident
-    one, which a process cannot reset: None but in a process run_alone started for this call."""
+    """fn() once untimed (it compiles there), then up to `repeats` timed calls within budget_s:
+    {"seconds": their median, "first_seconds", "held_bytes": before them, "peak_bytes": the peak
+    above it}: CUDA's, or the CPU's resident one if run_alone started this process, else None."""
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     sync()
@@ -62,16 +59,14 @@ def measure(fn, device, repeats=3, budget_s=10.0):
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    alone = multiprocessing.parent_process() is not None
     peak = torch.cuda.max_memory_allocated(device) if cuda else \
-        resident_peak_bytes() if alone else None
+        resident_peak_bytes() if multiprocessing.parent_process() else None
     return {"seconds": statistics.median(times[1:]), "first_seconds": times[0], "held_bytes": held,
             "peak_bytes": None if peak is None else peak - held}
 
 
 def resident_peak_bytes():
-    """This process's peak resident memory (Linux: VmHWM). Not getrusage's ru_maxrss, which a
-    child started by fork and exec inherits from its parent."""
+    """This process's peak resident memory: VmHWM, not ru_maxrss, which survives fork and exec."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
@@ -134,10 +129,9 @@ def training_step(model, optimizer, forward, video, num_samples):
 def tokenizer_step(cfg, batch_size, num_samples, device, compiled=False, math_attention=False):
     """measure() of training_step on a new model, and the patches it decodes per clip."""
     model = T.CoordTok(cfg).to(device)
-    optimizer = adamw(model, PAPER_STAGE1, device)
     forward = torch.compile(model) if compiled else model
     video = random_clip(cfg, batch_size, device)
-    step = training_step(model, optimizer, forward, video, num_samples)
+    step = training_step(model, adamw(model, PAPER_STAGE1, device), forward, video, num_samples)
     with sdpa_kernel(SDPBackend.MATH) if math_attention else nullcontext():  # backward follows
         return {**measure(step, device), "decoded": num_samples or math.prod(model.grid_size)}
 
@@ -189,9 +183,8 @@ def size(b):
 
 
 def cells(r, base=None):  # a measurement's time (or why none) and memory, then ratios to base's
-    keys = ("seconds", "peak_bytes")
-    ratios = [f"{r[k] / base[k]:.2f}x" if r.get(k) and base.get(k) else "-" for k in keys] \
-        if base else []
+    ratios = [f"{r[k] / base[k]:.2f}x" if r.get(k) and base.get(k) else "-"
+              for k in ("seconds", "peak_bytes")] if base else []
     return [r.get("error") or seconds(r.get("seconds")), size(r.get("peak_bytes")), *ratios]
 
 
@@ -215,8 +208,7 @@ def part_scaling(configs, batch_size, num_samples, device):
         row(cfg.num_frames, full.get("decoded", "-"), *cells(sampled), *cells(full, sampled))
         rows.append({"frames": cfg.num_frames, "sampled": sampled, "full": full})
     if len(rows) > 1:
-        (st, sm), (ft, fm) = (cells(rows[-1][mode], rows[0][mode])[2:] for mode in
-                              ("sampled", "full"))
+        (st, sm), (ft, fm) = (cells(rows[-1][key], rows[0][key])[2:] for key in ("sampled", "full"))
         print(f"\nFrom {rows[0]['frames']} to {rows[-1]['frames']} frames the sampled step's "
               f"time grows {st} and its memory {sm}; the full decode's {ft} and {fm}.", flush=True)
     return rows
@@ -227,12 +219,11 @@ def part_compile(cfg, batch_size, num_samples, device):
           f"batch {batch_size}, {num_samples} sampled patches per clip)", "step", "time",
           "this / eager", "first call (compiles)")
     rows = {}
-    for key, name, compiled, math_attention in (
-            ("eager", "eager, SDPA's own kernel choice", False, False),
-            ("compiled", "torch.compile (inductor)", True, False),
-            ("math_attention", "eager, SDPA's math backend", False, True)):
+    for key, name in (("eager", "eager, SDPA's own kernel choice"),
+                      ("compiled", "torch.compile (inductor)"),
+                      ("math_attention", "eager, SDPA's math backend")):
         r = rows[key] = run_alone(device, tokenizer_step, cfg, batch_size, num_samples, device,
-                                  compiled, math_attention)
+                                  key == "compiled", key == "math_attention")
         time_cell, _, time_ratio, _ = cells(r, rows["eager"])  # not memory: compiling's is in it
         row(name, time_cell, time_ratio, seconds(r.get("first_seconds")))
     return rows
@@ -243,17 +234,16 @@ def part_throughput(cfg, batch_size, device):
           f"batch {batch_size}, no gradients, {cfg.decode_chunk} temporal patches per decoder "
           "call)", "call", "time", "clips/s", "frames/s", "decode_video / this")
     model = T.CoordTok(cfg).to(device).eval()
-    video, rows = random_clip(cfg, batch_size, device), {}
+    video, rows, frames = random_clip(cfg, batch_size, device), {}, cfg.num_frames
     with torch.no_grad(), H.autocast(device):
         triplane = model.encode(video)
-        for name, call, frames in (("encode", lambda: model.encode(video), cfg.num_frames),
-                                   ("decode_video", lambda: model.decode_video(triplane),
-                                    cfg.num_frames),
-                                   (f"decode_frames: 1 of {cfg.num_frames}",
-                                    lambda: model.decode_frames(triplane, [0]), 1)):
+        for name, call, per_clip in (  # frames a call covers per clip
+                ("encode", lambda: model.encode(video), frames),
+                ("decode_video", lambda: model.decode_video(triplane), frames),
+                (f"decode_frames: 1 of {frames}", lambda: model.decode_frames(triplane, [0]), 1)):
             r = rows[name] = measure(call, device)
             r.update(clips_per_s=batch_size / r["seconds"],
-                     frames_per_s=batch_size * frames / r["seconds"])
+                     frames_per_s=batch_size * per_clip / r["seconds"])
             ratio = rows["decode_video"]["seconds"] / r["seconds"] if name != "encode" else None
             row(name, seconds(r["seconds"]), f"{r['clips_per_s']:,.1f}",
                 f"{r['frames_per_s']:,.0f}", f"{ratio:.2f}x" if ratio else "")
@@ -351,9 +341,8 @@ def part_loader(cfg, needed_clips_per_s, needed_from, loops=10):
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         clip = os.path.join("Bench", "v_Bench_g01_c01")  # UCF-101's layout: class folder, clip
-        source = data.make_ucf_like_video(os.path.join(folder, "source", clip + ".avi"),
-                                          loops=loops)
-        paths = {"source: MPEG-4 .avi, 320x240 (UCF-101's format)": source}
+        paths = {"source: MPEG-4 .avi, 320x240 (UCF-101's format)": data.make_ucf_like_video(
+            os.path.join(folder, "source", clip + ".avi"), loops=loops)}
         for codec, extension in data.PREPARED_FORMATS.items():
             data.prepare_videos(os.path.join(folder, "source"), os.path.join(folder, codec),
                                 cfg.frame_size, codec=codec)
@@ -369,9 +358,8 @@ def part_loader(cfg, needed_clips_per_s, needed_from, loops=10):
 
 
 def part_transfer(ckpt, device):
-    """A trained tokenizer on its held-out synthetic clips and on photographs filmed by the
-    synthetic set's camera (data.moving_photo, 64 frames, the first clip scored), through the
-    same reader, beside the yardsticks of each: does the bench predict real images?"""
+    """A trained tokenizer on its held-out synthetic clips and on photographs filmed and read as
+    those are (data.moving_photo, 64 frames, the first clip scored): do the clips predict photos?"""
     try:
         from skimage import data as photographs  # a bench and test dependency only
         model, saved = T.load_tokenizer(ckpt, device)
@@ -468,8 +456,7 @@ def main(argv=None):
                                       f"measured by gpu on {where}", 1 if args.dry_run else 10)
         if "gpu" in results else part_loader(large, estimated_clips_per_s(large), estimate),
         "transfer": lambda: part_transfer(args.ckpt, device)}
-    default = ["gpu", "loader"] if device.type == "cuda" or args.dry_run else \
-        [p for p in PARTS if p != "gpu"]
+    default = {"gpu", "loader"} if device.type == "cuda" or args.dry_run else set(PARTS) - {"gpu"}
     for part in sorted(set(args.parts or default), key=PARTS.index):
         results[part] = measure_part[part]()
         if args.json:  # after every part: a part that fails leaves the numbers of those before it

@@ -45,11 +45,10 @@ def find_videos(root):
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data folder {root!r} does not exist; pass --data with a folder "
                                 f"of videos, or no --data for the synthetic set.")
-    def skip(error):
-        warnings.warn(f"skipping unreadable folder {error.filename} ({error.strerror})")
-
+    walk = os.walk(root, followlinks=True, onerror=lambda error: warnings.warn(
+        f"skipping unreadable folder {error.filename} ({error.strerror})"))
     found, seen = [], set()
-    for folder, subfolders, files in os.walk(root, onerror=skip, followlinks=True):
+    for folder, subfolders, files in walk:
         if os.path.realpath(folder) in seen:  # a second link to it, or a loop
             subfolders.clear()
             continue
@@ -76,9 +75,8 @@ def _open_video(path):
 
 
 def probe_video(path):
-    """A video's frame index {"n_frames", "pts" (sorted presentation times, one per frame), "keys"
-    (the keyframes' times), "fps", "height", "width" (as stored)}, or VideoReadError. Frames are
-    counted from the packets: a header's count can be missing or wrong."""
+    """A video's frame index {"n_frames" (counted: a header's count can be wrong), "pts" (sorted
+    presentation times), "keys" (keyframes' pts), "fps", "height", "width"}, or VideoReadError."""
     container, stream = _open_video(path)
     shape = dict(fps=stream.average_rate or 25, height=stream.height, width=stream.width)
     packets, decodes = [], False
@@ -120,9 +118,8 @@ _SCALER_THREADS = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else
 
 
 def to_rgb(frame, size, scaler):
-    """A decoded frame of any pixel format, size and rotation -> (H, W, 3) uint8 upright:
-    scaled to cover (H, W) (area averaging) and centre-cropped. scaler: a VideoReformatter kept
-    for the whole video (frame.reformat would set up a scaler per frame, 3x the resize's cost)."""
+    """Any decoded frame -> (H, W, 3) uint8, upright, scaled to cover (H, W) and centre-cropped.
+    scaler: one VideoReformatter per video (frame.reformat makes one per frame, 3x the cost)."""
     (height, width), turns = size, round(getattr(frame, "rotation", 0) / 90) % 4
     h, w = (width, height) if turns % 2 else (height, width)  # the size as stored, turned after
     scale = max(h / frame.height, w / frame.width)
@@ -185,9 +182,7 @@ def read_clip(path, size, num_frames, start=None, rng=None, info=None):
 
 def _padded(frames, num_frames):
     """Frames (n <= num_frames, H, W, 3) uint8 as a clip (num_frames, H, W, 3), zero frames last."""
-    clip = np.zeros((num_frames, *frames[0].shape), np.uint8)
-    clip[:len(frames)] = frames
-    return clip
+    return np.pad(np.asarray(frames), ((0, num_frames - len(frames)), (0, 0), (0, 0), (0, 0)))
 
 
 def random_start(n_total, num_frames, rng=None):
@@ -198,16 +193,14 @@ def random_start(n_total, num_frames, rng=None):
 
 def window_starts(n_total, num_frames, stride):
     """Starts of windows covering a video: every `stride` frames, and one ending at its end."""
-    if n_total <= num_frames:
-        return [0]
-    starts = list(range(0, n_total - num_frames + 1, stride))
-    return starts if starts[-1] == n_total - num_frames else starts + [n_total - num_frames]
+    last = max(n_total - num_frames, 0)
+    starts = list(range(0, last + 1, stride))
+    return starts if starts[-1] == last else starts + [last]
 
 
 def iter_windows(path, size, num_frames, stride, info=None):
     """(start, clip (num_frames, H, W, 3) uint8, real frames) of every window_starts window, the
-    video decoded once, holding one window of frames. Windows the stream does not reach (a
-    truncated file) end short, padded, or are not yielded when their first frame is missing."""
+    video decoded once; windows past a truncated file's end are padded (dropped if wholly past)."""
     info = info or probe_video(path)
     starts = collections.deque(window_starts(info["n_frames"], num_frames, stride))
     recent, n = collections.deque(maxlen=num_frames), 0
@@ -226,9 +219,8 @@ def measure_read_speed(path, size, num_frames, clips=8, seed=0):
     frames), "decode_frames_per_s" decoding alone, "seconds_per_clip" at its start, middle, end."""
     info = probe_video(path)
     read_clip(path, size, num_frames, 0, info=info)  # untimed: the file into the page cache
-    rng, begin, frames = np.random.default_rng(seed), time.perf_counter(), 0
-    for _ in range(clips):
-        frames += read_clip(path, size, num_frames, rng=rng, info=info)[1]
+    rng, begin = np.random.default_rng(seed), time.perf_counter()
+    frames = sum(read_clip(path, size, num_frames, rng=rng, info=info)[1] for _ in range(clips))
     seconds, begin, decoded = time.perf_counter() - begin, time.perf_counter(), 0
     for _ in range(clips):
         container, stream = _open_video(path)
@@ -258,9 +250,8 @@ VIDEO_CODECS = {  # codec -> the pixel format it stores
 
 @contextlib.contextmanager
 def video_writer(path, fps=8, crf=12, lossless=False, codec=None):
-    """A function appending an (H, W, 3) uint8 frame to a new video file, which appears when the
-    block ends without error. codec: one of VIDEO_CODECS (default H.264 at quality crf, or with
-    lossless FFV1 RGB, bit-exact: use .mkv); yuv420p repeats an odd edge row or column."""
+    """Yields write(frame (H, W, 3) uint8) for a new video file that appears if the block ends
+    without error. codec: one of VIDEO_CODECS, default H.264 at quality crf or lossless FFV1 RGB."""
     codec = codec or ("ffv1" if lossless else "libx264")
     if codec not in VIDEO_CODECS:
         raise ValueError(f"unknown codec {codec!r}; use one of {', '.join(VIDEO_CODECS)}.")
@@ -270,9 +261,8 @@ def video_writer(path, fps=8, crf=12, lossless=False, codec=None):
             nonlocal stream
             image = np.asarray(image)
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-                raise ValueError(f"video frames must be uint8 (H, W, 3), got {image.dtype} "
-                                 f"{image.shape}.")
-            if pix_fmt == "yuv420p":
+                raise ValueError(f"frames must be uint8 (H, W, 3), not {image.dtype} {image.shape}")
+            if pix_fmt == "yuv420p":  # even sides: an odd last row or column is repeated
                 image = np.pad(image, ((0, image.shape[0] % 2), (0, image.shape[1] % 2), (0, 0)),
                                mode="edge")
             if stream is None:  # sized by the first frame
@@ -297,8 +287,7 @@ def write_video(path, frames, **options):
 
 
 def to_uint8(video):
-    """[-1, 1] float -> uint8, as StyleGAN-V converts generated frames for FVD: x * 127.5 + 128,
-    clamped, truncated (rounded half up)."""
+    """[-1, 1] float -> uint8 as StyleGAN-V does for FVD: x * 127.5 + 128 clamped, truncated."""
     return (video.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
@@ -330,9 +319,8 @@ def write_png(path, image):
 
 def frame_grid(videos, num_columns=8, zoom=1):
     """(N, T, H, W, 3) uint8 clips -> an image: a row per clip, num_columns evenly spaced frames."""
-    videos = np.asarray(videos)
-    columns = np.unique(np.linspace(0, videos.shape[1] - 1, min(num_columns, videos.shape[1]))
-                        .round().astype(int))
+    videos, T = np.asarray(videos), len(videos[0])
+    columns = np.unique(np.linspace(0, T - 1, min(num_columns, T)).round().astype(int))
     grid = rearrange(videos[:, columns], "n f h w c -> (n h) (f w) c")
     return grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
 
@@ -346,8 +334,7 @@ def comparison_grid(inputs, recons, num_columns=8, zoom=1, error_gain=4):
 
 
 def planes_image(planes, zoom=1):
-    """A triplane's planes (C, h, w) side by side as one image: each plane's first three principal
-    components over its channels as RGB, stretched to 0..255, a texel zoom x zoom pixels."""
+    """A triplane's planes (C, h, w) side by side, each its first 3 principal components as RGB."""
     images = []
     for z in planes:
         texels = rearrange(z.float().cpu(), "c h w -> (h w) c")
@@ -362,16 +349,13 @@ def planes_image(planes, zoom=1):
 
 
 def stack_images(*images, axis=0, gap=4):
-    """uint8 images (H, W, 3) one under the other (axis 0) or side by side (1), white after
-    each and where one is smaller than the others."""
-    other = 1 - axis
-    size = max(image.shape[other] for image in images)
-    padded = []
-    for image in images:
-        pad = [(0, 0), (0, 0), (0, 0)]
-        pad[axis], pad[other] = (0, gap), (0, size - image.shape[other])
-        padded.append(np.pad(image, pad, constant_values=255))
-    return np.concatenate(padded, axis)
+    """(H, W, 3) uint8 images one under another (axis 0) or side by side (1), white between."""
+    if axis == 1:  # side by side: turned, one under another, turned back
+        turned = [rearrange(image, "h w c -> w h c") for image in images]
+        return rearrange(stack_images(*turned, gap=gap), "w h c -> h w c")
+    width = max(image.shape[1] for image in images)
+    return np.concatenate([np.pad(image, ((0, gap), (0, width - image.shape[1]), (0, 0)),
+                                  constant_values=255) for image in images])
 
 # -----------------------------------------------------------------------------
 # preparing a data set: every video resized and cropped once, stored losslessly
@@ -395,10 +379,8 @@ def _prepare_one(job):
 
 
 def prepare_videos(source_root, target_root, img_size, workers=1, codec="rawvideo"):
-    """A copy of source_root (same folders and names), every video at img_size (int or (H, W)),
-    stored losslessly: frame i of a copy is read_clip's frame i of its source, bit for bit (bar
-    concealed damage), read several times faster. Skips what exists or does not read; counts."""
-    size = hw(img_size)
+    """A copy of source_root (same folders and names), every video at img_size, stored losslessly:
+    frame i of a copy is read_clip's frame i of its source, bit for bit (bar concealed damage)."""
     if os.path.abspath(target_root).startswith(os.path.join(os.path.abspath(source_root), "")):
         raise ValueError(f"--prepare: put the copy {target_root!r} outside {source_root!r}.")
     jobs, targets = [], {}
@@ -408,7 +390,7 @@ def prepare_videos(source_root, target_root, img_size, workers=1, codec="rawvide
             raise ValueError(f"{path} and {targets[relative]} would both be prepared as "
                              f"{relative}; rename one of them.")
         targets[relative] = path
-        jobs.append((path, os.path.join(target_root, relative), size, codec))
+        jobs.append((path, os.path.join(target_root, relative), hw(img_size), codec))
     with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         outcomes = list(pool.imap_unordered(_prepare_one, jobs, 4) if pool
                         else map(_prepare_one, jobs))
@@ -421,14 +403,13 @@ def prepare_videos(source_root, target_root, img_size, workers=1, codec="rawvide
 # -----------------------------------------------------------------------------
 # the dataset and its loader
 
-IN_MEMORY_BYTES = 2 ** 29  # a data set whose decoded frames fit in this is kept in memory
+IN_MEMORY_BYTES = 2 ** 29  # a set whose frames fit (the synthetic one) is decoded once, kept
 
 
 class VideoDataset(torch.utils.data.Dataset):
     """A clip of num_frames frames per video of a folder, at frame_size (img_size or (H, W)).
-    split: "train", "val" (held out: held_out_paths) or "all". An item: {"video": uint8 (T, H, W,
-    3), "n_frames" (the real ones), "label", "video_index", "start"}; an index (index, seed) from
-    ClipSampler fixes the random start. Unreadable files are skipped with a warning."""
+    split: "train", "val" (held_out_paths) or "all". An item: {"video": uint8 (T, H, W, 3),
+    "n_frames" (real ones), "label", "video_index", "start"}; ClipSampler's seed fixes the start."""
 
     def __init__(self, root, frame_size, num_frames, split="train", val_fraction=0.1,
                  split_file="", random_start=None):
@@ -458,7 +439,6 @@ class VideoDataset(torch.utils.data.Dataset):
                 f"no readable video in the {split!r} split of {root!r}: all {len(chosen)} videos "
                 f"chosen for it failed (e.g. {unreadable[0]}), the other "
                 f"{len(videos) - len(chosen)} videos are in the other split; replace the files.")
-        # a set this small (the synthetic one) is decoded once, each video at its first read
         small = sum(i["n_frames"] for i in self.info) * 3 * np.prod(self.size) <= IN_MEMORY_BYTES
         self.decoded = {} if small else None
 
@@ -484,10 +464,9 @@ class VideoDataset(torch.utils.data.Dataset):
                 else:
                     clip, n_frames = read_clip(path, self.size, self.num_frames, start,
                                                info=self.info[i])
+                return _item(clip, n_frames=n_frames, label=label, video_index=i, start=start)
             except VideoReadError as e:
                 warnings.warn(f"skipping unreadable video {e}")
-                continue
-            return _item(clip, n_frames=n_frames, label=label, video_index=i, start=start)
         raise VideoReadError(f"none of the {len(self.files)} videos could be read")
 
 
@@ -507,10 +486,9 @@ def batched_windows(dataset, videos, stride, batch_size):
 
 
 class ClipSampler(torch.utils.data.Sampler):
-    """An endless, deterministic stream of (index, seed) for one rank: a permutation of the clips
-    per epoch (seeded by seed and epoch) cut into global batches of batch_size x world_size, rank r
-    taking rows r * batch_size ... (r + 1) * batch_size: together the ranks read what one process
-    would. It starts anywhere (a resume decodes nothing to skip); the seed fixes a random start."""
+    """An endless, deterministic stream of (index, seed) for one rank: per epoch, a seeded shuffle
+    of the clips in global batches of batch_size x world_size, rank r taking rows r * batch_size
+    on, so the ranks read what one process would. It starts anywhere, decoding nothing to skip."""
 
     def __init__(self, num_items, shuffle, seed, rank, world_size, batch_size, start=0):
         self.num_items, self.shuffle, self.seed, self.start = num_items, shuffle, seed, start
@@ -531,17 +509,15 @@ class ClipSampler(torch.utils.data.Sampler):
 
 
 def leave_signals_to_the_loop(worker_id):
-    """A loader worker ignores SIGINT and SIGTERM (a terminal and a cluster send them to every
-    process): the training loop finishes its step and saves, then the workers end with it."""
+    """Workers ignore SIGINT and SIGTERM, sent to every process: the loop saves, then ends them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset, batch_size, shuffle, num_workers, dist=None, seed=0, start_step=0,
                 infinite=True):
-    """Batches of clips decoded in worker processes (none for a set held in memory: they would only
-    take cores from the model). infinite: an endless stream for training (ClipSampler; each rank
-    its share) from batch start_step on; otherwise one pass in order."""
+    """Batches of clips decoded in worker processes (none for a set in memory: they would only take
+    cores from the model). infinite: ClipSampler's stream from batch start_step, else one pass."""
     if len(dataset) == 0:
         raise FileNotFoundError("the data set has no readable clips for this split; add videos "
                                 "or lower --val_fraction.")
@@ -567,18 +543,21 @@ UCF_CLIP_NAME = re.compile(r"(v_.+_g\d+)_c\d+")
 
 
 def held_out_paths(videos, root, val_fraction, split_file=""):
-    """The held-out paths among videos (path, class) of the folder root: split_file's (a UCF-101
-    list; one named "test..." lists the held-out videos, any other the training ones), else the
-    groups whose hash falls below val_fraction. A group is a UCF-101 clip group or a file; its
-    side depends on its path below root only: adding videos or renaming root moves none across."""
+    """The held-out paths among videos (path, class) under root: split_file's (a UCF-101 list; one
+    named "test..." lists them, any other the training ones), else the groups (UCF-101 clip groups,
+    or files) whose path below root hashes below val_fraction: adding videos moves none across."""
+    def list_key(path):  # a split list's name for a video in any container: (class folder, stem)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        return os.path.basename(os.path.dirname(path)).lower(), stem.lower()
+
     if split_file:
         if not os.path.isfile(split_file):
             raise FileNotFoundError(f"split_file {split_file!r} does not exist; pass a list like "
                                     f"UCF-101's trainlist01.txt, or none to split by name.")
-        path_of = {_video_key(path): path for path, _ in videos}
+        path_of = {list_key(path): path for path, _ in videos}
         with open(split_file) as f:
             entries = [line.split()[0] for line in f if line.strip()]
-        keys = [_video_key(entry.replace("\\", "/")) for entry in entries]
+        keys = [list_key(entry.replace("\\", "/")) for entry in entries]
         listed = {path_of[key] for key in keys if key in path_of}
         unmatched = [entry for entry, key in zip(entries, keys) if key not in path_of]
         if unmatched:
@@ -587,22 +566,14 @@ def held_out_paths(videos, root, val_fraction, split_file=""):
         is_test_list = "test" in os.path.basename(split_file).lower()
         return listed if is_test_list else {path for path, _ in videos} - listed
 
-    def group(path):  # `class/stem` below root, `stem` for a file in root; a UCF-101 clip's group
+    def group_hash(path):  # a uniform number in [0, 1) from the name of the path's group
         stem = os.path.splitext(os.path.basename(path))[0]
         found = UCF_CLIP_NAME.fullmatch(stem)
         named = os.path.join(os.path.dirname(path), found[1] if found else stem)
-        return os.path.relpath(named, root).replace(os.sep, "/")
+        group = os.path.relpath(named, root).replace(os.sep, "/")  # `class/stem`, `stem` in root
+        return int.from_bytes(hashlib.sha256(group.encode()).digest()[:8], "big") / 2 ** 64
 
-    def below(g):  # a uniform number in [0, 1) from the group's name
-        return int.from_bytes(hashlib.sha256(g.encode()).digest()[:8], "big") / 2 ** 64
-
-    return {path for path, _ in videos if below(group(path)) < val_fraction}
-
-
-def _video_key(path):
-    """(class folder, stem) in lower case: a split list's name for a video in any container."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return os.path.basename(os.path.dirname(path)).lower(), stem.lower()
+    return {path for path, _ in videos if group_hash(path) < val_fraction}
 
 
 def report_split_change(recorded, val_set, ckpt_path):
@@ -694,9 +665,8 @@ def film(image, centre, zoom, size, depth=1.0, position=None, scale=1.0):
 
 
 def render_video(rng, motion, num_frames, size):
-    """(num_frames, size, size, 3) uint8: a far textured layer, a near one covering part of it
-    and one to three objects moving in front, filmed by the camera of `motion` (one of MOTIONS)
-    under a light whose brightness and tint change slowly."""
+    """(num_frames, size, size, 3) uint8: a far textured layer, a near one covering part of it, one
+    to three objects moving in front, filmed by `motion`'s camera under a slowly changing light."""
     T, canvas = num_frames, 3 * size
     centre, zoom = camera_path(rng, motion, T)
     video = film(texture(rng, canvas), centre, zoom, size, depth=2.0)              # (T, 3, s, s)
@@ -777,9 +747,8 @@ CLIP_FIELDS = ("labels", "n_frames", "video_index", "start")
 
 
 def save_tokens(path, clips, class_names, tokenizer_ckpt, tokenizer_config, fingerprint, videos):
-    """clips: the stacked planes (N, C, ., .) and label, n_frames, video_index, start (N,); with
-    per-plane per-channel mean and std (population, over clips and positions), the class names,
-    the video files, and the tokenizer that made them (its path, config, weights' fingerprint)."""
+    """clips: the stacked planes (N, C, ., .) and label, n_frames, video_index, start (N,); saved
+    with each plane's per-channel mean and std, the classes, videos and tokenizer that made them."""
     ckpt = tokenizer_ckpt if tokenizer_ckpt in H.RELEASED else os.path.abspath(tokenizer_ckpt)
     tokens = {"kind": "coordtok_tokens", "class_names": list(class_names), "videos": list(videos),
               "tokenizer_ckpt": ckpt, "tokenizer_fingerprint": fingerprint,
