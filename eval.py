@@ -110,8 +110,7 @@ def clip_loader(folder, frame_size, num_frames, split="all", random_start=False,
     if 0 < num_clips < len(dataset):
         chosen = torch.linspace(0, len(dataset) - 1, num_clips).round().long().tolist()
     if dist and len(chosen) < dist.world_size:
-        raise ValueError(f"{folder} gives fewer clips than the {dist.world_size} processes; run "
-                         f"fewer processes.")
+        raise ValueError(f"{folder} has fewer clips than {dist.world_size} processes; start fewer.")
     mine = [chosen[i] for i in (dist.share(len(chosen)) if dist else range(len(chosen)))]
     return data.make_loader(torch.utils.data.Subset(dataset, mine), batch_size, False,
                             num_workers, infinite=False)
@@ -155,8 +154,7 @@ def token_counts(model, num_frames):
                 grid_floats_per_float=grid_floats / floats)
 
 
-def token_rows(c):
-    """The token part of the table, as (label, value) rows."""
+def token_rows(c):  # the token part of a table
     return [("tokens per clip", f"{c['tokens']} ({c['channels']} channels each)"),
             ("floats per clip", f"{c['floats']}"),
             ("vs raw pixels", f"{c['raw_floats']} floats ({c['frames']}x{c['frame_size'][0]}x"
@@ -371,8 +369,7 @@ def tokens_command(args, model_flags):
                               img_size=args.img_size or cfg.img_size)
     with torch.device("meta"):
         model = CoordTok(cfg)
-    counts = token_counts(model, cfg.num_frames)
-    params = sum(p.numel() for p in model.parameters())
+    counts, params = token_counts(model, cfg.num_frames), sum(p.numel() for p in model.parameters())
     print_table(f"CoordTok token counts for a clip of {cfg.num_frames} frames at "
                 f"{'x'.join(map(str, cfg.frame_size))} (triplane Rs={cfg.triplane_rs}, "
                 f"Rt={cfg.triplane_rt}, C={cfg.triplane_c}; {params / 1e6:.1f}M parameters)",

@@ -175,8 +175,7 @@ class ClipsTooShortForI3D(ValueError):
 
 @torch.no_grad()
 def i3d_features(detector, clips, device, i3d_batch=1):
-    """uint8 clips (B, T, H, W, 3) -> I3D features (B, F) float64, i3d_batch clips per call.
-    Raises ClipsTooShortForI3D when the detector refuses the length; other failures propagate."""
+    """uint8 clips (B, T, H, W, 3) -> float64 I3D features (B, F), or ClipsTooShortForI3D."""
     features = []
     for chunk in clips.split(i3d_batch):
         x = rearrange(chunk, "b t h w c -> b c t h w").contiguous().to(device)  # uint8
@@ -243,9 +242,8 @@ def reconstruct(model, loader, num_frames, device, show=True):
 
 @torch.no_grad()
 def score(batches, metrics, detector, i3d_batch, device, patch_size, dist=None):
-    """Each per-frame metric averaged over every real frame, the yardsticks' PSNR, and rFVD
-    between whole clips and their reconstructions; under torchrun the ranks' sums and features
-    are gathered. -> (eval.json's figures; why the detector refused the clips, or "")."""
+    """Per-frame metrics and the yardsticks' PSNR over every real frame, and rFVD of whole clips
+    against their reconstructions, all ranks gathered -> (eval.json's figures, why rFVD failed)."""
     sums = dict.fromkeys([*metrics, "temporal_mean_psnr", "patch_blur_psnr", "clips",
                           "real_frames", "seconds"], 0.0)
     features, refusal = ([], []), ""
