@@ -12,14 +12,12 @@ on whole clips, and how many tokens a clip becomes; reconstruct whole videos of 
 
 Writes out/eval.json, recon.mp4 (input | reconstruction) and recon.png; --video writes
 <stem>_recon.mp4 (.mkv with --format lossless), <stem>_side_by_side.mp4 and <stem>_recon.json.
-The measures are metrics.py's, over every real frame; rFVD / FVD are StyleGAN-V's (biased upward
-on few clips, so the count is printed beside). A metric without its weights (fetched on first use,
-or --i3d / --lpips_vgg / --lpips_lin) is reported unavailable with the reason, null in the JSON.
+rFVD / FVD are StyleGAN-V's, biased upward on few clips: the count is printed beside. A metric
+without its weights (fetched, or --i3d / --lpips_vgg / --lpips_lin) says why, null in the JSON.
 """
 
 import argparse
 import dataclasses
-import datetime
 import glob
 import itertools
 import json
@@ -49,8 +47,7 @@ PREVIEW_CLIPS, PREVIEW_FRAMES = 4, 8
 def parse_args(argv=None):
     epilog = "--tokens also takes --preset and tokenizer.py's model flags (e.g. --triplane_rs 32)."
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], epilog=epilog)
-    p.add_argument("--ckpt", default="out/tokenizer.pt", help="tokenizer checkpoint, or a name "
-                   "of the authors' release (coordtok_ucf101)")
+    p.add_argument("--ckpt", default="out/tokenizer.pt", help="a checkpoint, or coordtok_ucf101")
     p.add_argument("--data", default="", help="folder of videos; default: the checkpoint's data")
     p.add_argument("--split", default=None, choices=("val", "train", "all"),
                    help="default: val (held out in training), all for a checkpoint without split")
@@ -108,14 +105,12 @@ def clip_loader(folder, frame_size, num_frames, split="all", random_start=False,
     dataset = data.VideoDataset(folder, frame_size, num_frames, split, val_fraction, split_file,
                                 random_start)
     if len(dataset) == 0:
-        raise ValueError(f"the {split!r} split of {folder} has no clips; add videos, or pass "
-                         f"--split all.")
+        raise ValueError(f"{folder} has no {split!r} clips; add videos or pass --split all.")
     chosen = range(len(dataset))
     if 0 < num_clips < len(dataset):
         chosen = torch.linspace(0, len(dataset) - 1, num_clips).round().long().tolist()
     if dist and len(chosen) < dist.world_size:
-        raise ValueError(f"{folder} gives fewer clips than the {dist.world_size} processes; run "
-                         f"fewer processes.")
+        raise ValueError(f"{folder} has fewer clips than {dist.world_size} processes; start fewer.")
     mine = [chosen[i] for i in (dist.share(len(chosen)) if dist else range(len(chosen)))]
     return data.make_loader(torch.utils.data.Subset(dataset, mine), batch_size, False,
                             num_workers, infinite=False)
@@ -132,8 +127,7 @@ def folder_features(detector, folder, num_frames, frame_size, device, i3d_batch=
         if whole.any():
             features.append(M.i3d_features(detector, batch["video"][whole], device, i3d_batch))
     if short:
-        warnings.warn(f"{short} videos in {folder} are shorter than {num_frames} frames and were "
-                      f"left out")
+        warnings.warn(f"{short} videos in {folder} shorter than {num_frames} frames were left out")
     return torch.cat(features).numpy() if features else np.zeros((0, 1))
 
 
@@ -160,8 +154,7 @@ def token_counts(model, num_frames):
                 grid_floats_per_float=grid_floats / floats)
 
 
-def token_rows(c):
-    """The token part of the table, as (label, value) rows."""
+def token_rows(c):  # the token part of a table
     return [("tokens per clip", f"{c['tokens']} ({c['channels']} channels each)"),
             ("floats per clip", f"{c['floats']}"),
             ("vs raw pixels", f"{c['raw_floats']} floats ({c['frames']}x{c['frame_size'][0]}x"
@@ -173,9 +166,7 @@ def token_rows(c):
 
 def print_table(title, rows):
     width = max(len(label) for label, _ in rows)
-    print(title)
-    for label, value in rows:
-        print(f"  {label:<{width}}  {value}")
+    print("\n".join([title] + [f"  {label:<{width}}  {value}" for label, value in rows]))
 
 
 # -----------------------------------------------------------------------------
@@ -207,9 +198,8 @@ def report(result, metrics, first_batch, out_dir):
     real = int(n_frames[:PREVIEW_CLIPS].min())                   # frames real in every clip
     inputs = clips[:PREVIEW_CLIPS, :real]                                       # (K, T, H, W, 3)
     recons = data.to_uint8(recon[:PREVIEW_CLIPS, :real]).cpu()
-    pairs = torch.cat([inputs, recons], dim=3)                                  # (K, T, H, 2W, 3)
-    data.write_video(os.path.join(out_dir, "recon.mp4"),
-                     rearrange(pairs, "k t h w c -> t (k h) w c").numpy())
+    pairs = rearrange(torch.cat([inputs, recons], dim=3), "k t h w c -> t (k h) w c")
+    data.write_video(os.path.join(out_dir, "recon.mp4"), pairs.numpy())
     data.write_png(os.path.join(out_dir, "recon.png"),
                    data.comparison_grid(inputs, recons, PREVIEW_FRAMES))
     print(f"wrote {os.path.join(out_dir, 'eval.json')}, recon.mp4 and recon.png")
@@ -220,9 +210,9 @@ def write_json(path, obj):
         json.dump(H.json_safe(obj), f, indent=2, allow_nan=False)
 
 
-def describe(device):
-    cuda = device.type == "cuda"
-    return f"{device} ({torch.cuda.get_device_name(device) if cuda else torch.get_num_threads()})"
+def date_and_device(device):  # the device with its GPU's name, or the CPU threads torch uses
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else torch.get_num_threads()
+    return dict(date=time.strftime("%Y-%m-%dT%H:%M:%S"), device=f"{device} ({name})")
 
 
 def evaluate_command(args, dist):
@@ -259,17 +249,16 @@ def evaluate_command(args, dist):
                                    detector, args.i3d_batch, device, model.patch_size, dist)
     if not dist.is_main:
         return None
-    unavailable = {name: reason for name, reason in (("lpips", lpips_reason),
-                                                     ("rfvd", rfvd_reason or i3d_reason))
-                   if figures[name] is None}
+    reasons = {"lpips": lpips_reason, "rfvd": rfvd_reason or i3d_reason}
+    unavailable = {name: reason for name, reason in reasons.items() if figures[name] is None}
     result = dict(
         checkpoint=os.path.abspath(H.released_file(args.ckpt)), step=ckpt.get("step"),
         data=os.path.abspath(data_dir), split=split, processes=dist.world_size,
-        date=datetime.datetime.now().isoformat(timespec="seconds"), device=describe(device),
-        torch=torch.__version__, frames_per_clip=num_frames, model_frames=cfg.num_frames,
-        resolution=list(cfg.frame_size), **figures, unavailable=unavailable,
-        tokens=token_counts(model, num_frames), i3d=dict(url=I3D_URL, kwargs=M.I3D_KWARGS),
-        model_config=dataclasses.asdict(cfg), train_config=train_config)
+        **date_and_device(device), torch=torch.__version__, frames_per_clip=num_frames,
+        model_frames=cfg.num_frames, resolution=list(cfg.frame_size), **figures,
+        unavailable=unavailable, tokens=token_counts(model, num_frames),
+        i3d=dict(url=I3D_URL, kwargs=M.I3D_KWARGS), model_config=dataclasses.asdict(cfg),
+        train_config=train_config)
     report(result, metrics, first, args.out_dir)
     return result
 
@@ -280,10 +269,8 @@ def evaluate_command(args, dist):
 
 @torch.no_grad()
 def reconstruct_video(model, path, args, metrics, device, stem):
-    """One video back, every frame in order at the model's frame size: windows of the model's
-    length every (length - overlap) frames, the last ending at the video's last frame (a shorter
-    video: one padded, masked window); a frame several windows decode is their mean, weighted by
-    a ramp over the overlap. Read once, a batch of windows in memory. Returns the figures (JSON)."""
+    """A whole video back at the model's frame size: windows of the model's T frames every
+    T - overlap frames, overlaps blended by a ramp, read once in batches. Returns the figures."""
     begin, T = time.perf_counter(), model.config.num_frames
     info, overlap = data.probe_video(path), args.overlap
     if overlap >= T:
@@ -345,8 +332,7 @@ def reconstruct_video(model, path, args, metrics, device, stem):
         boundary_psnr=float(psnr[boundary].mean()) if boundary.any() else None,
         other_psnr=float(psnr[~boundary].mean()) if (~boundary).any() else None,
         tokens_per_window=model.num_tokens(), tokens=tokens,
-        compression_vs_input=written * source_pixels * 3 / (len(windows_out) * sum(map(
-            math.prod, model.triplane_shapes))),
+        compression_vs_input=written * source_pixels * 3 / (tokens * model.config.triplane_c),
         seconds=time.perf_counter() - begin, outputs=[recon_path, out + "_side_by_side.mp4"])
     write_json(out + "_recon.json", result)
     print(f"{path}: {written} frames in {len(windows_out)} windows, PSNR {result['psnr']:.2f} dB "
@@ -361,11 +347,10 @@ def video_command(args, device):
         if not os.path.isfile(path):
             what = "is a folder" if os.path.isdir(path) else "does not exist"
             raise FileNotFoundError(f"--video {path} {what}; pass video files (a folder's: DIR/*).")
-        stem, k = data.safe_name(os.path.splitext(os.path.basename(path))[0]), 1
-        name = stem
+        stem = name = data.safe_name(os.path.splitext(os.path.basename(path))[0])
+        suffixes = itertools.count(2)
         while name.lower() in map(str.lower, stems):  # lower case: one file on a case-blind disk
-            k += 1
-            name = f"{stem}_{k}"
+            name = f"{stem}_{next(suffixes)}"
         stems.append(name)
     model, _ = load_tokenizer(args.ckpt, device)
     metrics = M.frame_metrics(M.load_lpips(args.lpips_vgg, args.lpips_lin, device)[0])
@@ -384,8 +369,7 @@ def tokens_command(args, model_flags):
                               img_size=args.img_size or cfg.img_size)
     with torch.device("meta"):
         model = CoordTok(cfg)
-    counts = token_counts(model, cfg.num_frames)
-    params = sum(p.numel() for p in model.parameters())
+    counts, params = token_counts(model, cfg.num_frames), sum(p.numel() for p in model.parameters())
     print_table(f"CoordTok token counts for a clip of {cfg.num_frames} frames at "
                 f"{'x'.join(map(str, cfg.frame_size))} (triplane Rs={cfg.triplane_rs}, "
                 f"Rt={cfg.triplane_rt}, C={cfg.triplane_c}; {params / 1e6:.1f}M parameters)",
@@ -401,15 +385,13 @@ def fvd_command(args, device):
     detector, reason = load_i3d(args.i3d, device)
     if detector is None:
         raise SystemExit(f"FVD unavailable: {reason}")
-    num_frames = args.num_frames
-    frame_size = data.hw(args.img_size) if args.img_size else None
-    if not (num_frames and frame_size):
-        first = data.find_videos(args.fake)
-        if not first:
+    if not (args.num_frames and args.img_size):  # the first fake video's length or size
+        fakes = data.find_videos(args.fake)
+        if not fakes:
             raise FileNotFoundError(f"no video in --fake {args.fake!r}; pass sample.py's folder.")
-        info = data.probe_video(first[0][0])
-        num_frames = num_frames or info["n_frames"]
-        frame_size = frame_size or (info["height"], info["width"])
+        info = data.probe_video(fakes[0][0])
+    num_frames = args.num_frames or info["n_frames"]
+    frame_size = data.hw(args.img_size) if args.img_size else (info["height"], info["width"])
     real, fake = (folder_features(detector, folder, num_frames, frame_size, device, args.i3d_batch,
                                   random_start=random_start, num_clips=args.num_clips,
                                   batch_size=args.batch_size, num_workers=args.num_workers)
@@ -421,8 +403,7 @@ def fvd_command(args, device):
           f"{frame_size[0]}x{frame_size[1]}; StyleGAN-V's I3D; biased upward on few clips)")
     result = dict(fvd=fvd, real=os.path.abspath(args.real), fake=os.path.abspath(args.fake),
                   real_clips=len(real), fake_clips=len(fake), num_frames=num_frames,
-                  frame_size=list(frame_size), device=describe(device),
-                  date=datetime.datetime.now().isoformat(timespec="seconds"))
+                  frame_size=list(frame_size), **date_and_device(device))
     write_json(os.path.join(args.out_dir, "fvd.json"), result)
     return result
 
@@ -431,8 +412,7 @@ def curves_command(folder):
     """<name>_curves.svg of each <name>_log.jsonl (a training run's record) in folder."""
     logs = sorted(glob.glob(os.path.join(folder, "*_log.jsonl")))
     if not logs:
-        raise FileNotFoundError(f"--curves {folder} holds no *_log.jsonl; pass the --out_dir of "
-                                f"a training run.")
+        raise FileNotFoundError(f"--curves {folder} holds no *_log.jsonl; pass a run's --out_dir.")
     written = [H.write_curves(path) for path in logs]
     print("wrote " + ", ".join(written))
     return written

@@ -1,7 +1,6 @@
 """
 The measures of a reconstruction, shared by training (its held-out evaluation, stage 2's LPIPS
-loss) and eval.py: PSNR, SSIM and LPIPS per frame, the yardsticks, I3D features and the Frechet
-distance (rFVD / FVD), and `score`, which runs them over reconstructed clips. A first reader may
+loss) and eval.py: PSNR, SSIM and LPIPS per frame, the yardsticks, rFVD / FVD. A first reader may
 skip this file; a metric added to `frame_metrics` shows in eval.py's table and in training's log.
 """
 
@@ -36,25 +35,22 @@ def to_unit(video):
 
 
 def psnr_per_frame(pred, target):
-    """PSNR of each frame on [0, 1] after clamping: (B, T, H, W, 3) in [-1, 1] -> (B, T)."""
     mse = (to_unit(pred) - to_unit(target)).pow(2).mean(dim=(2, 3, 4))
     return -10 * torch.log10(mse.clamp_min(1e-10))
 
 
 def per_frame(image_metric, pred, target):
     """An image metric ((N, 3, H, W) x2 -> (N,)) on every frame of two clips -> (B, T)."""
-    batch = pred.shape[0]
-    pred, target = (rearrange(v, "b t h w c -> (b t) c h w") for v in (pred, target))
-    scores = torch.cat([image_metric(pred[i:i + METRIC_CHUNK], target[i:i + METRIC_CHUNK])
-                        for i in range(0, pred.shape[0], METRIC_CHUNK)])
-    return rearrange(scores, "(b t) -> b t", b=batch)
+    x, y = (rearrange(v, "b t h w c -> (b t) c h w") for v in (pred, target))
+    scores = torch.cat([image_metric(x[i:i + METRIC_CHUNK], y[i:i + METRIC_CHUNK])
+                        for i in range(0, len(x), METRIC_CHUNK)])
+    return rearrange(scores, "(b t) -> b t", b=len(pred))
 
 
 def ssim_images(x, y):
     """SSIM of images (N, 3, H, W) in [0, 1] -> (N,), scikit-image's: Gaussian-weighted moments,
-    population covariance, the mean over channels and the windows fully inside the image (what its
-    crop of a reflect-padded filter leaves). float64: variances are E[x^2] - E[x]^2, a difference
-    of nearly equal numbers."""
+    population covariance, the mean over channels and the windows inside the image (its crop of a
+    reflect-padded filter). float64: a variance E[x^2] - E[x]^2 subtracts nearly equal numbers."""
     if min(x.shape[-2:]) < SSIM_WINDOW:
         raise ValueError(f"SSIM needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, "
                          f"got {x.shape[-2]}x{x.shape[-1]}.")
@@ -136,8 +132,7 @@ class LPIPS(nn.Module):
         for i, layer in enumerate(self.features):
             h = layer(h)
             if i in LPIPS_TAPS:
-                f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit length per pixel
-                fx, fy = f.chunk(2)
+                fx, fy = (h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)).chunk(2)
                 dist = dist + getattr(self, f"lin{k}").model((fx - fy) ** 2).mean(dim=(1, 2, 3))
                 k += 1
         return dist
@@ -180,8 +175,7 @@ class ClipsTooShortForI3D(ValueError):
 
 @torch.no_grad()
 def i3d_features(detector, clips, device, i3d_batch=1):
-    """uint8 clips (B, T, H, W, 3) -> I3D features (B, F) float64, i3d_batch clips per call.
-    Raises ClipsTooShortForI3D when the detector refuses the length; other failures propagate."""
+    """uint8 clips (B, T, H, W, 3) -> float64 I3D features (B, F), or ClipsTooShortForI3D."""
     features = []
     for chunk in clips.split(i3d_batch):
         x = rearrange(chunk, "b t h w c -> b c t h w").contiguous().to(device)  # uint8
@@ -204,10 +198,9 @@ def feature_stats(features):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)). The trace term is the
-    sum of the square roots of the eigenvalues of M = S sigma2 S, S = sigma1^(1/2), symmetric and
-    similar to sigma1 sigma2: real, rounding's slightly negative zeros clamped (scipy's sqrtm of
-    the non-symmetric product can come out complex from the same rounding)."""
+    """|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)). The trace term sums
+    the square roots of the eigenvalues of S sigma2 S (S = sigma1^(1/2)), symmetric and similar to
+    sigma1 sigma2: real, rounding's negative zeros clamped (scipy's sqrtm can come out complex)."""
     mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
     w, v = np.linalg.eigh(sigma1)
     sqrt_sigma1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
@@ -249,9 +242,8 @@ def reconstruct(model, loader, num_frames, device, show=True):
 
 @torch.no_grad()
 def score(batches, metrics, detector, i3d_batch, device, patch_size, dist=None):
-    """Each per-frame metric averaged over every real frame, the yardsticks' PSNR, and rFVD
-    between whole clips and their reconstructions; under torchrun the ranks' sums and features
-    are gathered. -> (eval.json's figures; why the detector refused the clips, or "")."""
+    """Per-frame metrics and the yardsticks' PSNR over every real frame, and rFVD of whole clips
+    against their reconstructions, all ranks gathered -> (eval.json's figures, why rFVD failed)."""
     sums = dict.fromkeys([*metrics, "temporal_mean_psnr", "patch_blur_psnr", "clips",
                           "real_frames", "seconds"], 0.0)
     features, refusal = ([], []), ""
@@ -282,10 +274,9 @@ def score(batches, metrics, detector, i3d_batch, device, patch_size, dist=None):
                        for i in (0, 1))
     rfvd, reason = fvd_from_features(real_f, recon_f) if detector is not None and not refusal \
         else (None, refusal)
-    figures = {name: sums[name] / sums["real_frames"] if metric else None
-               for name, (_, _, metric) in metrics.items()}
+    mean = {k: v / sums["real_frames"] for k, v in sums.items()}  # per real frame
+    figures = {name: mean[name] if metric else None for name, (_, _, metric) in metrics.items()}
     return dict(figures, rfvd=rfvd, rfvd_clips=len(real_f), clips=int(sums["clips"]),
                 real_frames=int(sums["real_frames"]),
-                yardsticks={k: sums[f"{k}_psnr"] / sums["real_frames"]
-                            for k in ("temporal_mean", "patch_blur")},
+                yardsticks={k: mean[f"{k}_psnr"] for k in ("temporal_mean", "patch_blur")},
                 encode_decode_clips_per_s=sums["clips"] / sums["seconds"]), reason

@@ -8,8 +8,7 @@ Sample clips from a trained SiT (dit.py) and decode them with the CoordTok it wa
   python sample.py --ckpt coordtok_sit_l2_ucf101 --tokenizer coordtok_ucf101 --tokens T.pt
 
 The EMA weights draw normalised triplanes (SDE or ODE, optionally guided), de-normalised with the
-tokens file's statistics and decoded at the frames asked for. Sample k depends only on --seed and
-k, whatever the batch, the device or the number of processes. Only the weights used are read.
+tokens file's statistics and decoded at the frames asked for. Sample k depends only on --seed and k.
 """
 
 import os
@@ -130,7 +129,7 @@ def sample(sc: SampleConfig, explicit=frozenset()):
     mine, grid, seconds = list(dist.share(sc.num_samples)), {}, 0.0
     batches = [mine[i:i + sc.batch_size] for i in range(0, len(mine), sc.batch_size)]
     for b, indices in enumerate(tqdm(batches, desc="batches", disable=not dist.is_main)):
-        # a CPU generator per sample: sample k is the same whatever the batch and the device
+        # a CPU generator per sample: sample k is the same whatever the batch, device or processes
         generators = [torch.Generator().manual_seed(sc.seed * 1_000_003 + k) for k in indices]
         t0 = time.perf_counter()
         planes = sample_planes(forward, labels[indices], sc.cfg_scale, sc.sampler, sc.steps,
