@@ -124,11 +124,10 @@ class OutputHead(nn.Module):
 
 class SiT(nn.Module):
     """The velocity at (planes, t, y): planes (z_xy, z_xt, z_yt) in, the same shapes out. Each
-    plane is cut into patches by its own conv; the xy plane gets a fixed 2D sin-cos table, the
-    two time planes share one learned table (on their common time axis; a non-square frame gives
-    them widths of their own, each reading the first columns), each plane adds a learned type
-    vector; the tokens form one sequence (the paper: 64 + 128 + 128 = 320). num_classes: rows
-    of the class embedding, plus a null class (guidance's "no label") with class dropout."""
+    plane is cut into patches by its own conv and gets positions (xy: a fixed 2D sin-cos table;
+    the time planes: one learned table on their common time axis, each reading its first columns)
+    and a learned type vector; the tokens form one sequence (the paper: 64 + 128 + 128 = 320).
+    num_classes: rows of the class embedding, plus a null class (guidance's "no label")."""
 
     def __init__(self, config: SiTConfig, plane_shapes, num_classes=1):
         super().__init__()
@@ -202,9 +201,8 @@ class SiT(nn.Module):
 
     @classmethod
     def from_official(cls, path_or_state_dict, official_kwargs=None):
-        """Our SiT carrying the authors' weights: their release (its EMA; or its name,
-        "coordtok_sit_l2_ucf101"), or a state dict of their SiT (bare, or under "ema" or "model");
-        official_kwargs: their SiT(...)'s arguments, the paper's SiT-L/2 where missing."""
+        """Our SiT carrying the authors' weights: their release's EMA (or its name,
+        "coordtok_sit_l2_ucf101") or state dict; official_kwargs: their arguments, else L/2's."""
         fields, shapes, classes, state, hint = H.official_sit(path_or_state_dict, official_kwargs)
         with torch.device("meta"):
             model = cls(SiTConfig(**fields), shapes, num_classes=classes)
@@ -326,10 +324,9 @@ def integrate(velocity, noise, sampler="sde", steps=250, generator=None, diffusi
 @torch.no_grad()
 def sample_planes(model, labels, cfg_scale=1.0, sampler="sde", steps=250, generator=None,
                   diffusion=1.0, progress=False, desc=None):
-    """Normalised planes drawn from a SiT (or its compiled wrapper). labels (B,): classes, or
-    model.null_class for unconditional samples of a conditional model (zeros without classes);
-    guidance when cfg_scale != 1 and there is a null class. generator: as in randn_planes (CPU
-    generators give the same samples on any device). Undo the normalisation with denormalize."""
+    """Normalised planes (undo with denormalize) drawn from a SiT or its compiled wrapper. labels
+    (B,): classes, or model.null_class for unconditional samples (zeros without classes); guidance
+    when cfg_scale != 1 and there is a null class. generator: as in randn_planes."""
     device = next(model.parameters()).device
     labels = labels.to(device)
     noise = randn_planes([(len(labels), *s) for s in model.plane_shapes], generator, device)
@@ -454,7 +451,7 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
         ema.load_state_dict(resume_ckpt["ema"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
     raw_model = model  # what is saved and averaged; `model` is what the loop calls
-    if H.use_compile(tc.compile, device):
+    if tc.compile == "true" or (tc.compile == "auto" and cuda):  # on for CUDA by default
         model = torch.compile(model)
     if dist.ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, [dist.local_rank] if cuda

@@ -89,10 +89,6 @@ def autocast(device):  # bf16 on CUDA, fp32 on the CPU
     return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
 
-def use_compile(flag, device):  # flag: one of COMPILE's choices
-    return device.type == "cuda" if flag == "auto" else flag == "true"
-
-
 def agree(dist, *values):
     """The largest of each value over the ranks: all stop at the same step, for the same reason."""
     if not dist.ddp:

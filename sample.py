@@ -13,7 +13,7 @@ tokens file's statistics and decoded at the frames asked for. Sample k depends o
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,22 +32,23 @@ class SampleConfig:
     tokens: str = ""             # tokens file whose statistics undo the normalisation
     force: bool = False          # decode with a tokenizer or statistics the SiT was not trained on
     out_dir: str = "out/samples"
-    num_samples: int = 8
+    num_samples: int = field(default=8, metadata={"below": 1_000_001})  # FVD takes 2k to 50k
     class_label: str = ""        # class name or index; "none": unconditional; "": cycle classes
     cfg_scale: float = 3.0       # classifier-free guidance; 1: none
-    sampler: str = "sde"         # sde (Euler-Maruyama, SiT's and the paper's) | euler | heun
+    sampler: str = field(default="sde", metadata={"choices": SAMPLERS})  # sde: the paper's
     steps: int = 250
     diffusion: float = 1.0       # sde: w(t) = diffusion (1 - t), SiT's "sigma" form; 0: the ODE
     frames: str = ""             # frames to decode, "start:stop" or one index; "": every frame
-    format: str = "mp4"          # mp4 (H.264, for viewing) | lossless (FFV1 .mkv, for FVD)
-    seed: int = 0
+    # mp4 (H.264, for viewing) | lossless (FFV1 .mkv, for FVD)
+    format: str = field(default="mp4", metadata={"choices": ("mp4", "lossless")})
+    seed: int = field(default=0, metadata=H.SEED)
     batch_size: int = 8
     fps: int = 8
-    grid_clips: int = 16         # the PNG grid's rows: the first clips
+    grid_clips: int = field(default=16, metadata={"min": 0})  # the PNG grid's rows: first clips
     grid_frames: int = 16        # frames per row of the grid, evenly spaced
     grid_zoom: int = 0           # pixel repeat of the grid; 0: small frames to about 96 pixels
     device: str = "auto"         # auto | cpu | cuda | cuda:N
-    compile: str = "auto"        # auto (on for CUDA) | true | false
+    compile: str = field(default="auto", metadata=H.COMPILE)
 
 
 def parse_labels(spec, class_names, num_samples, model):
@@ -110,13 +111,7 @@ def load_models(sc, device):
 
 @torch.no_grad()
 def sample(sc: SampleConfig, explicit=frozenset()):
-    if sc.sampler not in SAMPLERS or sc.format not in ("mp4", "lossless"):
-        raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)} and --format mp4 or "
-                         f"lossless, got {sc.sampler!r} and {sc.format!r}.")
-    if not 1 <= sc.num_samples <= 1_000_000 or sc.grid_clips < 0 \
-            or min(sc.batch_size, sc.steps, sc.fps, sc.grid_frames) < 1:  # FVD takes 2k to 50k
-        raise ValueError("--num_samples must be in [1, 1,000,000], --batch_size, --steps, --fps "
-                         "and --grid_frames >= 1, --grid_clips >= 0.")
+    H.check_config(sc)
     H.check_out_dir(sc.out_dir)
     dist = H.setup_distributed(sc.device)
     model, stats, class_names, tokenizer = load_models(sc, dist.device)
@@ -124,7 +119,9 @@ def sample(sc: SampleConfig, explicit=frozenset()):
     labels, names = parse_labels(sc.class_label, class_names, sc.num_samples, model)
     if model.null_class is None and "cfg_scale" in explicit and dist.is_main:
         print("the checkpoint has no null class, so --cfg_scale (guidance) is ignored")
-    forward = torch.compile(model) if H.use_compile(sc.compile, dist.device) else model
+    forward = model
+    if sc.compile == "true" or (sc.compile == "auto" and dist.device.type == "cuda"):
+        forward = torch.compile(model)
     extension = ".mkv" if sc.format == "lossless" else ".mp4"
     mine, grid, seconds = list(dist.share(sc.num_samples)), {}, 0.0
     batches = [mine[i:i + sc.batch_size] for i in range(0, len(mine), sc.batch_size)]

@@ -32,9 +32,8 @@ import metrics
 
 @dataclass
 class CoordTokConfig:
-    """The model's shape. A field added later defaults to what the code did before it: a
-    checkpoint that lacks it loads with that default. An int is >= 1 unless its default is 0 or
-    its field says `metadata={"min": 0}` (harness.field_problems)."""
+    """The model's shape. A field added later defaults to what older code did, so a checkpoint
+    without it loads with that default. Bounds: harness.field_problems (metadata "min", ...)."""
     num_frames: int = 32
     img_size: int = 32           # frame height (and width when img_width is 0)
     img_width: int = 0           # 0: square frames
@@ -355,8 +354,7 @@ class CoordTok(nn.Module):
     @classmethod
     def from_official(cls, path_or_state_dict, official_kwargs=None):
         """Our CoordTok carrying the authors' weights: their release (or its name,
-        "coordtok_ucf101"), or a state dict of their CoordTok; official_kwargs: their constructor's
-        arguments, the paper's where missing. harness.official_tokenizer maps their tensors."""
+        "coordtok_ucf101") or state dict; official_kwargs: their arguments (default the paper's)."""
         fields, state, hint = H.official_tokenizer(path_or_state_dict, official_kwargs)
         with torch.device("meta"):
             model = cls(CoordTokConfig(**fields))
@@ -416,8 +414,8 @@ def gather_patches(video, coords, patch_size):
 
 
 def random_keys(batch, n, generator, device, share=(0, 1)):
-    """Uniform keys (batch, n), this process's rows of a global batch, share = (rank, world):
-    every rank draws all the rows and keeps its own: the same draws on any number of processes."""
+    """Uniform keys (batch, n) for this process's rows of a global batch, share = (rank, world):
+    every rank draws all rows and keeps its own, so any number of processes draws the same."""
     rank, world = share
     keys = torch.rand(batch * world, n, device=device, generator=generator)
     return keys[rank * batch:(rank + 1) * batch]
@@ -634,7 +632,7 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
             patches = rearrange(patches, "b (k h w) d -> (b k) 1 h w d", h=gh, w=gw)
             return rearrange(unpatchify(patches, model.patch_size), "n t h w c -> (n t) c h w")
     raw_model = model  # what is saved and evaluated; `model` is what the loop calls
-    if H.use_compile(tc.compile, device):
+    if tc.compile == "true" or (tc.compile == "auto" and cuda):  # on for CUDA by default
         model = torch.compile(model)
     if dist.ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, [dist.local_rank] if cuda
@@ -748,10 +746,9 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
 
 @torch.no_grad()
 def encode_dataset(tc: TrainConfig):
-    """Write the tokens file (data.save_tokens): the triplane of every window of every video, a
-    window of the model's length every --encode_stride frames (default: back to back, the last
-    one ending at the video's end), each video read once. Under torchrun each rank encodes a
-    contiguous share of the videos and rank 0 writes the file a single process would."""
+    """Write the tokens file (data.save_tokens): the triplane of every window of the model's length
+    of every video, every --encode_stride frames (default: back to back, the last ending at the
+    video's end), each video read once; under torchrun, each rank a share, the same file."""
     dist = H.setup_distributed(tc.device)
     if dist.is_main:
         data.check_tokens_path(tc.encode)

@@ -450,8 +450,11 @@ def test_sample_refuses_another_tokenizer_and_keeps_names_inside_its_folder(tmp_
 
 def test_sample_flags_and_seeds_are_checked_before_any_work(tmp_path, sit_run, capsys):
     missing = [f"--ckpt={tmp_path / 'missing.pt'}", f"--out_dir={tmp_path / 'out'}"]  # read only after the checks
-    for flag in ("--num_samples=1000000000", "--grid_frames=0", "--fps=0", "--fps=-8"):
-        with pytest.raises(SystemExit, match=r"--num_samples must be in \[1, 1,000,000\].*--fps and --grid_frames >= 1"):
+    for flag, message in (("--num_samples=1000000000", r"--num_samples must be in \[1, 1,000,001\)"),
+                          ("--grid_frames=0", "--grid_frames must be >= 1"), ("--fps=0", "--fps must be >= 1"),
+                          ("--fps=-8", "--fps must be >= 1"), ("--diffusion=-1", "--diffusion must be >= 0"),
+                          ("--sampler=rk4", "--sampler 'rk4' is not one of"), ("--format=gif", "--format 'gif'")):
+        with pytest.raises(SystemExit, match=message):
             S.main([*missing, flag])
     nothing = {S.main: missing, dit.main: [f"--tokens={tmp_path / 'missing.pt'}", f"--out_dir={tmp_path / 'out'}"],
                T.main: [f"--data={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'out'}"]}
