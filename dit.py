@@ -371,33 +371,11 @@ def ema_update(ema, model, decay):
 
 
 @dataclass
-class DiTTrainConfig:
+class DiTTrainConfig(H.LoopConfig):  # and the flags of every loop: schedule, AdamW, record, ...
     tokens: str = "out/tokens.pt"  # the tokens file of `tokenizer.py --encode`
-    out_dir: str = "out"         # writes out_dir/dit.pt
-    resume: bool = False         # continue out_dir/dit.pt exactly where it stopped
-    max_iters: int = 3000
-    batch_size: int = 32         # clips per step on each process
-    grad_accum: int = 1
-    learning_rate: float = 1e-3  # the paper: 1e-4 (constant) at batch 64
-    min_lr: float = 1e-4
-    lr_schedule: str = field(default="cosine", metadata=H.SCHEDULE)
-    warmup_iters: int = field(default=100, metadata={"min": 0})
-    lr_decay_iters: int = 0      # 0: max_iters
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0       # 0: no clipping
+    batch_size: int = 32         # clips per step on each process (the paper: 64, at 1e-4 constant)
     ema_decay: float = field(default=0.9999, metadata={"below": 1})
     ema_warmup: bool = True      # decay min(ema_decay, (1 + step) / (10 + step))
-    log_interval: int = 10
-    ckpt_interval: int = 500
-    max_time: float = 0.0        # minutes; stop (and save) once exceeded, 0: no limit
-    max_bad_steps: int = 20      # non-finite steps in a row before the run stops
-    peak_flops: float = 989e12   # MFU: the accelerator's dense bf16 FLOP/s (H100 SXM)
-    seed: int = field(default=0, metadata=H.SEED)
-    device: str = "auto"         # auto | cpu | cuda | cuda:N
-    compile: str = field(default="auto", metadata=H.COMPILE)
-    wandb_project: str = ""      # also log to this wandb project (pip install wandb)
 
 
 def load_dit(path, device="cpu"):

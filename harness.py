@@ -17,7 +17,7 @@ import sys
 import tempfile
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -267,7 +267,36 @@ def _parse_bool(s):
 # metadata of fields that several configs have
 SEED = {"below": 2 ** 32}  # the seeds drawn from, seed * 1_000_003 + step, fit in 64 bits
 COMPILE = {"choices": ("auto", "true", "false")}  # auto: on for CUDA
-SCHEDULE = {"choices": ("constant", "cosine")}
+
+
+@dataclass
+class LoopConfig:
+    """The flags both training loops take (tokenizer.TrainConfig and dit.DiTTrainConfig add their
+    own): the schedule, AdamW, clipping, the record, checkpoints, stopping, the processes. A field
+    added later defaults to what older code did: a checkpoint without it loads with that default."""
+    out_dir: str = "out"
+    resume: bool = False         # continue the run in out_dir exactly where it stopped
+    max_iters: int = 3000
+    batch_size: int = 8          # clips per step on each process
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    lr_schedule: str = field(default="cosine", metadata={"choices": ("constant", "cosine")})
+    warmup_iters: int = field(default=100, metadata={"min": 0})
+    lr_decay_iters: int = 0      # 0: max_iters
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0       # 0: no clipping
+    log_interval: int = 10
+    ckpt_interval: int = 500
+    max_time: float = 0.0        # minutes; stop (and save) once exceeded, 0: no limit
+    max_bad_steps: int = 20      # non-finite steps in a row before the run stops
+    peak_flops: float = 989e12   # MFU: the accelerator's dense bf16 FLOP/s (H100 SXM)
+    seed: int = field(default=0, metadata=SEED)
+    device: str = "auto"         # auto | cpu | cuda | cuda:N
+    compile: str = field(default="auto", metadata=COMPILE)
+    wandb_project: str = ""      # also log to this wandb project (pip install wandb)
 
 
 def field_problems(config):

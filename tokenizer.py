@@ -482,27 +482,15 @@ def reconstruction_loss(pred, target, lpips=None, lpips_weight=1.0, to_frames=No
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(H.LoopConfig):  # and the flags of every loop: schedule, AdamW, record, ...
     data: str = ""               # folder of videos (class: the folder below it); "": synthetic
-    out_dir: str = "out"
     stage: int = field(default=1, metadata={"choices": (1, 2)})  # 1: patches, L2; 2: frames, +LPIPS
     init_from: str = ""          # checkpoint whose weights start the run (stage 2)
-    resume: bool = False         # continue out_dir/tokenizer.pt exactly where it stopped
     encode: str = ""             # write the tokens file of every window to this path and exit
     encode_stride: int = 0       # --encode: a window every this many frames (0: back to back)
     split_file: str = ""         # a list of videos (UCF-101's trainlist01.txt) that sets the split
-    max_iters: int = 3000
-    batch_size: int = 8          # clips per step on each process
-    grad_accum: int = 1
     learning_rate: float = 2e-3
-    min_lr: float = 1e-4
-    lr_schedule: str = field(default="cosine", metadata=H.SCHEDULE)
-    warmup_iters: int = field(default=100, metadata={"min": 0})
-    lr_decay_iters: int = 0      # 0: max_iters
     weight_decay: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0       # 0: no clipping
     num_samples: int = 128       # stage 1: patches per clip (the paper: 1024 of 32768)
     num_frames_stage2: int = 4   # stage 2: whole temporal patches per clip
     flip: bool = True            # departure: mirror half the training clips left-right
@@ -511,17 +499,8 @@ class TrainConfig:
     lpips_lin: str = ""          # LPIPS v0.1 vgg.pth (default: fetched to the hub cache)
     eval_interval: int = 500
     eval_clips: int = field(default=32, metadata={"min": 0})  # held-out clips per evaluation
-    ckpt_interval: int = 500
-    log_interval: int = 10
     num_workers: int = field(default=2, metadata={"min": 0})
     val_fraction: float = field(default=0.1, metadata={"below": 1})
-    max_time: float = 0.0        # minutes; stop (and save) once exceeded, 0: no limit
-    max_bad_steps: int = 20      # non-finite steps in a row before the run stops
-    peak_flops: float = 989e12   # MFU: the accelerator's dense bf16 FLOP/s (H100 SXM)
-    seed: int = field(default=0, metadata=H.SEED)
-    device: str = "auto"         # auto | cpu | cuda | cuda:N
-    compile: str = field(default="auto", metadata=H.COMPILE)
-    wandb_project: str = ""      # also log to this wandb project (pip install wandb)
 
 
 def validate_train_config(cfg, tc):
