@@ -167,7 +167,9 @@ def test_config_holes_are_clear_errors_naming_the_flag(tmp_path, micro_videos, c
              (["--num_samples=10000"], "--num_samples"), (["--max_iters=0"], "--max_iters must be >= 1"),
              (["--max_iters=-3"], "--max_iters must be >= 1"), (["--log_interval=0"], "--log_interval must be >= 1"),
              (["--ckpt_interval=0"], "--ckpt_interval"), (["--eval_interval=0"], "--eval_interval"),
-             (["--device=tpu"], "--device 'tpu' is not one of"),
+             (["--device=tpu"], "--device 'tpu' is not one of"), (["--stage=3"], "--stage 3 is not one of 1, 2"),
+             (["--lr_schedule=linear"], "--lr_schedule 'linear' is not one of constant, cosine"),
+             (["--compile=maybe"], "--compile 'maybe' is not one of"), (["--val_fraction=1"], r"--val_fraction must be in \[0, 1\)"),
              (["--stage=2"], "--stage 2 fine-tunes a trained tokenizer: pass --init_from")]
     for flags, message in cases:
         with pytest.raises(SystemExit, match=message):
