@@ -371,7 +371,7 @@ def ema_update(ema, model, decay):
 
 
 @dataclass
-class DiTTrainConfig(H.LoopConfig):  # and the flags of every loop: schedule, AdamW, record, ...
+class DiTTrainConfig(H.LoopConfig):  # with LoopConfig's: schedule, AdamW, record, stopping
     tokens: str = "out/tokens.pt"  # the tokens file of `tokenizer.py --encode`
     batch_size: int = 32         # clips per step on each process (the paper: 64, at 1e-4 constant)
     ema_decay: float = field(default=0.9999, metadata={"below": 1})

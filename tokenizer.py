@@ -33,7 +33,7 @@ import metrics
 @dataclass
 class CoordTokConfig:
     """The model's shape. A field added later defaults to what older code did, so a checkpoint
-    without it loads with that default. Bounds: harness.field_problems (metadata "min", ...)."""
+    without it loads with that default; a field's bounds are in its metadata (field_problems)."""
     num_frames: int = 32
     img_size: int = 32           # frame height (and width when img_width is 0)
     img_width: int = 0           # 0: square frames
@@ -482,7 +482,7 @@ def reconstruction_loss(pred, target, lpips=None, lpips_weight=1.0, to_frames=No
 
 
 @dataclass
-class TrainConfig(H.LoopConfig):  # and the flags of every loop: schedule, AdamW, record, ...
+class TrainConfig(H.LoopConfig):  # with LoopConfig's: schedule, AdamW, record, stopping
     data: str = ""               # folder of videos (class: the folder below it); "": synthetic
     stage: int = field(default=1, metadata={"choices": (1, 2)})  # 1: patches, L2; 2: frames, +LPIPS
     init_from: str = ""          # checkpoint whose weights start the run (stage 2)
