@@ -823,7 +823,7 @@ def main(argv=None):
     parser.add_argument("--img_width", type=int, default=0, help="--prepare: width (0: square)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="--prepare: processes")
     args = parser.parse_args(argv)
-    try:
+    with H.errors_as_exit(VideoReadError):
         if args.prepare:
             (source, target), begin = args.prepare, time.perf_counter()
             size = (args.img_size, args.img_width or args.img_size)
@@ -835,8 +835,6 @@ def main(argv=None):
             make_synthetic(args.synthetic, args.num_classes, args.videos_per_class,
                            args.num_frames, args.size, args.seed)
             print(f"wrote {args.num_classes * args.videos_per_class} videos to {args.synthetic}/")
-    except (ValueError, OSError, VideoReadError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -414,8 +414,6 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
                          f"tokenizer or planes); resume with its own --tokens.")
     dist = H.setup_distributed(tc.device)
     device, cuda = dist.device, dist.device.type == "cuda"
-    if dist.is_main:
-        H.check_out_dir(tc.out_dir)
     lock = H.lock_run(ckpt_path, tc.resume, dist)  # two runs never write one checkpoint
     planes, labels = tuple(z.to(device) for z in planes), labels.to(device)  # all on the device
 
@@ -463,7 +461,7 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
     start_step, bad_steps, done, t_start = step, 0, False, time.time()
     t_log, step_log = t_start, step
     bar = tqdm(total=tc.max_iters, initial=step, disable=not dist.is_main, dynamic_ncols=True)
-    with H.stop_signals() as signals:  # SIGTERM (preemption), Ctrl-C: finish the step, save, exit
+    with H.stop_signals() as signals, bar:  # SIGTERM (preemption), Ctrl-C: finish, save, exit
         while True:  # forward and backward; a checkpoint when due; the step (not after the last)
             lr = H.lr_at(step, tc)
             for group in optimizer.param_groups:
@@ -505,7 +503,6 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
 
             out_of_time = tc.max_time > 0 and time.time() - t_start > tc.max_time * 60
             signum, out_of_time = H.agree(dist, signals[0] if signals else 0, out_of_time)
-            signum = int(signum)  # SIGTERM, SIGINT (received on any rank), or 0
             done = step == tc.max_iters or signum or out_of_time
             if dist.is_main and (step % tc.log_interval == 0 or done):
                 seconds = (time.time() - t_log) / (step - step_log)
@@ -517,7 +514,6 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "lr", "mfu")
                                  if k in record})
                 t_log, step_log = time.time(), step
-    bar.close()
     if not finite:  # the run ended in a non-finite streak: nothing was saved since it began
         raise H.diverged(bad_steps + 1, ckpt_path)
     H.end_run(dist, tc, lock, log, step, signum, ckpt_path,
@@ -527,10 +523,8 @@ def train(cfg: SiTConfig, tc: DiTTrainConfig, explicit=frozenset()):
 def main(argv=None):
     (cfg, tc), explicit = H.parse_config((SiTConfig, DiTTrainConfig), PRESETS, argv,
                                          description=__doc__.split("\n\n")[1], default_preset="cpu")
-    try:
+    with H.errors_as_exit():
         train(cfg, tc, explicit)
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -420,7 +420,7 @@ def curves_command(folder):
 
 def main(argv=None):
     args, model_flags = parse_args(argv)
-    try:
+    with H.errors_as_exit(data.VideoReadError):
         if args.tokens:
             return tokens_command(args, model_flags)
         if args.curves:
@@ -436,8 +436,6 @@ def main(argv=None):
             return evaluate_command(args, dist)
         finally:
             H.cleanup_distributed(dist)
-    except (ValueError, OSError, data.VideoReadError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -84,18 +84,26 @@ def gather_to_main(dist, obj):
     return out
 
 
+@contextlib.contextmanager
+def errors_as_exit(*kinds):
+    """A known error (a wrong flag, a missing or damaged file) ends the script with its message."""
+    try:
+        yield
+    except (ValueError, OSError, WeightsUnavailable, *kinds) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def autocast(device):  # bf16 on CUDA, fp32 on the CPU
     cuda = device.type == "cuda"
     return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
 
 def agree(dist, *values):
-    """The largest of each value over the ranks: all stop at the same step, for the same reason."""
-    if not dist.ddp:
-        return values
-    values = torch.tensor(values, dtype=torch.float64, device=dist.device)
-    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
-    return values.tolist()
+    """The largest of each value over the ranks, an int: all stop at one step, for one reason."""
+    if dist.ddp:
+        values = torch.tensor(values, dtype=torch.float64, device=dist.device)
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return [int(v) for v in values]
 
 
 @contextlib.contextmanager
@@ -502,11 +510,12 @@ def run_lock(ckpt_path):
 
 
 def lock_run(ckpt_path, resume, dist):
-    """Take ckpt_path before any work: rank 0 holds run_lock until the returned stack closes; a
-    fresh run refuses a trained checkpoint, killed saves' partial files are removed. All raise."""
+    """Before any work, rank 0 checks ckpt_path's folder, holds run_lock on it until the returned
+    stack closes, refuses a fresh run a trained checkpoint, removes stale partials. All raise."""
     lock, error = contextlib.ExitStack(), [""]
     if dist.is_main:
         try:
+            check_out_dir(os.path.dirname(ckpt_path))
             lock.enter_context(run_lock(ckpt_path))
             if not resume and os.path.exists(ckpt_path):
                 raise ValueError(f"{ckpt_path} already holds a trained checkpoint; continue it "

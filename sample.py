@@ -119,9 +119,8 @@ def sample(sc: SampleConfig, explicit=frozenset()):
     labels, names = parse_labels(sc.class_label, class_names, sc.num_samples, model)
     if model.null_class is None and "cfg_scale" in explicit and dist.is_main:
         print("the checkpoint has no null class, so --cfg_scale (guidance) is ignored")
-    forward = model
-    if sc.compile == "true" or (sc.compile == "auto" and dist.device.type == "cuda"):
-        forward = torch.compile(model)
+    compiles = sc.compile == "true" or (sc.compile == "auto" and dist.device.type == "cuda")
+    forward = torch.compile(model) if compiles else model
     extension = ".mkv" if sc.format == "lossless" else ".mp4"
     mine, grid, seconds = list(dist.share(sc.num_samples)), {}, 0.0
     batches = [mine[i:i + sc.batch_size] for i in range(0, len(mine), sc.batch_size)]
@@ -162,10 +161,8 @@ def sample(sc: SampleConfig, explicit=frozenset()):
 def main(argv=None):
     (sc,), explicit = H.parse_config((SampleConfig,), {"default": SampleConfig()}, argv,
                                      description=__doc__.split("\n\n")[1], default_preset="default")
-    try:
+    with H.errors_as_exit(data.VideoReadError):
         sample(sc, explicit)
-    except (ValueError, OSError, data.VideoReadError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -574,8 +574,6 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
     validate_train_config(cfg, tc)
     dist = H.setup_distributed(tc.device)
     device, cuda = dist.device, dist.device.type == "cuda"
-    if dist.is_main:
-        H.check_out_dir(tc.out_dir)
     lock = H.lock_run(ckpt_path, tc.resume, dist)  # before any work: two runs never share it
     if dist.is_main and not tc.data:
         data.ensure_synthetic("data/synthetic")  # only rank 0 writes it
@@ -602,10 +600,9 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
         model.load_state_dict(init_model.state_dict())
     lpips, to_frames, (_, gh, gw) = None, None, model.grid_size
     if tc.stage == 2 and tc.lpips_weight > 0:
-        try:
-            lpips = metrics.LPIPS.from_pretrained(tc.lpips_vgg, tc.lpips_lin).to(device)
-        except H.WeightsUnavailable as e:
-            raise H.WeightsUnavailable(f"{e} Or train without LPIPS: --lpips_weight 0.") from None
+        lpips, why = metrics.load_lpips(tc.lpips_vgg, tc.lpips_lin, device)
+        if lpips is None:
+            raise H.WeightsUnavailable(f"{why} Or train without LPIPS: --lpips_weight 0.")
 
         def to_frames(patches):  # K whole temporal patches per clip -> images (B*K*pt, 3, H, W)
             patches = rearrange(patches, "b (k h w) d -> (b k) 1 h w d", h=gh, w=gw)
@@ -639,7 +636,7 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
     step, bad_steps, done, t_start = start_step, 0, False, time.time()
     t_log, step_log = t_start, step
     bar = tqdm(total=tc.max_iters, initial=step, disable=not dist.is_main, dynamic_ncols=True)
-    with H.stop_signals() as signals:  # SIGTERM (preemption), Ctrl-C: finish the step, save, exit
+    with H.stop_signals() as signals, bar:  # SIGTERM (preemption), Ctrl-C: finish, save, exit
         while True:  # forward and backward; a checkpoint when due; the step (not after the last)
             lr = H.lr_at(step, tc)
             for group in optimizer.param_groups:
@@ -691,7 +688,6 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
 
             out_of_time = tc.max_time > 0 and time.time() - t_start > tc.max_time * 60
             signum, out_of_time = H.agree(dist, signals[0] if signals else 0, out_of_time)
-            signum = int(signum)  # SIGTERM, SIGINT (received on any rank), or 0
             done = step == tc.max_iters or signum or out_of_time  # a signal: saved, unevaluated
             record = {"step": step}
             if dist.is_main and (step % tc.log_interval == 0 or done):
@@ -713,7 +709,6 @@ def train(cfg: CoordTokConfig, tc: TrainConfig, explicit=frozenset()):
             if len(record) > 1:
                 log.write(record)
                 t_log, step_log = time.time(), step
-    bar.close()
     if not finite:  # the run ended in a non-finite streak: nothing was saved since it began
         raise H.diverged(bad_steps + 1, ckpt_path)
     picture = os.path.join(tc.out_dir, "tokenizer.png")
@@ -762,10 +757,8 @@ def encode_dataset(tc: TrainConfig):
 def main(argv=None):
     (cfg, tc), explicit = H.parse_config((CoordTokConfig, TrainConfig), PRESETS, argv,
                                          description=__doc__.split("\n\n")[1])
-    try:
+    with H.errors_as_exit(data.VideoReadError):
         encode_dataset(tc) if tc.encode else train(cfg, tc, explicit)
-    except (ValueError, OSError, H.WeightsUnavailable, data.VideoReadError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
